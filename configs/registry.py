@@ -1,0 +1,184 @@
+"""The model registry: per-model capabilities loaded from `models.toml`.
+
+Code never names a model; it asks the registry. A user adds or overrides a model by
+pointing `IMAGEBATCH_MODELS` (or `--models`) at a TOML file of the same shape; its
+entries are merged over the bundled ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import ConfigError
+
+BUNDLED = Path(__file__).with_name("models.toml")
+OPERATIONS = ("generate", "edit", "variation")
+OPTIONAL_PARAMS = (
+    "style",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "background",
+    "moderation",
+    "input_fidelity",
+    "user",
+)
+_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    multiple_of: int = 1
+    max_ratio: float = 1e9
+    max_edge: int = 1_000_000
+    min_pixels: int = 0
+    max_pixels: int = 10**12
+
+    def check(self, width: int, height: int) -> str | None:
+        """Why WxH breaks the rule, or None when it passes."""
+        if width % self.multiple_of or height % self.multiple_of:
+            return f"width and height must be multiples of {self.multiple_of}"
+        if max(width, height) > self.max_edge:
+            return f"longest edge must be at most {self.max_edge}"
+        if max(width, height) / min(width, height) > self.max_ratio:
+            return f"aspect ratio must be within {self.max_ratio:g}:1"
+        pixels = width * height
+        if pixels < self.min_pixels or pixels > self.max_pixels:
+            return f"total pixels must be between {self.min_pixels:,} and {self.max_pixels:,}"
+        return None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    endpoints: tuple[str, ...]
+    max_n_per_call: int
+    sizes: tuple[str, ...]
+    edit_sizes: tuple[str, ...]
+    qualities: tuple[str, ...]
+    params: frozenset[str]
+    response_format: str
+    prompt_max: int
+    retired: dt.date | None = None
+    revised_prompt: bool = False
+    usage: bool = False
+    transparent_background: bool = False
+    size_rule: SizeRule | None = None
+    edit_images_max: int = 1
+    edit_image_formats: tuple[str, ...] = ("png",)
+    edit_image_max_bytes: int = 4_000_000
+    edit_square_png: bool = False
+    mask_max_bytes: int = 4_000_000
+    default_size: str = "1024x1024"
+    default_quality: str = "auto"
+    prices: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_gpt_image(self) -> bool:
+        """Base64-only models with output_format and usage; the DALL·E family answers with URLs."""
+        return self.response_format == "b64_json"
+
+    def allowed_sizes(self, operation: str) -> tuple[str, ...]:
+        return self.sizes if operation == "generate" else self.edit_sizes
+
+    def size_error(self, size: str, operation: str = "generate") -> str | None:
+        """Why `size` is not allowed for this model and operation, or None."""
+        allowed = self.allowed_sizes(operation)
+        if size in allowed and size != "flexible":
+            return None
+        listed = ", ".join(s for s in allowed if s != "flexible")
+        if "flexible" in allowed and self.size_rule is not None:
+            m = _SIZE_RE.match(size)
+            if not m:
+                return f"size must be 'auto' or WxH (for example 1536x1024), got {size!r}"
+            w, h = int(m.group(1)), int(m.group(2))
+            if w == 0 or h == 0:
+                return "width and height must be positive"
+            why = self.size_rule.check(w, h)
+            return None if why is None else f"{size}: {why}"
+        return f"{self.name} offers sizes {listed}; got {size!r}"
+
+    def is_retired(self, on: dt.date | None = None) -> bool:
+        return self.retired is not None and (on or dt.date.today()) >= self.retired
+
+    def price(self, quality: str, size: str) -> float | None:
+        return self.prices.get(f"{quality}/{size}")
+
+
+def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
+    try:
+        endpoints = tuple(raw["endpoints"])
+        bad = [e for e in endpoints if e not in OPERATIONS]
+        if bad:
+            raise ConfigError(f"model {name}: unknown endpoints {bad}; use {list(OPERATIONS)}")
+        unknown = set(raw.get("params", [])) - set(OPTIONAL_PARAMS)
+        if unknown:
+            raise ConfigError(f"model {name}: unknown params {sorted(unknown)}")
+        rule = raw.get("size_rule")
+        retired = raw.get("retired")
+        if isinstance(retired, str):
+            retired = dt.date.fromisoformat(retired)
+        sizes = tuple(raw["sizes"])
+        return ModelSpec(
+            name=name,
+            endpoints=endpoints,
+            max_n_per_call=int(raw.get("max_n_per_call", 1)),
+            sizes=sizes,
+            edit_sizes=tuple(raw.get("edit_sizes", sizes)),
+            qualities=tuple(raw.get("qualities", [])),
+            params=frozenset(raw.get("params", [])),
+            response_format=raw.get("response_format", "b64_json"),
+            prompt_max=int(raw.get("prompt_max", 32000)),
+            retired=retired,
+            revised_prompt=bool(raw.get("revised_prompt", False)),
+            usage=bool(raw.get("usage", False)),
+            transparent_background=bool(raw.get("transparent_background", False)),
+            size_rule=SizeRule(**rule) if rule else None,
+            edit_images_max=int(raw.get("edit_images_max", 1)),
+            edit_image_formats=tuple(raw.get("edit_image_formats", ["png"])),
+            edit_image_max_bytes=int(raw.get("edit_image_max_bytes", 4_000_000)),
+            edit_square_png=bool(raw.get("edit_square_png", False)),
+            mask_max_bytes=int(raw.get("mask_max_bytes", 4_000_000)),
+            default_size=raw.get("default_size", "1024x1024"),
+            default_quality=raw.get("default_quality", "auto"),
+            prices=dict(raw.get("prices", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"model {name} in the registry is malformed: {exc!r}") from None
+
+
+class Registry:
+    def __init__(self, models: dict[str, ModelSpec]) -> None:
+        self.models = models
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    @classmethod
+    def load(cls, *extra: str | Path | None) -> "Registry":
+        """The bundled registry, overlaid by `IMAGEBATCH_MODELS` and then by `extra` files."""
+        raw: dict[str, dict[str, Any]] = {}
+        paths: list[Path] = [BUNDLED]
+        env = os.environ.get("IMAGEBATCH_MODELS")
+        if env:
+            paths.append(Path(env))
+        paths.extend(Path(p) for p in extra if p)
+        for path in paths:
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"model registry file not found: {path}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"model registry {path} is not valid TOML: {exc}") from None
+            for name, spec in data.get("models", {}).items():
+                raw[name] = {**raw.get(name, {}), **spec}
+        return cls({name: _spec(name, spec) for name, spec in raw.items()})

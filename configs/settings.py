@@ -1,0 +1,162 @@
+"""Run settings: `defaults.toml`, overlaid by a user TOML file, then by flags or Python arguments."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import ConfigError
+
+DEFAULTS = Path(__file__).with_name("defaults.toml")
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    operation: str = "generate"
+    model: str = "gpt-image-2"
+    size: str = ""
+    quality: str = ""
+    n: int = 1
+    output_format: str = ""
+    max_n_per_job: int = 10
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    base_url: str = OPENAI_BASE_URL
+    api_key: str | None = field(default=None, repr=False)
+    organization: str | None = None
+    project: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 360.0
+    write_timeout: float = 120.0
+    pool_timeout: float = 600.0
+    max_download_bytes: int = 60_000_000
+
+    @property
+    def targets_openai(self) -> bool:
+        """True when requests go to api.openai.com, where retired models are refused outright."""
+        return "api.openai.com" in self.base_url
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    tier: str = "auto"
+    rpm: float = 0
+    ipm: float = 0
+    max_in_flight: int = 0
+    max_in_flight_ceiling: int = 256
+    initial_latency: float = 20.0
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    max_attempts: int = 6
+    max_total_seconds: float = 900.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    max_server_hint: float = 120.0
+    on_ambiguous: str = "retry"
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    latency: float = 0.05
+    rpm: float = 0
+    ipm: float = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    job: JobDefaults = field(default_factory=JobDefaults)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    output_dir: str = "out"
+    manifest_formats: tuple[str, ...] = ("csv", "parquet")
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def with_overrides(self, section: str, **values: Any) -> "Settings":
+        """A copy with some fields of one section replaced; None values are ignored."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        current = getattr(self, section)
+        known = {f.name for f in fields(current)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown [{section}] settings: {sorted(unknown)}")
+        return replace(self, **{section: replace(current, **values)})
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown [{name}] settings in config: {sorted(unknown)}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"bad [{name}] settings: {exc}") from None
+
+
+def load_settings(config_file: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then `config_file`, then the OpenAI environment variables the official SDK reads."""
+    env = os.environ if env is None else env
+    raw = tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))
+    if config_file:
+        path = Path(config_file)
+        try:
+            raw = _merge(raw, tomllib.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    api = dict(raw.get("api", {}))
+    if env.get("OPENAI_BASE_URL"):
+        api["base_url"] = env["OPENAI_BASE_URL"]
+    api["api_key"] = env.get("OPENAI_API_KEY") or None
+    api["organization"] = env.get("OPENAI_ORG_ID") or None
+    api["project"] = env.get("OPENAI_PROJECT_ID") or None
+    output = raw.get("output", {})
+    settings = Settings(
+        job=_section(JobDefaults, raw.get("job", {}), "job"),
+        api=_section(ApiSettings, api, "api"),
+        limits=_section(LimitSettings, raw.get("limits", {}), "limits"),
+        retry=_section(RetrySettings, raw.get("retry", {}), "retry"),
+        simulator=_section(SimulatorSettings, raw.get("simulator", {}), "simulator"),
+        output_dir=output.get("dir", "out"),
+        manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
+        tiers=raw.get("tiers", {}),
+    )
+    if settings.retry.on_ambiguous not in ("retry", "fail"):
+        raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
+    return settings
+
+
+def resolve_limits(settings: Settings) -> LimitSettings:
+    """The limits with the tier preset applied under any explicitly set rpm/ipm."""
+    lim = settings.limits
+    if lim.tier not in settings.tiers:
+        raise ConfigError(f"unknown limits tier {lim.tier!r}; known: {sorted(settings.tiers)}")
+    preset = settings.tiers[lim.tier]
+    return replace(
+        lim,
+        rpm=lim.rpm or float(preset.get("rpm", 0)),
+        ipm=lim.ipm or float(preset.get("ipm", 0)),
+    )

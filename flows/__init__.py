@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline from a jobs file to images and a manifest."""

@@ -1,0 +1,1 @@
+"""Prefect tasks and the pipeline stages they call: read, validate, plan, dispatch, store, journal, manifest."""

@@ -1,0 +1,107 @@
+"""The exception hierarchy. Each class maps to one thing the pipeline does about it.
+
+    ImagebatchError
+    ├── ConfigError        bad settings, flags or registry: usage error, exit 2
+    ├── InputError         the jobs file cannot be read at all: exit 2
+    ├── OutputError        the output folder cannot hold the run (disk full, unwritable)
+    │   ├── RunLocked      another run holds the folder
+    │   └── SettingsChanged  the folder was made with settings that shape output differently
+    └── ApiError           a request did not produce images
+        ├── TransientError   retry with backoff (408, 409, 5xx, transport, malformed body)
+        │   ├── RateLimited  429 rate_limit_exceeded: pause the whole run
+        │   └── AmbiguousError  sent, then lost: the server may have billed it
+        ├── RejectedError    moderation / content policy: never retried, status `rejected`
+        ├── RequestError     other 4xx: never retried, status `failed`
+        └── FatalError       401, 403, 404 model_not_found, 429 insufficient_quota: stop the run
+"""
+
+from __future__ import annotations
+
+
+class ImagebatchError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(ImagebatchError):
+    pass
+
+
+class InputError(ImagebatchError):
+    pass
+
+
+class OutputError(ImagebatchError):
+    pass
+
+
+class RunLocked(OutputError):
+    pass
+
+
+class SettingsChanged(OutputError):
+    pass
+
+
+class ApiError(ImagebatchError):
+    """An Images API call failed. Carries what the server said, never the request headers."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.type = type
+        self.param = param
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.should_retry = should_retry
+
+    @property
+    def error_code(self) -> str:
+        """The short code recorded in the manifest's `error_code` column."""
+        if self.code:
+            return self.code
+        if self.type:
+            return self.type
+        if self.status:
+            return f"http_{self.status}"
+        return type(self).__name__
+
+    def __str__(self) -> str:
+        prefix = f"{self.status} " if self.status else ""
+        return f"{prefix}{self.error_code}: {self.message}"
+
+
+class TransientError(ApiError):
+    pass
+
+
+class RateLimited(TransientError):
+    pass
+
+
+class AmbiguousError(TransientError):
+    """The request left this machine and no answer came back: it may have been billed."""
+
+
+class RejectedError(ApiError):
+    pass
+
+
+class RequestError(ApiError):
+    pass
+
+
+class FatalError(ApiError):
+    pass
