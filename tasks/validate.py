@@ -1,0 +1,337 @@
+"""Validation: every row is checked against its model's rules before any request is sent.
+
+A row that breaks a rule becomes a `Problem` naming the row, the column and the rule, and
+an `invalid` row in the manifest; the other rows run. A row that passes becomes a
+`ValidJob` holding exactly the parameters that will be sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from configs.registry import ModelSpec, Registry
+from configs.settings import JobDefaults
+from tasks.read_jobs import IMAGE_SEPARATOR, Job
+
+OPERATIONS = ("generate", "edit", "variation")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "style": ("vivid", "natural"),
+    "background": ("transparent", "opaque", "auto"),
+    "output_format": ("png", "jpeg", "webp"),
+    "moderation": ("low", "auto"),
+    "input_fidelity": ("high", "low"),
+    "response_format": ("url", "b64_json"),
+}
+# Columns that map one-to-one onto an optional API parameter of the same name.
+PASS_THROUGH = ("style", "background", "output_format", "output_compression", "moderation", "input_fidelity", "user")
+PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
+RETIREMENT_WARNING_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Problem:
+    row: int
+    column: str
+    message: str
+    severity: str = "error"  # or "warning": reported, the row still runs
+
+    def __str__(self) -> str:
+        return f"row {self.row}, column '{self.column}': {self.message}"
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path
+    sha256: str
+    format: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+@dataclass
+class ValidJob:
+    """A checked row: `params` are the API parameters to send, minus `n` and the files."""
+
+    job: Job
+    job_id: str
+    operation: str
+    model: ModelSpec
+    n: int
+    params: dict[str, Any]
+    images: list[SourceImage] = field(default_factory=list)
+    mask: SourceImage | None = None
+
+
+@dataclass
+class Checked:
+    valid: list[ValidJob]
+    invalid: dict[int, list[Problem]]  # row -> its errors
+    warnings: list[Problem]
+
+    @property
+    def problems(self) -> list[Problem]:
+        errors = [p for ps in self.invalid.values() for p in ps]
+        return sorted(errors + self.warnings, key=lambda p: (p.row, p.severity))
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _open_source(raw: str, base_dir: Path, column: str, row: int, errs: list[Problem]) -> SourceImage | None:
+    if raw.startswith(("http://", "https://", "data:")):
+        errs.append(Problem(row, column, f"{raw[:60]!r}: only local file paths are supported as source images"))
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        errs.append(Problem(row, column, f"file not found: {path}"))
+        return None
+    try:
+        with Image.open(path) as img:
+            fmt = PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
+            width, height = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        errs.append(Problem(row, column, f"{path.name} is not a readable image: {exc}"))
+        return None
+    return SourceImage(path, _digest(path), fmt, width, height, path.stat().st_size)
+
+
+def _has_alpha(path: Path) -> bool:
+    with Image.open(path) as img:
+        return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+class Validator:
+    def __init__(
+        self,
+        registry: Registry,
+        defaults: JobDefaults,
+        *,
+        targets_openai: bool,
+        base_dir: Path | None = None,
+        today: dt.date | None = None,
+    ) -> None:
+        self.registry = registry
+        self.defaults = defaults
+        self.targets_openai = targets_openai
+        self.base_dir = base_dir or Path.cwd()
+        self.today = today or dt.date.today()
+
+    def check(self, jobs: list[Job]) -> Checked:
+        valid: list[ValidJob] = []
+        invalid: dict[int, list[Problem]] = {}
+        warnings: list[Problem] = []
+        seen_ids: dict[str, int] = {}
+        for job in jobs:
+            errs: list[Problem] = []
+            warns: list[Problem] = []
+            explicit_id = job.get("id")
+            if explicit_id:
+                if explicit_id in seen_ids:
+                    errs.append(Problem(job.row, "id", f"id {explicit_id!r} is already used by row {seen_ids[explicit_id]}; ids must be unique"))
+                else:
+                    seen_ids[explicit_id] = job.row
+            result = self._check_row(job, errs, warns)
+            warnings.extend(warns)
+            if errs or result is None:
+                invalid[job.row] = errs or [Problem(job.row, "", "row is invalid")]
+            else:
+                valid.append(result)
+        return Checked(valid, invalid, warnings)
+
+    def _value(self, job: Job, column: str) -> tuple[str, str]:
+        """The cell, or the run default; the second item says where it came from for messages."""
+        cell = job.get(column)
+        if cell:
+            return cell, ""
+        default = getattr(self.defaults, column, "")
+        return (str(default) if default not in (None, "") else ""), " (from the run default)"
+
+    def _check_row(self, job: Job, errs: list[Problem], warns: list[Problem]) -> ValidJob | None:
+        row = job.row
+        operation, src = self._value(job, "operation")
+        operation = operation.lower()
+        if operation not in OPERATIONS:
+            errs.append(Problem(row, "operation", f"unknown operation {operation!r}{src}; use one of {', '.join(OPERATIONS)}"))
+            return None
+
+        model_name, src = self._value(job, "model")
+        model = self.registry.get(model_name)
+        if model is None:
+            errs.append(Problem(row, "model", f"unknown model {model_name!r}{src}; known models: {', '.join(self.registry.names())} (add one in the model registry)"))
+            return None
+        if operation not in model.endpoints:
+            errs.append(Problem(row, "operation", f"{model.name} does not serve '{operation}' (it serves {', '.join(model.endpoints)})"))
+        if model.retired is not None:
+            if model.is_retired(self.today):
+                msg = f"{model.name} was retired on api.openai.com on {model.retired.isoformat()}"
+                if self.targets_openai:
+                    errs.append(Problem(row, "model", msg + "; pick a current model"))
+                else:
+                    warns.append(Problem(row, "model", msg + "; the configured server may still serve it", "warning"))
+            elif (model.retired - self.today).days <= RETIREMENT_WARNING_DAYS:
+                warns.append(Problem(row, "model", f"{model.name} retires on api.openai.com on {model.retired.isoformat()}", "warning"))
+
+        prompt = job.get("prompt")
+        if operation == "variation":
+            if prompt:
+                warns.append(Problem(row, "prompt", "variations take no prompt; it is recorded but not sent", "warning"))
+        elif not prompt:
+            errs.append(Problem(row, "prompt", "prompt is empty"))
+        elif len(prompt) > model.prompt_max:
+            errs.append(Problem(row, "prompt", f"prompt has {len(prompt)} characters; {model.name} allows at most {model.prompt_max}"))
+
+        n_text, src = self._value(job, "n")
+        n = 1
+        try:
+            n = int(float(n_text)) if n_text else 1
+            if str(n) != n_text.strip() and float(n_text) != n:
+                raise ValueError
+        except ValueError:
+            errs.append(Problem(row, "n", f"n must be a whole number, got {n_text!r}{src}"))
+        else:
+            if n < 1:
+                errs.append(Problem(row, "n", f"n must be at least 1, got {n}{src}"))
+            elif n > self.defaults.max_n_per_job:
+                errs.append(Problem(row, "n", f"n is {n}; at most {self.defaults.max_n_per_job} images per job (max_n_per_job){src}"))
+
+        params: dict[str, Any] = {"model": model.name}
+        if operation != "variation":
+            params["prompt"] = prompt
+
+        size, src = self._value(job, "size")
+        size = size.lower() or model.default_size
+        why = model.size_error(size, operation)
+        if why:
+            errs.append(Problem(row, "size", why + src))
+        params["size"] = size
+
+        if operation != "variation" and model.qualities:
+            quality, src = self._value(job, "quality")
+            quality = quality.lower() or model.default_quality
+            if quality not in model.qualities:
+                errs.append(Problem(row, "quality", f"{model.name} offers quality {', '.join(model.qualities)}; got {quality!r}{src}"))
+            params["quality"] = quality
+        elif job.get("quality"):
+            errs.append(Problem(row, "quality", f"{model.name} takes no quality for {operation}"))
+
+        for column in PASS_THROUGH:
+            value, src = self._value(job, column)
+            if not value:
+                continue
+            if column not in model.params:
+                if src:  # a run default the model cannot take is simply not sent
+                    continue
+                errs.append(Problem(row, column, f"{model.name} does not accept '{column}'"))
+                continue
+            if column == "input_fidelity" and operation != "edit":
+                errs.append(Problem(row, column, "input_fidelity applies to edits only"))
+                continue
+            if column == "user":
+                params["user"] = value
+                continue
+            if column == "output_compression":
+                try:
+                    comp = int(float(value))
+                    if not 0 <= comp <= 100 or float(value) != comp:
+                        raise ValueError
+                except ValueError:
+                    errs.append(Problem(row, column, f"output_compression must be a whole number from 0 to 100, got {value!r}{src}"))
+                    continue
+                params[column] = comp
+                continue
+            value = value.lower()
+            if column == "output_format" and value == "jpg":
+                value = "jpeg"
+            if value not in CHOICES[column]:
+                errs.append(Problem(row, column, f"{column} must be one of {', '.join(CHOICES[column])}, got {value!r}{src}"))
+                continue
+            params[column] = value
+
+        fmt = params.get("output_format", "png")
+        if "output_compression" in params and fmt not in ("jpeg", "webp"):
+            errs.append(Problem(row, "output_compression", "output_compression applies only with output_format jpeg or webp"))
+        if params.get("background") == "transparent":
+            if fmt not in ("png", "webp"):
+                errs.append(Problem(row, "background", "a transparent background needs output_format png or webp"))
+            elif not model.transparent_background:
+                errs.append(Problem(row, "background", f"transparent backgrounds are not confirmed for {model.name}; set transparent_background = true for it in the model registry to try"))
+
+        if "response_format" in model.params:
+            rf = job.get("response_format").lower() or "b64_json"
+            if rf not in CHOICES["response_format"]:
+                errs.append(Problem(row, "response_format", f"response_format must be url or b64_json, got {rf!r}"))
+            params["response_format"] = rf
+        elif job.get("response_format"):
+            errs.append(Problem(row, "response_format", f"{model.name} does not accept 'response_format' (it always returns base64)"))
+
+        images: list[SourceImage] = []
+        mask: SourceImage | None = None
+        if operation in ("edit", "variation"):
+            images, mask = self._check_sources(job, model, operation, size, errs)
+        else:
+            for column in ("image", "mask"):
+                if job.get(column):
+                    errs.append(Problem(row, column, f"'{column}' is only used by edit and variation rows; set operation"))
+
+        if errs:
+            return None
+        job_id = job.get("id") or ""
+        return ValidJob(job, job_id, operation, model, n, params, images, mask)
+
+    def _check_sources(
+        self, job: Job, model: ModelSpec, operation: str, size: str, errs: list[Problem]
+    ) -> tuple[list[SourceImage], SourceImage | None]:
+        row = job.row
+        raw = [p.strip() for p in job.get("image").split(IMAGE_SEPARATOR) if p.strip()]
+        if not raw:
+            errs.append(Problem(row, "image", f"{operation} needs a source image"))
+            return [], None
+        limit = 1 if operation == "variation" else model.edit_images_max
+        if len(raw) > limit:
+            errs.append(Problem(row, "image", f"{model.name} takes at most {limit} source image(s) for {operation}; got {len(raw)}"))
+        images = []
+        for item in raw:
+            src = _open_source(item, self.base_dir, "image", row, errs)
+            if src is None:
+                continue
+            images.append(src)
+            square_png = operation == "variation" or model.edit_square_png
+            formats = ("png",) if square_png else model.edit_image_formats
+            if src.format not in formats:
+                errs.append(Problem(row, "image", f"{src.path.name} is {src.format}; {model.name} {operation} takes {', '.join(formats)}"))
+            if square_png and src.width != src.height:
+                errs.append(Problem(row, "image", f"{src.path.name} is {src.width}x{src.height}; {model.name} {operation} needs a square PNG"))
+            if src.size_bytes >= model.edit_image_max_bytes and not square_png:
+                errs.append(Problem(row, "image", f"{src.path.name} is {src.size_bytes:,} bytes; the limit is {model.edit_image_max_bytes:,}"))
+            if square_png and src.size_bytes >= 4_000_000:
+                errs.append(Problem(row, "image", f"{src.path.name} is {src.size_bytes:,} bytes; the limit is 4,000,000"))
+        mask = None
+        if job.get("mask"):
+            if operation != "edit":
+                errs.append(Problem(row, "mask", "a mask is only used by edits"))
+            else:
+                mask = _open_source(job.get("mask"), self.base_dir, "mask", row, errs)
+                if mask is not None:
+                    if mask.format != "png":
+                        errs.append(Problem(row, "mask", f"the mask must be a PNG, got {mask.format}"))
+                    elif not _has_alpha(mask.path):
+                        errs.append(Problem(row, "mask", "the mask needs an alpha channel: fully transparent pixels mark the area to edit"))
+                    if mask.size_bytes >= model.mask_max_bytes:
+                        errs.append(Problem(row, "mask", f"the mask is {mask.size_bytes:,} bytes; the limit is {model.mask_max_bytes:,}"))
+                    if images and (mask.width, mask.height) != (images[0].width, images[0].height):
+                        errs.append(Problem(row, "mask", f"the mask is {mask.width}x{mask.height} but the first image is {images[0].width}x{images[0].height}; they must match"))
+        return images, mask

@@ -1,0 +1,201 @@
+"""Every validation rule: a bad row names its row, column and rule; good rows pass untouched."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from configs.registry import Registry
+from configs.settings import JobDefaults
+from tasks.read_jobs import read_jobs
+from tasks.validate import Validator
+
+TODAY = dt.date(2026, 11, 28)
+
+
+def check(rows: list[dict], *, openai: bool = False, base_dir: Path | None = None, **defaults):
+    validator = Validator(Registry.load(), JobDefaults(**defaults), targets_openai=openai, base_dir=base_dir, today=TODAY)
+    return validator.check(read_jobs(pd.DataFrame(rows)))
+
+
+def errors(rows, **kw) -> list[tuple[int, str, str]]:
+    checked = check(rows, **kw)
+    return [(p.row, p.column, p.message) for ps in checked.invalid.values() for p in ps]
+
+
+def one_error(row: dict, column: str, fragment: str, **kw) -> None:
+    errs = errors([row], **kw)
+    assert any(c == column and fragment in m for _, c, m in errs), errs
+    assert all(r == 1 for r, _, _ in errs)
+
+
+def test_valid_rows_pass_with_the_params_to_send():
+    checked = check([
+        {"prompt": "a cat", "model": "gpt-image-2", "size": "1536x1024", "quality": "high", "n": "3", "output_format": "webp", "output_compression": "80"},
+        {"prompt": "a dog", "model": "dall-e-3", "size": "1792x1024", "quality": "hd", "style": "natural"},
+    ])
+    assert not checked.invalid
+    gpt, dalle = checked.valid
+    assert gpt.params == {"model": "gpt-image-2", "prompt": "a cat", "size": "1536x1024", "quality": "high",
+                          "output_format": "webp", "output_compression": 80}
+    assert gpt.n == 3
+    assert dalle.params["response_format"] == "b64_json"
+    assert dalle.params["style"] == "natural"
+    assert "response_format" not in gpt.params
+
+
+def test_empty_cells_take_defaults_and_model_defaults():
+    checked = check([{"prompt": "a cat", "model": ""}], model="gpt-image-1.5")
+    (job,) = checked.valid
+    assert job.params["model"] == "gpt-image-1.5"
+    assert job.params["size"] == "1024x1024"
+    assert job.params["quality"] == "auto"
+    assert job.n == 1
+
+
+@pytest.mark.parametrize(
+    "row, column, fragment",
+    [
+        ({"prompt": "x", "model": "dall-e-9"}, "model", "unknown model 'dall-e-9'"),
+        ({"prompt": "", "model": "gpt-image-2"}, "prompt", "prompt is empty"),
+        ({"prompt": "x" * 4001, "model": "dall-e-3"}, "prompt", "at most 4000"),
+        ({"prompt": "x" * 1001, "model": "dall-e-2"}, "prompt", "at most 1000"),
+        ({"prompt": "x", "model": "dall-e-3", "size": "512x512"}, "size", "offers sizes"),
+        ({"prompt": "x", "model": "gpt-image-1", "size": "1792x1024"}, "size", "offers sizes"),
+        ({"prompt": "x", "model": "gpt-image-2", "size": "1000x1000"}, "size", "multiples of 16"),
+        ({"prompt": "x", "model": "gpt-image-2", "size": "3200x800"}, "size", "aspect ratio"),
+        ({"prompt": "x", "model": "gpt-image-2", "size": "4096x2048"}, "size", "longest edge"),
+        ({"prompt": "x", "model": "gpt-image-2", "size": "512x512"}, "size", "total pixels"),
+        ({"prompt": "x", "model": "gpt-image-2", "size": "big"}, "size", "WxH"),
+        ({"prompt": "x", "model": "gpt-image-2", "quality": "hd"}, "quality", "offers quality"),
+        ({"prompt": "x", "model": "dall-e-3", "quality": "high"}, "quality", "offers quality"),
+        ({"prompt": "x", "model": "gpt-image-2", "n": "0"}, "n", "at least 1"),
+        ({"prompt": "x", "model": "gpt-image-2", "n": "11"}, "n", "at most 10"),
+        ({"prompt": "x", "model": "gpt-image-2", "n": "2.5"}, "n", "whole number"),
+        ({"prompt": "x", "model": "gpt-image-2", "n": "many"}, "n", "whole number"),
+        ({"prompt": "x", "model": "gpt-image-2", "style": "vivid"}, "style", "does not accept 'style'"),
+        ({"prompt": "x", "model": "dall-e-3", "output_format": "png"}, "output_format", "does not accept"),
+        ({"prompt": "x", "model": "dall-e-3", "background": "opaque"}, "background", "does not accept"),
+        ({"prompt": "x", "model": "dall-e-3", "moderation": "low"}, "moderation", "does not accept"),
+        ({"prompt": "x", "model": "gpt-image-2", "response_format": "url"}, "response_format", "does not accept"),
+        ({"prompt": "x", "model": "dall-e-3", "style": "loud"}, "style", "must be one of"),
+        ({"prompt": "x", "model": "gpt-image-2", "output_format": "gif"}, "output_format", "must be one of"),
+        ({"prompt": "x", "model": "gpt-image-2", "output_compression": "101", "output_format": "jpeg"}, "output_compression", "0 to 100"),
+        ({"prompt": "x", "model": "gpt-image-2", "output_compression": "50"}, "output_compression", "only with output_format jpeg or webp"),
+        ({"prompt": "x", "model": "gpt-image-1", "background": "transparent", "output_format": "jpeg"}, "background", "png or webp"),
+        ({"prompt": "x", "model": "gpt-image-2", "background": "transparent"}, "background", "not confirmed"),
+        ({"prompt": "x", "model": "gpt-image-1", "input_fidelity": "high"}, "input_fidelity", "edits only"),
+        ({"prompt": "x", "model": "gpt-image-2", "operation": "paint"}, "operation", "unknown operation"),
+        ({"prompt": "x", "model": "dall-e-3", "operation": "edit", "image": "a.png"}, "operation", "does not serve 'edit'"),
+        ({"prompt": "x", "model": "gpt-image-2", "operation": "variation", "image": "a.png"}, "operation", "does not serve 'variation'"),
+        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit"}, "image", "needs a source image"),
+        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "missing.png"}, "image", "file not found"),
+        ({"prompt": "x", "model": "gpt-image-2", "image": "a.png"}, "image", "only used by edit and variation"),
+        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "https://example.com/a.png"}, "image", "only local file paths"),
+    ],
+)
+def test_rule(row, column, fragment):
+    one_error(row, column, fragment)
+
+
+def test_retired_model_is_an_error_only_against_openai():
+    row = {"prompt": "x", "model": "dall-e-3"}
+    one_error(row, "model", "retired on api.openai.com on 2026-05-12", openai=True)
+    checked = check([row], openai=False)
+    assert checked.valid and not checked.invalid
+    assert [(w.column, w.severity) for w in checked.warnings] == [("model", "warning")]
+
+
+def test_model_retiring_soon_is_a_warning():
+    checked = check([{"prompt": "x", "model": "gpt-image-1.5"}], openai=True)
+    assert checked.valid
+    assert "retires on api.openai.com on 2026-12-01" in checked.warnings[0].message
+
+
+def test_per_job_cap_is_configurable():
+    one_error({"prompt": "x", "model": "gpt-image-2", "n": "5"}, "n", "at most 4", max_n_per_job=4)
+
+
+def test_duplicate_ids_are_refused_and_others_run():
+    checked = check([
+        {"id": "A", "prompt": "x", "model": "gpt-image-2"},
+        {"id": "A", "prompt": "y", "model": "gpt-image-2"},
+        {"id": "B", "prompt": "z", "model": "gpt-image-2"},
+    ])
+    assert sorted(checked.invalid) == [2]
+    assert "already used by row 1" in checked.invalid[2][0].message
+    assert [j.job_id for j in checked.valid] == ["A", "B"]
+
+
+def test_a_bad_row_does_not_stop_the_others():
+    checked = check([
+        {"prompt": "ok", "model": "gpt-image-2"},
+        {"prompt": "bad", "model": "nope"},
+        {"prompt": "ok too", "model": "gpt-image-2"},
+    ])
+    assert [j.job.row for j in checked.valid] == [1, 3]
+    assert list(checked.invalid) == [2]
+    assert str(checked.invalid[2][0]).startswith("row 2, column 'model'")
+
+
+def test_run_default_that_the_model_cannot_take_is_not_sent():
+    checked = check([{"prompt": "x", "model": "dall-e-3"}], output_format="webp")
+    assert checked.valid and "output_format" not in checked.valid[0].params
+
+
+def test_run_default_size_is_checked_and_named(tmp_path):
+    errs = errors([{"prompt": "x", "model": "dall-e-3"}], size="256x256")
+    assert errs and errs[0][1] == "size" and "(from the run default)" in errs[0][2]
+
+
+def _png(path: Path, size=(64, 64), mode="RGB", fmt="PNG") -> Path:
+    Image.new(mode, size, (10, 20, 30) if mode == "RGB" else (10, 20, 30, 0)).save(path, fmt)
+    return path
+
+
+def test_edit_sources_and_masks(tmp_path):
+    _png(tmp_path / "src.png", (64, 64))
+    _png(tmp_path / "wide.png", (96, 64))
+    _png(tmp_path / "photo.jpg", (64, 64), fmt="JPEG")
+    _png(tmp_path / "mask.png", (64, 64), mode="RGBA")
+    _png(tmp_path / "flat_mask.png", (64, 64))
+    _png(tmp_path / "small_mask.png", (32, 32), mode="RGBA")
+    ok = check([{"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "src.png|photo.jpg", "mask": "mask.png"}], base_dir=tmp_path)
+    assert ok.valid and [s.format for s in ok.valid[0].images] == ["png", "jpeg"]
+    cases = [
+        ({"mask": "flat_mask.png"}, "mask", "alpha channel"),
+        ({"mask": "small_mask.png"}, "mask", "must match"),
+        ({"mask": "photo.jpg"}, "mask", "must be a PNG"),
+    ]
+    for extra, column, fragment in cases:
+        row = {"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "src.png", **extra}
+        one_error(row, column, fragment, base_dir=tmp_path)
+    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "wide.png"}, "image", "square PNG", base_dir=tmp_path)
+    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "photo.jpg"}, "image", "takes png", base_dir=tmp_path)
+    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "src.png|src.png"}, "image", "at most 1", base_dir=tmp_path)
+    one_error({"model": "dall-e-2", "operation": "variation", "image": "wide.png"}, "image", "square PNG", base_dir=tmp_path)
+    too_many = "|".join(["src.png"] * 17)
+    one_error({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": too_many}, "image", "at most 16", base_dir=tmp_path)
+    var = check([{"model": "dall-e-2", "operation": "variation", "image": "src.png"}], base_dir=tmp_path)
+    assert var.valid and "prompt" not in var.valid[0].params
+
+
+def test_reader_handles_bom_quoted_newlines_and_carries_unknown_columns(tmp_path):
+    path = tmp_path / "jobs.csv"
+    path.write_bytes('\ufeffsku,prompt,model,n\n007,"a cat\non two lines",gpt-image-2,2\n'.encode("utf-8"))
+    (job,) = read_jobs(path)
+    assert job.get("prompt") == "a cat\non two lines"
+    assert job.extra == {"sku": "007"}
+    assert job.get("n") == "2"
+
+
+def test_reader_reads_parquet(tmp_path):
+    path = tmp_path / "jobs.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "n": [1, 2], "sku": ["x", None]}).to_parquet(path)
+    jobs = read_jobs(path)
+    assert [j.get("n") for j in jobs] == ["1", "2"]
+    assert jobs[1].extra == {"sku": None}
