@@ -1,0 +1,116 @@
+"""Store: decode every image with Pillow, then write it atomically (temp file, fsync, rename).
+
+A file under `images/` with its final name is always a whole, decodable image: a crash
+leaves at most a `.tmp-*` file, which the next run removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from tasks.errors import OutputError
+
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+TMP_PREFIX = ".tmp-"
+
+
+class CorruptImage(ValueError):
+    """The server's bytes are not a decodable image."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    file: str  # relative to the output folder, with forward slashes
+    sha256: str
+    width: int
+    height: int
+    format: str
+    bytes: int
+
+
+def decode(data: bytes) -> tuple[str, int, int]:
+    """Fully decode the bytes (not just the header) and return (format, width, height)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.format or "unknown", img.width, img.height
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptImage(f"the image bytes do not decode: {exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent, the old file, or all of `data`."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise OutputError(f"cannot write {path}: {what}") from None
+    _fsync_dir(path.parent)
+
+
+class ImageStore:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.images_dir = out_dir / "images"
+
+    def prepare(self) -> None:
+        try:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.images_dir}: {exc.strerror or exc}") from None
+        if not os.access(self.images_dir, os.W_OK):
+            raise OutputError(f"{self.images_dir} is not writable")
+        for leftover in self.images_dir.glob(f"{TMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)
+
+    def save(self, data: bytes, stem: str, index: int) -> StoredImage:
+        """Decode, then write `images/<stem>_<index>.<ext>`; the extension follows the real format."""
+        fmt, width, height = decode(data)
+        ext = EXTENSIONS.get(fmt, fmt.lower())
+        rel = f"images/{stem}_{index}.{ext}"
+        if not self.images_dir.is_dir():
+            raise OutputError(f"the output folder {self.images_dir} vanished during the run")
+        write_atomic(self.out_dir / rel, data)
+        return StoredImage(rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data))
+
+    def verify(self, rel: str, sha256: str) -> bool:
+        """True when the file is there and its bytes hash to `sha256`."""
+        path = self.out_dir / rel
+        h = hashlib.sha256()
+        try:
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return False
+        return h.hexdigest() == sha256

@@ -1,0 +1,139 @@
+"""Planning (keys, n-splitting) and storing (decode, atomic writes)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from configs.registry import Registry
+from configs.settings import JobDefaults
+from tasks.errors import OutputError
+from tasks.plan import plan_jobs, safe_name, units_for
+from tasks.read_jobs import read_jobs
+from tasks.store import CorruptImage, ImageStore, decode
+from tasks.validate import Validator
+
+
+def planned(rows: list[dict]):
+    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(read_jobs(pd.DataFrame(rows)))
+    assert not checked.invalid, checked.problems
+    return plan_jobs(checked.valid)
+
+
+def test_dalle3_n4_becomes_four_single_image_calls():
+    (job,) = planned([{"prompt": "a cat", "model": "dall-e-3", "n": "4"}])
+    units = list(units_for(job, range(4)))
+    assert [u.indices for u in units] == [(0,), (1,), (2,), (3,)]
+    assert len({u.key for u in units}) == 4
+
+
+def test_gpt_image_n_is_split_by_max_per_call():
+    (job,) = planned([{"prompt": "a cat", "model": "gpt-image-2", "n": "10"}])
+    assert [u.n for u in units_for(job, range(10))] == [10]
+    (job,) = planned([{"prompt": "a cat", "model": "gpt-image-2", "n": "3"}])
+    assert [u.indices for u in units_for(job, [2, 0])] == [(0, 2)]
+
+
+def test_keys_survive_reordering_and_appending():
+    rows = [
+        {"prompt": "a", "model": "gpt-image-2"},
+        {"prompt": "b", "model": "dall-e-3", "n": "2"},
+        {"id": "X", "prompt": "c", "model": "gpt-image-2"},
+    ]
+    before = {p.job_id: p.keys for p in planned(rows)}
+    after = {p.job_id: p.keys for p in planned([{"prompt": "new", "model": "gpt-image-2"}, rows[2], rows[1], rows[0]])}
+    for job_id, keys in before.items():
+        assert after[job_id] == keys
+
+
+def test_keys_change_with_what_shapes_the_image():
+    base = {"prompt": "a", "model": "gpt-image-2", "size": "1024x1024"}
+    k0 = planned([base])[0].keys[0]
+    assert planned([{**base, "size": "1536x1024"}])[0].keys[0] != k0
+    assert planned([{**base, "prompt": "b"}])[0].keys[0] != k0
+    assert planned([{**base, "quality": "high"}])[0].keys[0] != k0
+    # `user` does not change the picture, so it does not change the key
+    assert planned([{**base, "user": "someone"}])[0].keys[0] == k0
+
+
+def test_identical_rows_are_distinct_jobs():
+    a, b = planned([{"prompt": "same", "model": "gpt-image-2"}, {"prompt": "same", "model": "gpt-image-2"}])
+    assert a.job_id != b.job_id
+    assert set(a.keys).isdisjoint(b.keys)
+
+
+@pytest.mark.parametrize("job_id", ["a/b", "A", "con", "..", "x" * 300, "猫", "a b?c*"])
+def test_safe_names(job_id):
+    name = safe_name(job_id)
+    assert name and len(name) <= 100
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    assert not name.startswith(".")
+
+
+def test_safe_names_do_not_collide():
+    ids = ["a/b", "a_b", "A_B", "a?b"]
+    assert len({safe_name(i) for i in ids}) == len(ids)
+
+
+def _png_bytes(size=(32, 16), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_store_decodes_and_names_by_real_format(tmp_path):
+    store = ImageStore(tmp_path)
+    store.prepare()
+    stored = store.save(_png_bytes(fmt="JPEG"), "job", 3)
+    assert stored.file == "images/job_3.jpg"
+    assert (stored.width, stored.height) == (32, 16)
+    assert store.verify(stored.file, stored.sha256)
+    (tmp_path / stored.file).write_bytes(b"tampered")
+    assert not store.verify(stored.file, stored.sha256)
+
+
+def test_store_refuses_undecodable_bytes(tmp_path):
+    store = ImageStore(tmp_path)
+    store.prepare()
+    truncated = _png_bytes((256, 256))[:200]
+    with pytest.raises(CorruptImage):
+        store.save(truncated, "job", 0)
+    with pytest.raises(CorruptImage):
+        decode(b"not an image")
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_write_is_atomic_and_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    store = ImageStore(tmp_path)
+    store.prepare()
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match="disk is full"):
+        store.save(_png_bytes(), "job", 0)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_prepare_removes_leftover_temp_files(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / ".tmp-job_0.png.abcd").write_bytes(b"half")
+    ImageStore(tmp_path).prepare()
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_vanished_folder_is_an_output_error(tmp_path):
+    store = ImageStore(tmp_path / "out")
+    store.prepare()
+    (tmp_path / "out" / "images").rmdir()
+    with pytest.raises(OutputError, match="vanished"):
+        store.save(_png_bytes(), "job", 0)
