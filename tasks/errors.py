@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 
 class ImagebatchError(Exception):
     """Base of every error this project raises on purpose."""
@@ -66,6 +68,8 @@ class ApiError(ImagebatchError):
         self.request_id = request_id
         self.retry_after = retry_after
         self.should_retry = should_retry
+        # Response headers (rate-limit hints); set by the client, never request headers.
+        self.headers: Mapping[str, str] | None = None
 
     @property
     def error_code(self) -> str:

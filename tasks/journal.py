@@ -1,0 +1,110 @@
+"""Journal: an append-only JSONL file of per-image outcomes, the run's durable memory.
+
+A line is written only after the image file it names is durable, so "the journal says
+succeeded" implies "the file was on disk". Each line is one `os.write` on an O_APPEND
+descriptor followed by fsync; a crash can leave at most a torn last line, which `load`
+skips. The last line for a key wins. Plain JSONL (not SQLite) because it is trivially
+inspectable (`tail -f`, `jq`), needs no schema, and appends are all the run ever does.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.errors import OutputError
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+@dataclass
+class ImageRecord:
+    key: str
+    job_id: str
+    index: int
+    status: str  # succeeded | failed | rejected | not_run
+    file: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    revised_prompt: str | None = None
+    attempts: int = 0
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    ambiguous_retries: int = 0
+    usage: dict[str, Any] | None = None
+    run_id: str | None = None
+    finished_at: float = field(default_factory=time.time)
+
+
+class Journal:
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / JOURNAL_NAME
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, ImageRecord]:
+        """The latest record per key. Torn or unreadable lines are skipped."""
+        records: dict[str, ImageRecord] = {}
+        for data in self._lines():
+            try:
+                rec = ImageRecord(**data)
+            except TypeError:
+                continue
+            records[rec.key] = rec
+        return records
+
+    def _lines(self) -> Iterator[dict[str, Any]]:
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            for raw in f:
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    yield data
+
+    def open(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from None
+        # A torn last line from a crash would glue onto the next record: start on a fresh line.
+        try:
+            size = self.path.stat().st_size
+            if size:
+                with self.path.open("rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        os.write(self._fd, b"\n")
+        except OSError:
+            pass
+
+    def append(self, record: ImageRecord) -> None:
+        line = (json.dumps(asdict(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                raise OutputError("the journal is not open")
+            try:
+                os.write(self._fd, line)
+                os.fsync(self._fd)
+            except OSError as exc:
+                what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+                raise OutputError(f"cannot write the journal {self.path}: {what}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -1,0 +1,167 @@
+"""Manifest: one row per requested image, rebuilt from the journal at the end of every run.
+
+Rows follow the input order (row, then image index). Unknown input columns are carried
+through after the fixed ones, so a catalog's SKU travels with its images.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from tasks.journal import ImageRecord
+from tasks.plan import PlannedJob
+from tasks.read_jobs import Job
+from tasks.store import write_atomic
+from tasks.validate import Problem
+
+COLUMNS = [
+    "job_id",
+    "row",
+    "image_index",
+    "operation",
+    "model",
+    "prompt",
+    "revised_prompt",
+    "size",
+    "quality",
+    "style",
+    "background",
+    "output_format",
+    "status",
+    "error_code",
+    "error_message",
+    "file",
+    "sha256",
+    "width",
+    "height",
+    "attempts",
+    "ambiguous_retries",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+    "key",
+]
+STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
+INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    if not usage:
+        return None, None
+    share = 1
+    if "per_call" in usage:
+        share = usage.get("images_in_call") or 1
+        usage = usage["per_call"]
+    try:
+        return usage["input_tokens"] / share, usage["output_tokens"] / share
+    except (KeyError, TypeError):
+        return None, None
+
+
+def _invalid_n(job: Job) -> int:
+    try:
+        n = int(job.get("n") or 1)
+    except ValueError:
+        return 1
+    return n if 1 <= n <= 100 else 1
+
+
+def build_rows(
+    jobs: list[Job],
+    planned: dict[int, PlannedJob],
+    invalid: dict[int, list[Problem]],
+    records: dict[str, ImageRecord],
+) -> list[dict[str, Any]]:
+    """Every requested image of every input row, in input order."""
+    rows: list[dict[str, Any]] = []
+    for job in jobs:
+        plan = planned.get(job.row)
+        base = {
+            "row": job.row,
+            "operation": job.get("operation") or None,
+            "model": job.get("model") or None,
+            "prompt": job.get("prompt") or None,
+            "size": job.get("size") or None,
+            "quality": job.get("quality") or None,
+            "style": job.get("style") or None,
+            "background": job.get("background") or None,
+            "output_format": job.get("output_format") or None,
+        }
+        if plan is None:
+            message = "; ".join(str(p) for p in invalid.get(job.row, []))
+            for index in range(_invalid_n(job)):
+                rows.append({**base, "job_id": job.get("id") or None, "image_index": index, "status": "invalid",
+                             "error_code": "invalid_input", "error_message": message, **job.extra})
+            continue
+        vj = plan.job
+        base.update(
+            operation=vj.operation,
+            model=vj.model.name,
+            size=vj.params.get("size"),
+            quality=vj.params.get("quality"),
+            style=vj.params.get("style"),
+            background=vj.params.get("background"),
+            output_format=vj.params.get("output_format"),
+        )
+        for index, key in enumerate(plan.keys):
+            rec = records.get(key)
+            row = {**base, "job_id": plan.job_id, "image_index": index, "key": key}
+            if rec is None:
+                row["status"] = "not_run"
+            else:
+                inp, out = _tokens(rec.usage)
+                row.update(
+                    status=rec.status,
+                    revised_prompt=rec.revised_prompt,
+                    error_code=rec.error_code,
+                    error_message=rec.error_message,
+                    file=rec.file,
+                    sha256=rec.sha256,
+                    width=rec.width,
+                    height=rec.height,
+                    attempts=rec.attempts,
+                    ambiguous_retries=rec.ambiguous_retries,
+                    request_id=rec.request_id,
+                    input_tokens=inp,
+                    output_tokens=out,
+                )
+            row.update(job.extra)
+            rows.append(row)
+    return rows
+
+
+def to_frame(rows: Iterable[dict[str, Any]], extra_columns: list[str]) -> pd.DataFrame:
+    columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
+    frame = pd.DataFrame(list(rows), columns=columns)
+    for col in INT_COLUMNS:
+        frame[col] = pd.array(frame[col], dtype="Int64")
+    for col in ("input_tokens", "output_tokens"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+def write_manifest(frame: pd.DataFrame, out_dir: Path, formats: Iterable[str] = ("csv", "parquet")) -> list[Path]:
+    """Write manifest.csv / manifest.parquet atomically; returns the paths written."""
+    written = []
+    for fmt in formats:
+        path = out_dir / f"manifest.{fmt}"
+        if fmt == "csv":
+            data = frame.to_csv(index=False).encode("utf-8")
+        elif fmt == "parquet":
+            buf = io.BytesIO()
+            # Carried-through columns can mix types across rows; store those as text.
+            safe = frame.copy()
+            for col in safe.columns:
+                if safe[col].dtype == object:
+                    safe[col] = safe[col].map(lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+            safe.to_parquet(buf, index=False)
+            data = buf.getvalue()
+        else:
+            continue
+        write_atomic(path, data)
+        written.append(path)
+    return written
