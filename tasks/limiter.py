@@ -1,0 +1,595 @@
+"""One rate limiter per run, shared by every request (asyncio, one event loop).
+
+    limiter = Limiter.from_settings(resolve_limits(settings))
+    async with limiter.slot(n_images) as permit:
+        response = await send(...)
+        permit.record(response.headers, latency)
+    if it was a 429: limiter.rate_limited(error.retry_after, response.headers)
+
+How it decides when to grant a slot (waiters are served strictly first come, first served):
+
+- Two buckets, requests (a grant costs 1) and images (a grant costs n). Each has a rate per
+  minute: the known limit (the configured value, or the `x-ratelimit-limit-*` header when nothing
+  is configured or the header is lower), else a working estimate learned from 429s, else none.
+- A bucket with a rate is enforced by a sliding window (at most `rate` units granted in any
+  60 s + `WINDOW_MARGIN`; the margin covers the delay between grant and arrival at the server)
+  and by a pacing token bucket refilling at rate/60 per second and holding `BURST_FRACTION` of a
+  minute's budget, so queued waiters are released at the limit rate, never all at once.
+- `x-ratelimit-remaining-* = 0` holds that bucket briefly (the header's reset, at most one unit's
+  refill time) so nothing is sent into an exhausted bucket.
+- A 429 (`rate_limited`) pauses every grant until now + retry_after (2 s if unknown), then
+  restarts the pacing buckets nearly empty: grants resume one by one at the rate, not as a burst.
+- A limit nobody told us about is learned AIMD-style. A 429 is blamed on the images bucket when
+  neither limit is known, on the unknown one when the known one still had room, on none when both
+  are known. The blamed bucket's estimate becomes BETA (0.9) x the units the server accepted from
+  us in the window (granted minus refused); only the first 429 after new grants counts (the rest
+  of a burst of refusals answers older requests), one 429 at most halves an estimate, and a 429
+  when nothing of ours was accepted teaches nothing (the budget went to traffic we cannot see).
+  While the estimate holds waiters back, at least 85 % of it is in use and no 429 comes, it grows
+  by a probing factor per second: 0.5 %/s, doubling every 30 s of calm, at most 5 %/s. An
+  estimate made within the run's first window is only a lower bound (the server may still count
+  a previous run) and grows at 5 %/s from the start. A limit header replaces any estimate.
+- Requests in flight: `max_in_flight` if set; otherwise, once a rate is known, Little's law
+  ceil(rate_rpm x latency / 60 x 1.5) + 2 clamped to [1, ceiling], with latency an EWMA of
+  `Permit.record(latency=...)` (the first sample replaces `initial_latency`); before any rate is
+  known, a slow start at 8 that doubles every max(1 s, latency), smoothly, while it is the binding
+  constraint, so an unlimited server is driven as fast as the ceiling allows.
+
+All bookkeeping is O(1) amortized per grant (deques, running sums); one background task per
+limiter serves the queue while there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from configs.settings import LimitSettings
+from tasks.retry import lower_headers, parse_duration, parse_retry_after
+
+_INFLIGHT = -1.0  # `_blocked` result: wait for a slot to be released
+_EPS = 1e-9
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+class _Bucket:
+    """One rate dimension: `requests` (cost 1 per grant) or `images` (cost n per grant)."""
+
+    __slots__ = (
+        "name", "configured", "header_limit", "estimate", "provisional", "span", "burst_fraction",
+        "grants", "used", "tokens", "token_time", "hold_until", "bound_at", "remaining",
+    )
+
+    def __init__(self, name: str, configured: float, span: float, burst_fraction: float) -> None:
+        self.name = name
+        self.configured = float(configured or 0)
+        self.header_limit = 0.0
+        self.estimate: float | None = None
+        self.provisional = False  # estimated within the run's first window: a lower bound only
+        self.span = span
+        self.burst_fraction = burst_fraction
+        self.grants: deque[tuple[float, float]] = deque()
+        self.used = 0.0
+        self.tokens: float | None = None  # None: full (set on first use with a rate)
+        self.token_time = 0.0
+        self.hold_until = -math.inf
+        self.bound_at = -math.inf
+        self.remaining: float | None = None
+
+    @property
+    def limit(self) -> float | None:
+        configured, header = self.configured, self.header_limit
+        if configured > 0 and header > 0:
+            return min(configured, header)
+        return configured if configured > 0 else (header if header > 0 else None)
+
+    def rate(self) -> float | None:
+        limit = self.limit
+        return limit if limit is not None else self.estimate
+
+    def expire(self, now: float) -> None:
+        grants = self.grants
+        while grants and grants[0][0] + self.span <= now:
+            self.used -= grants.popleft()[1]
+        if not grants:
+            self.used = 0.0
+
+    def capacity(self, rate: float) -> float:
+        return max(1.0, rate * self.burst_fraction)
+
+    def refill(self, now: float, rate: float) -> None:
+        cap = self.capacity(rate)
+        if self.tokens is None:
+            self.tokens, self.token_time = cap, now
+        elif now > self.token_time:
+            self.tokens = min(cap, self.tokens + (now - self.token_time) * rate / 60.0)
+            self.token_time = now
+
+    def delay(self, now: float, cost: float) -> float:
+        """Seconds until `cost` units may be granted (0: now). Marks the bucket as binding."""
+        wait = self.hold_until - now if self.hold_until > now else 0.0
+        rate = self.rate()
+        if rate is None:
+            return wait
+        self.expire(now)
+        bound = 0.0
+        if self.used > 0 and self.used + cost > rate + _EPS:
+            # Oldest grants leave the window first; find the one whose exit makes room.
+            need = self.used + cost - rate
+            freed = 0.0
+            leave_at = self.grants[-1][0] + self.span
+            for t, c in self.grants:
+                freed += c
+                if freed >= need - _EPS:
+                    leave_at = t + self.span
+                    break
+            bound = leave_at - now
+        self.refill(now, rate)
+        want = min(cost, self.capacity(rate))
+        assert self.tokens is not None
+        if self.tokens < want - _EPS:
+            start = max(0.0, self.token_time - now)
+            bound = max(bound, start + (want - self.tokens) * 60.0 / rate)
+        if bound > 0:
+            self.bound_at = now
+        return max(wait, bound)
+
+    def take(self, now: float, cost: float) -> None:
+        self.expire(now)
+        self.grants.append((now, cost))
+        self.used += cost
+        if self.tokens is not None and self.rate() is not None:
+            self.tokens -= cost
+
+    def restart_pacing(self, at: float) -> None:
+        """After a pause: about one unit available at `at`, then refill at the rate."""
+        rate = self.rate()
+        self.tokens = min(1.0, self.capacity(rate)) if rate is not None else None
+        self.token_time = at
+
+    def near_full(self, now: float) -> bool:
+        limit = self.limit
+        if limit is None:
+            return False
+        self.expire(now)
+        return self.used >= 0.9 * limit or self.bound_at >= now - 5.0 or self.hold_until > now
+
+
+class Permit:
+    """One granted slot. Report the response with `record`; leaving `slot()` releases it."""
+
+    __slots__ = ("_limiter", "images", "granted_at", "_released")
+
+    def __init__(self, limiter: "Limiter", images: int, granted_at: float) -> None:
+        self._limiter = limiter
+        self.images = images
+        self.granted_at = granted_at
+        self._released = False
+
+    def record(self, headers: Mapping[str, str] | None, latency: float | None) -> None:
+        """After a response of any status: learn limits from headers, feed the latency estimate.
+
+        `latency` is the request's duration in seconds (None: no sample, e.g. a transport error).
+        Samples from responses carrying a retry hint (429/503) are not latency of real work and
+        are ignored.
+        """
+        self._limiter._record(headers, latency)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release()
+
+
+class _Waiter:
+    __slots__ = ("future", "images")
+
+    def __init__(self, future: asyncio.Future, images: int) -> None:
+        self.future = future
+        self.images = images
+
+
+class _Slot:
+    """`async with limiter.slot(n) as permit:`: waits for a grant, releases on exit."""
+
+    __slots__ = ("_limiter", "_images", "_permit")
+
+    def __init__(self, limiter: "Limiter", images: int) -> None:
+        self._limiter = limiter
+        self._images = images
+        self._permit: Permit | None = None
+
+    async def __aenter__(self) -> Permit:
+        self._permit = await self._limiter._acquire(self._images)
+        return self._permit
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._permit is not None:
+            self._permit.release()
+
+
+class Limiter:
+    WINDOW = 60.0
+    WINDOW_MARGIN = 0.5
+    BURST_FRACTION = 0.1
+    DEFAULT_PAUSE = 2.0
+    MAX_PAUSE = 120.0
+    SLOW_START = 8
+    LITTLE_HEADROOM = 1.5
+    LITTLE_EXTRA = 2
+    BETA = 0.9
+    MAX_DECREASE = 0.5
+    MIN_RATE = 1.0
+    MAX_RATE = 1e7
+    PROBE_GROWTH = 0.005
+    PROBE_DOUBLING = 30.0
+    PROBE_MAX = 0.05
+    PROBE_USE = 0.85
+    LATENCY_ALPHA = 0.1
+    SIZE_ALPHA = 0.05
+    SHORT_SLEEP = 0.5
+
+    def __init__(
+        self,
+        *,
+        rpm: float = 0,
+        ipm: float = 0,
+        max_in_flight: int = 0,
+        max_in_flight_ceiling: int = 256,
+        initial_latency: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rpm < 0 or ipm < 0 or max_in_flight < 0:
+            raise ValueError("rpm, ipm and max_in_flight must be >= 0")
+        self._clock = clock
+        self._sleep = sleep
+        span = self.WINDOW + self.WINDOW_MARGIN
+        self._requests = _Bucket("requests", rpm, span, self.BURST_FRACTION)
+        self._images = _Bucket("images", ipm, span, self.BURST_FRACTION)
+        self._buckets = (self._requests, self._images)
+        self._fixed_cap = int(max_in_flight)
+        self._ceiling = max(1, int(max_in_flight_ceiling))
+        self._latency = float(initial_latency) if initial_latency > 0 else 20.0
+        self._latency_samples = 0
+        self._mean_images = 1.0
+
+        now = clock()
+        self._slow_cap = float(min(self.SLOW_START, self._ceiling))
+        self._slow_tick = now
+        self._cap_bound_at = -math.inf
+        self._probe_tick = now
+
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        self._granted_requests = 0
+        self._granted_images = 0
+        self._queue: deque[_Waiter] = deque()
+        self._pump_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._waiting_for_release = False
+
+        self._pause_until = -math.inf
+        self._pauses = 0
+        self._rate_limited = 0
+        self._last_429 = -math.inf
+        self._rejects: deque[float] = deque()
+        self._granted_since_decrease = True
+        self._first_grant: float | None = None
+
+    @classmethod
+    def from_settings(cls, limits: LimitSettings, **kwargs: Any) -> "Limiter":
+        """From `[limits]` (pass `configs.settings.resolve_limits(settings)` to apply the tier)."""
+        return cls(
+            rpm=limits.rpm,
+            ipm=limits.ipm,
+            max_in_flight=limits.max_in_flight,
+            max_in_flight_ceiling=limits.max_in_flight_ceiling,
+            initial_latency=limits.initial_latency,
+            **kwargs,
+        )
+
+    # -- public -------------------------------------------------------------------------------
+
+    def slot(self, images: int = 1) -> _Slot:
+        """Wait for permission to send one request for `images` images (FIFO)."""
+        images = int(images)
+        if images < 1:
+            raise ValueError("images must be >= 1")
+        return _Slot(self, images)
+
+    def rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
+        """A request got a 429 rate limit: pause every grant, slow down if the limit is unknown."""
+        now = self._clock()
+        self._rate_limited += 1
+        self._last_429 = now
+        self._rejects.append(now)
+        if headers:
+            self._learn(headers, now)
+            if retry_after is None:
+                retry_after = parse_retry_after(headers)
+        pause = self.DEFAULT_PAUSE if retry_after is None else min(max(0.0, retry_after), self.MAX_PAUSE)
+        until = now + pause
+        if until > self._pause_until:
+            if self._pause_until <= now and pause > 0:
+                self._pauses += 1
+            self._pause_until = until
+
+        blamed = self._blame(now)
+        # Only the first 429 after new grants lowers an estimate: the rest of a burst of refusals
+        # answers requests sent before that decrease and carries no new information.
+        if blamed is not None and (blamed.estimate is None or self._granted_since_decrease):
+            self._granted_since_decrease = False
+            blamed.expire(now)
+            self._expire_rejects(now)
+            per_reject = self._mean_images if blamed is self._images else 1.0
+            accepted = blamed.used - len(self._rejects) * per_reject
+            # Nothing of ours accepted in the window: the server's budget went to traffic we
+            # cannot see (another process, a run just before this one). No evidence, no estimate.
+            if accepted >= 1.0:
+                candidate = max(self.MIN_RATE, self.BETA * accepted)
+                if blamed.estimate is not None:
+                    # At most halve per decrease: after a quiet spell our window holds little
+                    # traffic, and one 429 must not collapse a working estimate.
+                    candidate = min(blamed.estimate, max(candidate, blamed.estimate * self.MAX_DECREASE))
+                blamed.estimate = candidate
+                # Within the first window the server may still count traffic from before this
+                # run, so the estimate can be far too low: it is then probed at full speed.
+                span = self.WINDOW + self.WINDOW_MARGIN
+                blamed.provisional = self._first_grant is None or now - self._first_grant < span
+
+        resume = max(now, self._pause_until)
+        for bucket in self._buckets:
+            bucket.restart_pacing(resume)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self._clock()
+        for bucket in self._buckets:
+            bucket.expire(now)
+        req, img = self._requests, self._images
+        return {
+            "rpm_limit": req.limit,
+            "ipm_limit": img.limit,
+            "rpm_configured": req.configured or None,
+            "ipm_configured": img.configured or None,
+            "rpm_from_headers": req.header_limit or None,
+            "ipm_from_headers": img.header_limit or None,
+            "rpm_estimate": req.estimate if req.limit is None else None,
+            "ipm_estimate": img.estimate if img.limit is None else None,
+            "requests_last_window": req.used,
+            "images_last_window": img.used,
+            "remaining_requests": req.remaining,
+            "remaining_images": img.remaining,
+            "in_flight": self._in_flight,
+            "peak_in_flight": self._peak_in_flight,
+            "in_flight_cap": self._cap(),
+            "queued": sum(1 for w in self._queue if not w.future.done()),
+            "paused": self._pause_until > now,
+            "pause_remaining": max(0.0, self._pause_until - now),
+            "pauses": self._pauses,
+            "rate_limited": self._rate_limited,
+            "latency_estimate": self._latency,
+            "mean_images_per_request": self._mean_images,
+            "granted_requests": self._granted_requests,
+            "granted_images": self._granted_images,
+        }
+
+    # -- granting ---------------------------------------------------------------------------
+
+    async def _acquire(self, images: int) -> Permit:
+        if not self._queue:
+            now = self._clock()
+            if self._blocked(images, now) == 0.0:
+                return self._grant(images, now)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Waiter(future, images))
+        self._ensure_pump()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()
+            else:
+                future.cancel()
+                self._wake.set()
+            raise
+
+    def _cap(self) -> int:
+        if self._fixed_cap > 0:
+            return self._fixed_cap
+        rpm = self._request_rate()
+        if rpm is None:
+            return int(self._slow_cap)
+        cap = math.ceil(rpm * self._latency / 60.0 * self.LITTLE_HEADROOM) + self.LITTLE_EXTRA
+        return max(1, min(self._ceiling, cap))
+
+    def _request_rate(self) -> float | None:
+        rates = []
+        r = self._requests.rate()
+        if r is not None:
+            rates.append(r)
+        i = self._images.rate()
+        if i is not None:
+            rates.append(i / max(1.0, self._mean_images))
+        return min(rates) if rates else None
+
+    def _blocked(self, images: int, now: float) -> float:
+        """0.0: grant now; _INFLIGHT: wait for a release; else seconds to wait."""
+        if now < self._pause_until:
+            return max(self._pause_until - now, 1e-6)
+        wait = max(self._requests.delay(now, 1.0), self._images.delay(now, float(images)))
+        if wait > 0:
+            return max(wait, 1e-6)
+        if self._in_flight >= self._cap():
+            self._cap_bound_at = now
+            return _INFLIGHT
+        return 0.0
+
+    def _grant(self, images: int, now: float) -> Permit:
+        self._requests.take(now, 1.0)
+        self._images.take(now, float(images))
+        self._in_flight += 1
+        if self._in_flight > self._peak_in_flight:
+            self._peak_in_flight = self._in_flight
+        self._granted_requests += 1
+        self._granted_images += images
+        self._granted_since_decrease = True
+        if self._first_grant is None:
+            self._first_grant = now
+        self._mean_images += self.SIZE_ALPHA * (images - self._mean_images)
+        return Permit(self, images, now)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        if self._waiting_for_release:
+            self._wake.set()
+
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None:
+            self._wake = asyncio.Event()  # fresh per pump: an Event binds to one event loop
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    def _dispatch(self) -> float | None:
+        """Grant queued waiters in order. None: queue empty or waiting for a release."""
+        now = self._clock()
+        self._adapt(now)
+        queue = self._queue
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # cancelled while queued
+                queue.popleft()
+                continue
+            blocked = self._blocked(waiter.images, now)
+            if blocked == _INFLIGHT:
+                return None
+            if blocked > 0:
+                return blocked
+            queue.popleft()
+            waiter.future.set_result(self._grant(waiter.images, now))
+        return None
+
+    async def _pump(self) -> None:
+        try:
+            while self._queue:
+                self._wake.clear()
+                delay = self._dispatch()
+                if not self._queue:
+                    break
+                if delay is None:
+                    self._waiting_for_release = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._waiting_for_release = False
+                elif delay <= self.SHORT_SLEEP:
+                    await self._sleep(delay)
+                else:
+                    await self._sleep_or_wake(delay)
+        except BaseException as exc:
+            while self._queue:
+                waiter = self._queue.popleft()
+                if not waiter.future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiter.future.cancel()
+                    else:
+                        waiter.future.set_exception(exc)
+            raise
+        finally:
+            self._pump_task = None
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    # -- adapting -------------------------------------------------------------------------------
+
+    def _adapt(self, now: float) -> None:
+        """Slow start of the in-flight cap, and probing growth of learned rate estimates."""
+        if self._fixed_cap <= 0 and self._request_rate() is None and now > self._slow_tick:
+            if self._cap_bound_at >= self._slow_tick:
+                # Doubles per max(1 s, latency) of being the constraint, grown smoothly.
+                period = max(1.0, self._latency)
+                growth = 2.0 ** (min(now - self._slow_tick, period) / period)
+                self._slow_cap = min(float(self._ceiling), self._slow_cap * growth)
+            self._slow_tick = now
+        if now - self._probe_tick >= 1.0:
+            dt = min(now - self._probe_tick, 30.0)
+            calm = min(now - max(self._last_429, self._pause_until), 20 * self.PROBE_DOUBLING)
+            growth = min(self.PROBE_MAX, self.PROBE_GROWTH * 2.0 ** (max(0.0, calm) / self.PROBE_DOUBLING))
+            for bucket in self._buckets:
+                if bucket.limit is None and bucket.estimate is not None and bucket.bound_at >= self._probe_tick:
+                    bucket.expire(now)
+                    if bucket.provisional:
+                        bucket.estimate = min(self.MAX_RATE, bucket.estimate * (1.0 + self.PROBE_MAX * dt))
+                    elif bucket.used >= self.PROBE_USE * bucket.estimate:
+                        bucket.estimate = min(self.MAX_RATE, bucket.estimate * (1.0 + growth * dt))
+            self._probe_tick = now
+
+    def _blame(self, now: float) -> _Bucket | None:
+        """The bucket whose unknown limit a 429 reveals, if any."""
+        req, img = self._requests, self._images
+        req_known, img_known = req.limit is not None, img.limit is not None
+        if not req_known and not img_known:
+            return img  # images per minute also covers a request limit in proportion
+        if req_known and img_known:
+            return None
+        known, unknown = (img, req) if img_known else (req, img)
+        return None if known.near_full(now) else unknown
+
+    def _expire_rejects(self, now: float) -> None:
+        span = self.WINDOW + self.WINDOW_MARGIN
+        while self._rejects and self._rejects[0] + span <= now:
+            self._rejects.popleft()
+
+    def _learn(self, headers: Mapping[str, str], now: float) -> None:
+        h = lower_headers(headers)
+        changed = False
+        for bucket in self._buckets:
+            limit = _number(h.get(f"x-ratelimit-limit-{bucket.name}"))
+            if limit is not None and limit > 0 and limit != bucket.header_limit:
+                bucket.header_limit = limit
+                bucket.estimate = None
+                changed = True
+            remaining = _number(h.get(f"x-ratelimit-remaining-{bucket.name}"))
+            if remaining is None:
+                continue
+            bucket.remaining = remaining
+            if remaining < 1:
+                reset_text = h.get(f"x-ratelimit-reset-{bucket.name}")
+                reset = parse_duration(reset_text) if reset_text is not None else None
+                rate = bucket.rate()
+                unit = 60.0 / rate if rate else 1.0
+                hold = unit if reset is None else min(reset, unit)
+                bucket.hold_until = max(bucket.hold_until, now + hold)
+        if changed:
+            self._wake.set()
+
+    def _record(self, headers: Mapping[str, str] | None, latency: float | None) -> None:
+        h = lower_headers(headers)
+        hinted = "retry-after" in h or "retry-after-ms" in h
+        if latency is not None and latency >= 0 and math.isfinite(latency) and not hinted:
+            if self._latency_samples == 0:
+                self._latency = latency
+            else:
+                self._latency += self.LATENCY_ALPHA * (latency - self._latency)
+            self._latency_samples += 1
+        if h:
+            self._learn(h, self._clock())

@@ -1,0 +1,483 @@
+"""Limiter tests in virtual time: an event loop whose clock jumps to the next timer instead of waiting."""
+
+import asyncio
+import math
+import random
+import selectors
+from collections import deque
+
+import pytest
+
+from configs.settings import LimitSettings
+from tasks.limiter import Limiter
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    def __init__(self, clock):
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout=None):
+        if timeout is None:
+            raise RuntimeError("deadlock: nothing scheduled and nothing ready")
+        if timeout > 0:
+            self._clock.now += timeout  # sleeping advances virtual time, instantly
+        return super().select(0)
+
+
+class VirtualClock:
+    """Virtual time: `time()` is the clock, `sleep()` advances it; `run()` drives a coroutine."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def time(self):
+        return self.now
+
+    async def sleep(self, seconds):
+        await asyncio.sleep(seconds)
+
+    def run(self, coro):
+        loop = asyncio.SelectorEventLoop(_VirtualSelector(self))
+        loop.time = self.time
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+
+@pytest.fixture
+def clock():
+    return VirtualClock()
+
+
+def make(clock, **kw):
+    return Limiter(clock=clock.time, sleep=clock.sleep, **kw)
+
+
+def grant_times(clock, limiter, sizes, hold=0.0):
+    """Start one task per size in order; return [(grant time - start, size)] in grant order."""
+    start = clock.time()
+    granted = []
+
+    async def one(n):
+        async with limiter.slot(n):
+            granted.append((clock.time() - start, n))
+            await clock.sleep(hold)
+
+    async def main():
+        tasks = []
+        for n in sizes:
+            tasks.append(asyncio.ensure_future(one(n)))
+            await asyncio.sleep(0)  # enqueue in this order
+        await asyncio.gather(*tasks)
+
+    clock.run(main())
+    return granted
+
+
+def max_in_window(granted, span=60.0):
+    """Largest total size granted within any window of `span` seconds."""
+    best, total, q = 0, 0, deque()
+    for t, n in granted:
+        q.append((t, n))
+        total += n
+        while q[0][0] <= t - span:
+            total -= q.popleft()[1]
+        best = max(best, total)
+    return best
+
+
+# -- known limits ----------------------------------------------------------------------------
+
+
+def test_rpm_sliding_window(clock):
+    limiter = make(clock, rpm=10)
+    granted = grant_times(clock, limiter, [1] * 25)
+    times = [t for t, _ in granted]
+    assert max_in_window(granted) == 10
+    # never more than 10 in any 60 s (with the safety margin: the 11th is > 60 s after the 1st)
+    assert all(times[i + 10] - times[i] > 60.0 for i in range(len(times) - 10))
+    # and not much slower than the limit: 25 requests in about 2.5 minutes
+    assert times[-1] < 2.5 * 60 + 5
+    assert times[9] < 60
+
+
+def test_ipm_counts_images(clock):
+    limiter = make(clock, ipm=20)
+    sizes = [5, 1, 4, 3, 2, 5, 5, 1, 4, 5, 3, 2]  # 40 images
+    granted = grant_times(clock, limiter, sizes)
+    assert [n for _, n in granted] == sizes  # FIFO
+    assert max_in_window(granted) <= 20
+    assert max_in_window(granted) >= 15
+    assert granted[-1][0] < 2 * 60 + 5
+
+
+def test_rpm_and_ipm_together(clock):
+    limiter = make(clock, rpm=6, ipm=100)
+    granted = grant_times(clock, limiter, [4] * 12)
+    assert max(sum(1 for t2, _ in granted if t <= t2 < t + 60) for t, _ in granted) <= 6
+    assert max_in_window(granted) <= 24
+
+
+def test_burst_is_limited_then_paced(clock):
+    limiter = make(clock, rpm=600)
+    granted = grant_times(clock, limiter, [1] * 200)
+    times = [t for t, _ in granted]
+    burst = sum(1 for t in times if t == 0)
+    assert burst == 60  # a tenth of a minute's budget at once, no more
+    gaps = [b - a for a, b in zip(times[60:], times[61:])]
+    assert min(gaps) == pytest.approx(0.1)  # then one every 60/600 s
+    assert times[-1] == pytest.approx(14.0)
+
+
+def test_oversized_request_does_not_deadlock(clock):
+    limiter = make(clock, ipm=5)
+    granted = grant_times(clock, limiter, [1, 10, 1])
+    assert [n for _, n in granted] == [1, 10, 1]
+    assert granted[1][0] > 60  # waited for an empty window
+    assert granted[2][0] > granted[1][0] + 60
+
+
+def test_in_flight_cap(clock):
+    limiter = make(clock, max_in_flight=3)
+    granted = grant_times(clock, limiter, [1] * 10, hold=1.0)
+    times = [round(t, 6) for t, _ in granted]
+    assert times == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert limiter.snapshot()["peak_in_flight"] == 3
+    assert limiter.snapshot()["in_flight"] == 0
+
+
+def test_fifo_order_with_mixed_sizes(clock):
+    limiter = make(clock, ipm=12, max_in_flight=2)
+    sizes = [3, 6, 1, 1, 6, 2, 1, 4]
+    granted = grant_times(clock, limiter, sizes, hold=0.5)
+    assert [n for _, n in granted] == sizes
+    assert max_in_window(granted) <= 12
+
+
+def test_cancelled_waiters_free_their_place(clock):
+    limiter = make(clock, max_in_flight=1)
+    order = []
+
+    async def one(tag, hold):
+        async with limiter.slot():
+            order.append((tag, clock.time() - 1000.0))
+            await clock.sleep(hold)
+
+    async def main():
+        first = asyncio.ensure_future(one("a", 5))
+        await asyncio.sleep(0)
+        doomed = asyncio.ensure_future(one("b", 5))
+        await asyncio.sleep(0)
+        last = asyncio.ensure_future(one("c", 1))
+        await clock.sleep(1)
+        doomed.cancel()
+        await asyncio.gather(first, last)
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+    clock.run(main())
+    assert order == [("a", 0.0), ("c", 5.0)]
+    assert limiter.snapshot()["in_flight"] == 0
+
+
+def test_from_settings():
+    limiter = Limiter.from_settings(LimitSettings(rpm=7, ipm=50, max_in_flight=4, max_in_flight_ceiling=9, initial_latency=3))
+    snap = limiter.snapshot()
+    assert (snap["rpm_limit"], snap["ipm_limit"], snap["in_flight_cap"], snap["latency_estimate"]) == (7, 50, 4, 3)
+
+
+# -- in flight by Little's law ------------------------------------------------------------------
+
+
+def test_littles_law_cap(clock):
+    limiter = make(clock, ipm=600, initial_latency=20.0)
+    assert limiter.snapshot()["in_flight_cap"] == 256  # 600 * 20 / 60 * 1.5 + 2 = 302, clamped
+    permit = clock.run(_take(limiter))
+    permit.record({}, 4.0)  # the first measurement replaces the assumption
+    assert limiter.snapshot()["latency_estimate"] == 4.0
+    assert limiter.snapshot()["in_flight_cap"] == math.ceil(600 * 4 / 60 * 1.5) + 2  # 62
+    for _ in range(60):
+        permit.record({}, 10.0)
+    assert limiter.snapshot()["latency_estimate"] == pytest.approx(10.0, abs=0.05)
+    assert limiter.snapshot()["in_flight_cap"] == math.ceil(600 * 10 / 60 * 1.5) + 2  # 152
+    permit.record({"retry-after": "1"}, 0.01)  # a fast 429 is not a latency sample
+    assert limiter.snapshot()["latency_estimate"] == pytest.approx(10.0, abs=0.05)
+
+
+def test_little_uses_mean_images_and_ceiling_and_fixed(clock):
+    limiter = make(clock, ipm=600, initial_latency=6.0, max_in_flight_ceiling=40)
+    assert limiter.snapshot()["in_flight_cap"] == 40
+    fixed = make(clock, ipm=600, max_in_flight=5)
+    assert fixed.snapshot()["in_flight_cap"] == 5
+    unknown = make(clock)
+    assert unknown.snapshot()["in_flight_cap"] == 8
+
+
+async def _take(limiter, n=1):
+    async with limiter.slot(n) as permit:
+        return permit
+
+
+# -- learning from headers -------------------------------------------------------------------
+
+
+def test_adopts_limit_headers_when_unknown(clock):
+    limiter = make(clock)
+    permit = clock.run(_take(limiter))
+    permit.record({"X-RateLimit-Limit-Requests": "30", "x-ratelimit-limit-images": "50"}, 1.0)
+    snap = limiter.snapshot()
+    assert (snap["rpm_limit"], snap["ipm_limit"]) == (30, 50)
+    granted = grant_times(clock, limiter, [1] * 40)
+    assert max_in_window(granted) <= 30 - 1  # one was granted before
+
+
+def test_configured_limit_wins_over_a_higher_header_but_not_a_lower_one(clock):
+    limiter = make(clock, ipm=100)
+    permit = clock.run(_take(limiter))
+    permit.record({"x-ratelimit-limit-images": "500"}, 1.0)
+    assert limiter.snapshot()["ipm_limit"] == 100
+    permit.record({"x-ratelimit-limit-images": "40"}, 1.0)
+    assert limiter.snapshot()["ipm_limit"] == 40
+
+
+def test_exhausted_bucket_is_held(clock):
+    limiter = make(clock, rpm=60)
+    permit = clock.run(_take(limiter))
+    permit.record({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}, 1.0)
+    start = clock.time()
+    clock.run(_take(limiter))
+    # held for min(reset, one request's refill time at 60 rpm = 1 s)
+    assert clock.time() - start == pytest.approx(1.0)
+    permit.record({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "250ms"}, 1.0)
+    start = clock.time()
+    clock.run(_take(limiter))
+    assert clock.time() - start == pytest.approx(0.25)
+    assert limiter.snapshot()["remaining_requests"] == 0
+    permit.record({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "20s"}, 1.0)
+    start = clock.time()
+    clock.run(_take(limiter))
+    assert clock.time() == start  # room left: no hold
+
+
+# -- 429: pause and ramp ------------------------------------------------------------------------
+
+
+def test_rate_limited_pauses_everyone_then_ramps(clock):
+    limiter = make(clock, rpm=600)
+    start = clock.time()
+    granted = []
+
+    async def one():
+        async with limiter.slot():
+            granted.append(clock.time() - start)
+
+    async def main():
+        await clock.sleep(10)  # the pacing bucket is full again
+        limiter.rate_limited(5.0)
+        await asyncio.gather(*(one() for _ in range(30)))
+
+    clock.run(main())
+    assert min(granted) == pytest.approx(15.0)  # nobody before the pause ends
+    gaps = [b - a for a, b in zip(granted, granted[1:])]
+    assert all(g == pytest.approx(0.1) for g in gaps)  # released one by one at the limit rate
+    snap = limiter.snapshot()
+    assert snap["pauses"] == 1 and snap["rate_limited"] == 1
+
+
+def test_rate_limited_default_pause_and_extension(clock):
+    limiter = make(clock, rpm=600)
+    limiter.rate_limited(None)
+    assert limiter.snapshot()["pause_remaining"] == pytest.approx(2.0)
+    limiter.rate_limited(None, {"retry-after-ms": "7000"})
+    assert limiter.snapshot()["pause_remaining"] == pytest.approx(7.0)
+    limiter.rate_limited(1.0)  # a shorter hint does not shorten the pause
+    snap = limiter.snapshot()
+    assert snap["pause_remaining"] == pytest.approx(7.0)
+    assert (snap["pauses"], snap["rate_limited"]) == (1, 3)
+    start = clock.time()
+    clock.run(_take(limiter))
+    assert clock.time() - start == pytest.approx(7.0)
+
+
+def test_unknown_limit_estimate_from_a_429(clock):
+    limiter = make(clock, max_in_flight=100)
+    granted = grant_times(clock, limiter, [1] * 50)
+    assert len(granted) == 50
+    limiter.rate_limited(1.0)
+    # 0.9 x (50 sent - 1 refused)
+    assert limiter.snapshot()["ipm_estimate"] == pytest.approx(0.9 * 49)
+    for _ in range(4):  # the rest of the same burst of refusals: nothing new was sent
+        limiter.rate_limited(1.0)
+    assert limiter.snapshot()["ipm_estimate"] == pytest.approx(0.9 * 49)
+    assert limiter.snapshot()["ipm_limit"] is None
+
+
+def test_a_429_after_a_quiet_spell_at_most_halves_the_estimate(clock):
+    limiter = make(clock, max_in_flight=100)
+    grant_times(clock, limiter, [1] * 50)
+    limiter.rate_limited(1.0)
+    clock.run(clock.sleep(120))  # the window empties
+    clock.run(_take(limiter))
+    before = limiter.snapshot()["ipm_estimate"]
+    limiter.rate_limited(1.0)  # 1 sent in the window, and refused: no evidence of a lower limit
+    assert limiter.snapshot()["ipm_estimate"] == before
+    clock.run(_take(limiter))
+    clock.run(_take(limiter))
+    before = limiter.snapshot()["ipm_estimate"]
+    assert before > 40
+    limiter.rate_limited(1.0)  # 2 more sent, 1 accepted: 0.9 x 1 would collapse it
+    assert limiter.snapshot()["ipm_estimate"] == pytest.approx(before / 2)
+
+
+def test_unknown_request_limit_blamed_when_image_limit_has_room(clock):
+    limiter = make(clock, ipm=1000, max_in_flight=100)
+    grant_times(clock, limiter, [1] * 20)
+    limiter.rate_limited(1.0)
+    snap = limiter.snapshot()
+    assert snap["rpm_estimate"] == pytest.approx(0.9 * 19)
+    assert snap["ipm_estimate"] is None and snap["ipm_limit"] == 1000
+
+
+def test_known_limits_are_not_lowered_by_a_429(clock):
+    limiter = make(clock, rpm=100, ipm=100)
+    limiter.rate_limited(1.0)
+    snap = limiter.snapshot()
+    assert (snap["rpm_limit"], snap["ipm_limit"], snap["rpm_estimate"], snap["ipm_estimate"]) == (100, 100, None, None)
+
+
+def test_a_429_without_accepted_traffic_sets_no_estimate(clock):
+    limiter = make(clock)
+    clock.run(_take(limiter))
+    limiter.rate_limited(0.5)  # the only request we sent was the one refused
+    assert limiter.snapshot()["ipm_estimate"] is None
+    assert limiter.snapshot()["pause_remaining"] == pytest.approx(0.5)
+
+
+def test_header_replaces_estimate(clock):
+    limiter = make(clock)
+    grant_times(clock, limiter, [1] * 9)
+    permit = clock.run(_take(limiter))
+    limiter.rate_limited(0.5)
+    assert limiter.snapshot()["ipm_estimate"] == pytest.approx(0.9 * 9)
+    permit.record({"x-ratelimit-limit-images": "250"}, 1.0)
+    snap = limiter.snapshot()
+    assert snap["ipm_limit"] == 250 and snap["ipm_estimate"] is None
+
+
+# -- unknown limits against a fake server ----------------------------------------------------------
+
+
+class FakeServer:
+    """Sliding 60 s window over arrivals; refuses with 429 + retry-after once the window is full."""
+
+    def __init__(self, clock, ipm=0, latency=lambda: 0.5, delay=lambda: 0.002, headers=False):
+        self.clock, self.ipm, self.latency, self.delay, self.headers = clock, ipm, latency, delay, headers
+        self.window = deque()
+        self.used = 0
+        self.accepted = []
+        self.refused = 0
+
+    async def request(self, n):
+        await self.clock.sleep(self.delay())
+        now = self.clock.time()
+        while self.window and self.window[0][0] <= now - 60:
+            self.used -= self.window.popleft()[1]
+        headers = {"x-ratelimit-limit-images": str(self.ipm)} if self.headers else {}
+        if self.ipm and self.used + n > self.ipm:
+            self.refused += 1
+            wait = self.window[0][0] + 60 - now if self.window else 1.0
+            await self.clock.sleep(0.01)
+            return 429, headers, wait
+        self.window.append((now, n))
+        self.used += n
+        await self.clock.sleep(self.latency())
+        self.accepted.append((self.clock.time(), n))
+        return 200, headers, None
+
+
+def drive(clock, limiter, server, jobs, duration, size=lambda: 1):
+    """One task per job; on 429 tell the limiter, wait the hint, go again."""
+
+    async def job():
+        n = size()
+        while True:
+            async with limiter.slot(n) as permit:
+                sent = clock.time()
+                status, headers, hint = await server.request(n)
+                permit.record(headers, clock.time() - sent)
+            if status != 429:
+                return
+            limiter.rate_limited(hint, headers)
+            await clock.sleep(hint)
+
+    async def main():
+        tasks = [asyncio.ensure_future(job()) for _ in range(jobs)]
+        await asyncio.wait(tasks, timeout=duration)
+
+    start = clock.time()
+    clock.run(main())
+    return start
+
+
+def rate_between(server, start, a, b):
+    return sum(n for t, n in server.accepted if start + a <= t < start + b) / ((b - a) / 60)
+
+
+@pytest.mark.parametrize("limit, latency", [(120, lambda: 0.5), (600, lambda: random.uniform(1, 5))])
+def test_aimd_converges_to_an_unknown_limit(clock, limit, latency):
+    random.seed(7)
+    limiter = make(clock)
+    server = FakeServer(clock, ipm=limit, latency=latency)
+    start = drive(clock, limiter, server, jobs=limit * 6, duration=300)
+    achieved = rate_between(server, start, 120, 300)
+    refused_share = server.refused / (server.refused + len(server.accepted))
+    assert achieved >= 0.85 * limit
+    assert achieved <= limit
+    assert refused_share <= 0.05
+    estimate = limiter.snapshot()["ipm_estimate"]  # a working rate that probes above the limit
+    assert 0.75 * limit <= estimate <= 1.5 * limit
+
+
+def test_known_limit_is_held_exactly_with_jittery_arrivals(clock):
+    random.seed(3)
+    limiter = make(clock, ipm=600)
+    server = FakeServer(clock, ipm=600, latency=lambda: random.uniform(0.5, 3), delay=lambda: random.expovariate(20))
+    start = drive(clock, limiter, server, jobs=4000, duration=180)
+    assert rate_between(server, start, 0, 180) >= 0.97 * 600
+    assert server.refused <= 0.01 * len(server.accepted)
+
+
+def test_limit_header_is_adopted_without_429s(clock):
+    limiter = make(clock)
+    server = FakeServer(clock, ipm=300, headers=True, latency=lambda: 1.0)
+    start = drive(clock, limiter, server, jobs=1500, duration=180)
+    assert server.refused == 0
+    assert rate_between(server, start, 0, 180) >= 0.97 * 300
+    assert limiter.snapshot()["ipm_limit"] == 300
+
+
+def test_unlimited_server_runs_at_the_ceiling(clock):
+    limiter = make(clock, max_in_flight_ceiling=64)
+    server = FakeServer(clock, ipm=0, latency=lambda: 1.0)
+    start = drive(clock, limiter, server, jobs=3000, duration=120)
+    snap = limiter.snapshot()
+    assert snap["peak_in_flight"] == 64  # slow start reached the ceiling
+    assert snap["rate_limited"] == 0
+    # 3000 requests at 64 in flight and 1 s each: about 47 s plus the slow start
+    last = max(t for t, _ in server.accepted) - start
+    assert last < 60
+    assert rate_between(server, start, 20, 40) >= 0.95 * 64 * 60
+
+
+def test_snapshot_keys(clock):
+    snap = make(clock).snapshot()
+    for key in ("rpm_limit", "ipm_limit", "rpm_estimate", "ipm_estimate", "in_flight", "peak_in_flight",
+                "in_flight_cap", "queued", "pauses", "rate_limited", "latency_estimate", "paused"):
+        assert key in snap
