@@ -103,6 +103,24 @@ class ImageStore:
         write_atomic(self.out_dir / rel, data)
         return StoredImage(rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data))
 
+    def set_aside(self, keep: set[str], folder: str = "superseded") -> list[str]:
+        """Move files under images/ that no manifest row names into `folder`/; never delete paid work.
+
+        Returns the moved files (relative paths, as they were)."""
+        moved = []
+        target = self.out_dir / folder
+        for path in sorted(self.images_dir.iterdir()):
+            rel = f"images/{path.name}"
+            if rel in keep or path.name.startswith(TMP_PREFIX) or not path.is_file():
+                continue
+            target.mkdir(exist_ok=True)
+            dest = target / path.name
+            if dest.exists():
+                dest = target / f"{path.stem}-{secrets.token_hex(3)}{path.suffix}"
+            os.replace(path, dest)
+            moved.append(rel)
+        return moved
+
     def verify(self, rel: str, sha256: str) -> bool:
         """True when the file is there and its bytes hash to `sha256`."""
         path = self.out_dir / rel

@@ -1,0 +1,403 @@
+"""The main flow: read jobs, check them, plan requests, dispatch them, write the manifest.
+
+    read_jobs -> validate -> plan (skip what the journal has) -> dispatch (Prefect task per
+    job, limiter + retries) -> store + journal -> manifest + run.json
+
+`run_jobs` is the entry point for the CLI and notebooks; `imagebatch_flow` is the Prefect
+flow (deployable: its parameters are plain JSON) that does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import datetime as dt
+import logging
+import platform
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from prefect import flow
+
+from configs.registry import Registry
+from configs.settings import OPENAI_BASE_URL, Settings, load_settings, resolve_limits
+from tasks.api_client import ImagesClient
+from tasks.dispatch import Dispatcher, current_dispatcher, process_job
+from tasks.errors import ConfigError, ImagebatchError, OutputError
+from tasks.journal import ImageRecord, Journal
+from tasks.limiter import Limiter
+from tasks.manifest import build_rows, to_frame, write_manifest
+from tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
+from tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
+from tasks.read_jobs import Job, read_jobs
+from tasks.store import ImageStore
+from tasks.validate import Problem, Validator
+
+log = logging.getLogger("imagebatch")
+
+# Values a notebook passes that cannot travel as flow parameters (a DataFrame, callbacks).
+_frames: dict[str, pd.DataFrame] = {}
+current_reporter: contextvars.ContextVar["Reporter | None"] = contextvars.ContextVar("imagebatch_reporter", default=None)
+
+
+class Reporter:
+    """What the run tells a person. The CLI draws a progress bar; notebooks stay quiet."""
+
+    def notice(self, message: str) -> None:
+        log.warning(message)
+
+    def problems(self, problems: list[Problem]) -> None:
+        for p in problems:
+            log.warning("%s: %s", p.severity, p)
+
+    def start(self, total: int, skipped: int) -> None:
+        pass
+
+    def image(self, record: ImageRecord) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class RunReport:
+    out_dir: Path
+    counts: dict[str, int]
+    manifest: pd.DataFrame
+    problems: list[Problem]
+    used_simulator: bool
+    stopped: str | None = None  # why the run stopped early: a fatal API error, Ctrl-C, a disk error
+    skipped: int = 0  # images already done by an earlier run
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped:
+            return 2
+        return 0 if self.counts.get("succeeded", 0) == len(self.manifest) else 1
+
+
+def _shaping(settings: Settings) -> dict[str, Any]:
+    """Settings that change finished images when they change (row cells are in the keys)."""
+    j = settings.job
+    return {"model": j.model, "size": j.size, "quality": j.quality, "output_format": j.output_format}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("imagebatch", "prefect", "httpx", "pillow", "pandas", "tenacity"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _pending(planned: list[PlannedJob], records: dict[str, ImageRecord], store: ImageStore, *, retry_failed: bool, force: bool) -> tuple[list[tuple[PlannedJob, list[int]]], int]:
+    """Which images still need a request; a finished image counts only if its file verifies."""
+    work: list[tuple[PlannedJob, list[int]]] = []
+    skipped = 0
+    for plan in planned:
+        todo = []
+        for index, key in enumerate(plan.keys):
+            rec = records.get(key)
+            if force or rec is None:
+                todo.append(index)
+            elif rec.status == "succeeded":
+                if rec.file and rec.sha256 and store.verify(rec.file, rec.sha256):
+                    skipped += 1
+                else:
+                    todo.append(index)
+                    records.pop(key)
+            elif rec.status in ("failed", "rejected", "not_run") and retry_failed:
+                todo.append(index)
+            else:
+                skipped += 1
+        if todo:
+            work.append((plan, todo))
+    return work, skipped
+
+
+async def _fan_out(dispatcher: Dispatcher, work: list[tuple[PlannedJob, list[int]]], concurrency: int) -> None:
+    """A fixed pool of workers each awaiting one job task at a time: Prefect's fastest shape here."""
+    queue: asyncio.Queue[tuple[PlannedJob, list[RequestUnit]]] = asyncio.Queue()
+    for plan, indices in work:
+        queue.put_nowait((plan, list(units_for(plan, indices))))
+
+    async def worker() -> None:
+        while not queue.empty():
+            plan, units = queue.get_nowait()
+            if dispatcher.stop.is_set():
+                for unit in units:
+                    for index in unit.indices:
+                        dispatcher._not_run(unit, index)
+                continue
+            try:
+                await process_job(plan.job_id, units, return_state=True)
+            except Exception as exc:  # a bug or a storage failure must not kill the other workers
+                log.error("job %s: %s", plan.job_id, exc)
+                dispatcher.halt(exc)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(work))))))
+
+
+@contextlib.contextmanager
+def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.Task | None):
+    """First Ctrl-C: stop dispatching, let requests in flight finish. Second: abandon them."""
+    loop = asyncio.get_running_loop()
+    presses = 0
+
+    def on_sigint() -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            reporter.notice("Interrupted: finishing requests in flight (Ctrl-C again to abandon them)")
+            dispatcher.halt(KeyboardInterrupt("interrupted"))
+        elif main_task is not None:
+            main_task.cancel()
+
+    installed = False
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGTERM, on_sigint)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+@flow(name="imagebatch", persist_result=False, validate_parameters=False, log_prints=False)
+async def imagebatch_flow(
+    jobs: str,
+    out: str | None = None,
+    config: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    allow_changed_settings: bool = False,
+    models: str | None = None,
+) -> RunReport:
+    """Run a jobs file (CSV or Parquet path) into `out`.
+
+    The parameters are plain JSON so the flow can be deployed and scheduled. API keys are
+    never parameters: they come from the environment of the process that runs the flow.
+    """
+    return await _execute(jobs, out, config, overrides or {}, retry_failed, force, allow_changed_settings, models)
+
+
+async def _execute(
+    jobs_ref: str,
+    out: str | None,
+    config: str | None,
+    overrides: dict[str, dict[str, Any]],
+    retry_failed: bool,
+    force: bool,
+    allow_changed: bool,
+    models: str | None,
+) -> RunReport:
+    reporter = current_reporter.get() or Reporter()
+    started = time.time()
+    settings = load_settings(config)
+    for section, values in overrides.items():
+        settings = settings.with_overrides(section, **values)
+    registry = Registry.load(models)
+    limits = resolve_limits(settings)
+    out_dir = Path(out or settings.output_dir).expanduser().resolve()
+    source: Any = _frames.get(jobs_ref, jobs_ref)
+    base_dir = Path(jobs_ref).expanduser().resolve().parent if isinstance(source, str) else Path.cwd()
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from None
+    lock = FolderLock(out_dir)
+    lock.acquire()
+    simulator = None
+    try:
+        previous = read_run_json(out_dir)
+        if not (allow_changed or force):
+            check_shaping(previous, _shaping(settings))
+
+        jobs: list[Job] = read_jobs(source)
+        api = settings.api
+        used_simulator = False
+        if not api.api_key and api.base_url == OPENAI_BASE_URL:
+            from imagebatch.simulator import SimConfig, SimulatorServer
+
+            sim = settings.simulator
+            simulator = SimulatorServer(SimConfig(latency=sim.latency, rpm=sim.rpm, ipm=sim.ipm))
+            simulator.start()
+            used_simulator = True
+            settings = settings.with_overrides("api", base_url=simulator.base_url, api_key="sk-simulator")
+            api = settings.api
+            reporter.notice(
+                f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
+                "Images are synthetic and nothing is billed."
+            )
+
+        validator = Validator(registry, settings.job, targets_openai=api.targets_openai, base_dir=base_dir)
+        checked = validator.check(jobs)
+        reporter.problems(checked.problems)
+        planned = plan_jobs(checked.valid)
+
+        store = ImageStore(out_dir)
+        store.prepare()
+        journal = Journal(out_dir)
+        records = journal.load()
+        work, skipped = _pending(planned, records, store, retry_failed=retry_failed, force=force)
+        total = sum(len(idx) for _, idx in work)
+        run_id = uuid.uuid4().hex[:12]
+
+        limiter = Limiter.from_settings(limits)
+        concurrency = limits.max_in_flight or limits.max_in_flight_ceiling
+        journal.open()
+        client = ImagesClient(api, max_connections=limits.max_in_flight_ceiling)
+        dispatcher = Dispatcher(client, limiter, settings.retry, store, journal, run_id)
+
+        def on_image(record: ImageRecord) -> None:
+            if record.status != "not_run":
+                records[record.key] = record
+            reporter.image(record)
+
+        dispatcher.on_image = on_image
+        reporter.start(total, skipped)
+        token = current_dispatcher.set(dispatcher)
+        dispatch_started = time.time()
+        try:
+            with _interrupts(dispatcher, reporter, asyncio.current_task()):
+                await _fan_out(dispatcher, work, concurrency)
+        except asyncio.CancelledError:
+            dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
+        finally:
+            current_dispatcher.reset(token)
+            reporter.finish()
+            await client.aclose()
+            journal.close()
+        dispatch_seconds = time.time() - dispatch_started
+
+        planned_by_row = {p.job.job.row: p for p in planned}
+        rows = build_rows(jobs, planned_by_row, checked.invalid, records)
+        extra_columns = list(jobs[0].extra) if jobs else []
+        manifest = to_frame(rows, extra_columns)
+        referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
+        moved = store.set_aside(referenced)
+        if moved:
+            reporter.notice(
+                f"{len(moved)} image(s) under images/ belong to no row of these jobs (rows removed or changed, "
+                "or a crash before they were recorded): moved to superseded/"
+            )
+        write_manifest(manifest, out_dir, settings.manifest_formats)
+        counts = {s: int((manifest["status"] == s).sum()) for s in ("succeeded", "failed", "rejected", "invalid", "not_run")}
+
+        stopped = None
+        if dispatcher.fatal is not None:
+            stopped = str(dispatcher.fatal) or type(dispatcher.fatal).__name__
+        stats = {**dict(dispatcher.stats), "limiter": limiter.snapshot()}
+        if simulator is not None:
+            stats["simulator"] = simulator.stats()
+        write_run_json(
+            out_dir,
+            {
+                "run_id": run_id,
+                "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "seconds": round(time.time() - started, 3),
+                "dispatch_seconds": round(dispatch_seconds, 3),
+                "jobs": jobs_ref if isinstance(source, str) else "<DataFrame>",
+                "simulator": used_simulator,
+                "base_url": api.base_url,
+                "counts": counts,
+                "skipped_already_done": skipped,
+                "stopped": stopped,
+                "stats": stats,
+                "shaping": _shaping(settings),
+                "settings": {
+                    "job": asdict(settings.job),
+                    "limits": asdict(limits),
+                    "retry": asdict(settings.retry),
+                    "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
+                },
+                "versions": _versions(),
+            },
+        )
+        return RunReport(out_dir, counts, manifest, checked.problems, used_simulator, stopped, skipped, stats)
+    finally:
+        if simulator is not None:
+            simulator.stop()
+        lock.release()
+
+
+def run_jobs(
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    models: str | Path | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    allow_changed_settings: bool = False,
+    reporter: Reporter | None = None,
+    **overrides: Any,
+) -> RunReport:
+    """Run jobs (a CSV/Parquet path or a DataFrame) and return the report; `report.manifest` is a DataFrame.
+
+    Overrides are settings by name: model, size, quality, n, output_format (job defaults),
+    rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry).
+    """
+    sections = _route_overrides(overrides)
+    ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
+    if isinstance(jobs, pd.DataFrame):
+        _frames[ref] = jobs
+    if reporter is not None:
+        current_reporter.set(reporter)
+    try:
+        coro = imagebatch_flow(
+            ref,
+            str(out) if out else None,
+            str(config) if config else None,
+            sections,
+            retry_failed,
+            force,
+            allow_changed_settings,
+            str(models) if models else None,
+        )
+        return asyncio.run(coro)
+    finally:
+        _frames.pop(ref, None)
+
+
+_SECTIONS = {
+    "job": {"operation", "model", "size", "quality", "n", "output_format", "max_n_per_job"},
+    "limits": {"tier", "rpm", "ipm", "max_in_flight", "max_in_flight_ceiling", "initial_latency"},
+    "api": {"base_url", "organization", "project", "connect_timeout", "read_timeout", "write_timeout", "pool_timeout", "max_download_bytes"},
+    "retry": {"max_attempts", "max_total_seconds", "backoff_initial", "backoff_max", "max_server_hint", "on_ambiguous"},
+    "simulator": {"latency"},
+}
+
+
+def _route_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        for section, names in _SECTIONS.items():
+            if name in names:
+                sections.setdefault(section, {})[name] = value
+                break
+        else:
+            raise ConfigError(f"unknown setting {name!r}")
+    return sections

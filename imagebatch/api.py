@@ -1,0 +1,52 @@
+"""The Python API for notebooks and scripts.
+
+    import imagebatch
+    report = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")
+    report.manifest            # a DataFrame, one row per requested image
+    checked = imagebatch.validate(df)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from configs.registry import Registry
+from configs.settings import OPENAI_BASE_URL, load_settings
+from tasks.read_jobs import read_jobs
+from tasks.validate import Checked, Validator
+
+
+def check_jobs(
+    jobs: str | Path | pd.DataFrame,
+    *,
+    config: str | Path | None = None,
+    models: str | Path | None = None,
+    model: str | None = None,
+    size: str | None = None,
+    quality: str | None = None,
+    base_url: str | None = None,
+) -> tuple[Checked, int]:
+    """Validate every row as `run` would, sending nothing. Returns the result and the row count."""
+    settings = load_settings(config).with_overrides("job", model=model, size=size, quality=quality)
+    settings = settings.with_overrides("api", base_url=base_url)
+    rows = read_jobs(jobs)
+    # With no key and no base URL a run goes to the simulator, so retired models are only warnings.
+    targets_openai = settings.api.targets_openai and not (settings.api.base_url == OPENAI_BASE_URL and not settings.api.api_key)
+    base_dir = Path(jobs).expanduser().resolve().parent if not isinstance(jobs, pd.DataFrame) else Path.cwd()
+    validator = Validator(Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir)
+    return validator.check(rows), len(rows)
+
+
+def validate(jobs: str | Path | pd.DataFrame, **kwargs: Any) -> Checked:
+    """Check jobs against the model rules; `result.problems` lists every row, column and rule broken."""
+    return check_jobs(jobs, **kwargs)[0]
+
+
+def run(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any):
+    """Run jobs and return a RunReport (`.manifest` DataFrame, `.counts`, `.exit_code`). See flows.run_jobs.run_jobs."""
+    from flows.run_jobs import run_jobs
+
+    return run_jobs(jobs, out, **kwargs)

@@ -1,0 +1,251 @@
+"""imagebatch: bulk image jobs against the OpenAI Images API or any server that speaks it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Quiet, offline-friendly Prefect defaults; a user's own environment wins.
+for _name, _value in {
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The ephemeral API logs CancelledError tracebacks at exit (events it drops); not ours to show.
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+class ConsoleReporter:
+    """Progress bar while running, problems and notices as they come."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = _console()
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def notice(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/]")
+
+    def problems(self, problems: list[Any]) -> None:
+        errors = [p for p in problems if p.severity == "error"]
+        warnings = [p for p in problems if p.severity != "error"]
+        for p in errors:
+            self.console.print(f"[red]invalid[/] {p}")
+        for p in warnings[:20]:
+            self.console.print(f"[yellow]warning[/] {p}")
+        if len(warnings) > 20:
+            self.console.print(f"[yellow]… and {len(warnings) - 20} more warnings[/]")
+
+    def start(self, total: int, skipped: int) -> None:
+        if skipped:
+            self.console.print(f"{skipped} image(s) already done in this folder: skipped, not requested again")
+        if self.quiet or not total:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), console=self.console, transient=False,
+        )
+        self.counts: dict[str, int] = {}
+        self.task = self.progress.add_task("images", total=total, status="")
+        self.progress.start()
+
+    def image(self, record: Any) -> None:
+        if self.progress is None:
+            return
+        self.counts[record.status] = self.counts.get(record.status, 0) + 1
+        status = " ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        self.progress.update(self.task, advance=1, status=status)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _summary(report: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"imagebatch: {report.out_dir}", show_header=True)
+    table.add_column("status")
+    table.add_column("images", justify="right")
+    for status in ("succeeded", "failed", "rejected", "invalid", "not_run"):
+        if report.counts.get(status):
+            table.add_row(status, str(report.counts[status]))
+    console.print(table)
+    stats = report.stats
+    extras = []
+    if report.skipped:
+        extras.append(f"{report.skipped} already done before this run")
+    if stats.get("retries"):
+        extras.append(f"{stats['retries']} retries")
+    if stats.get("rate_limited"):
+        extras.append(f"{stats['rate_limited']} rate-limit answers (429)")
+    if stats.get("ambiguous"):
+        extras.append(f"{stats['ambiguous']} request(s) lost after sending: those images may have been paid twice")
+    if extras:
+        console.print("; ".join(extras))
+    console.print(f"manifest: {report.out_dir / 'manifest.csv'}")
+    if report.used_simulator:
+        console.print("[yellow]These images came from the built-in simulator, not from OpenAI.[/]")
+    if report.stopped:
+        console.print(f"[red]The run stopped early: {report.stopped}[/]")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _console().print(f"[red]Error:[/] {message}")
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="imagebatch")
+def main() -> None:
+    """Bulk image jobs against the OpenAI Images API, or any server that speaks it.
+
+    Give it a CSV of jobs (one row per prompt or source image, each with its own model,
+    size, quality and count); get back images/ and a manifest with one row per image.
+
+    With no OPENAI_API_KEY and no OPENAI_BASE_URL, runs go to a built-in simulator.
+    """
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: out).")
+@click.option("--model", help="Default model for rows that leave it empty.")
+@click.option("--size", help="Default size for rows that leave it empty.")
+@click.option("--quality", help="Default quality for rows that leave it empty.")
+@click.option("--n", "n", type=int, help="Default images per row.")
+@click.option("--output-format", type=click.Choice(["png", "jpeg", "webp"]), help="Default output_format (GPT image models).")
+@click.option("--rpm", type=float, help="Requests per minute allowed (0: learn it).")
+@click.option("--ipm", type=float, help="Images per minute allowed (0: learn it).")
+@click.option("--max-in-flight", type=int, help="Requests in flight at most (0: derive from the limit and latency).")
+@click.option("--tier", help="Rate-limit preset from the config, e.g. openai-tier-3.")
+@click.option("--base-url", help="API base URL (default: $OPENAI_BASE_URL or https://api.openai.com/v1).")
+@click.option("--org", "organization", help="OpenAI organization id (default: $OPENAI_ORG_ID).")
+@click.option("--project", help="OpenAI project id (default: $OPENAI_PROJECT_ID).")
+@click.option("--read-timeout", type=float, help="Seconds to wait for an answer (default 360).")
+@click.option("--on-ambiguous", type=click.Choice(["retry", "fail"]), help="A request lost after sending: retry it (may pay twice) or fail it.")
+@click.option("--retry-failed", is_flag=True, help="Also redo images that failed, were rejected or did not run.")
+@click.option("--force", is_flag=True, help="Redo every image, even finished ones.")
+@click.option("--allow-changed-settings", is_flag=True, help="Run into a folder made with other defaults; affected images are redone.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file overriding configs/defaults.toml.")
+@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models in the registry.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(jobs: Path, out: Path | None, config: Path | None, models_file: Path | None, retry_failed: bool, force: bool,
+        allow_changed_settings: bool, quiet: bool, **overrides: Any) -> None:
+    """Run the jobs in JOBS (CSV or Parquet) and write images plus a manifest.
+
+    \b
+    Output folder:
+      images/           one file per image, <job id>_<index>.<ext>
+      manifest.csv      one row per requested image (also manifest.parquet)
+      journal.jsonl     what is done; a re-run into the folder does only the rest
+      run.json          settings, versions, counts and timings of the last run
+    \b
+    Exit status: 0 every image succeeded; 1 some did not (see the manifest);
+    2 usage error, or the run stopped early (bad key, quota, Ctrl-C, disk full).
+    """
+    from flows.run_jobs import run_jobs
+    from tasks.errors import ImagebatchError
+
+    reporter = ConsoleReporter(quiet=quiet)
+    try:
+        report = run_jobs(
+            jobs, out, config=config, models=models_file, retry_failed=retry_failed, force=force,
+            allow_changed_settings=allow_changed_settings, reporter=reporter, **overrides,
+        )
+    except ImagebatchError as exc:
+        reporter.finish()
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        reporter.finish()
+        _fail("interrupted")
+    _summary(report)
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", help="Default model for rows that leave it empty.")
+@click.option("--size", help="Default size for rows that leave it empty.")
+@click.option("--quality", help="Default quality for rows that leave it empty.")
+@click.option("--base-url", help="The server the run would target (decides whether retired models are errors).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file overriding configs/defaults.toml.")
+@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models.")
+def validate(jobs: Path, config: Path | None, models_file: Path | None, **overrides: Any) -> None:
+    """Check every row of JOBS against its model's rules; send nothing.
+
+    Exit status 0 when every row is valid, 1 when any row is not, 2 when JOBS cannot be read.
+    """
+    from tasks.errors import ImagebatchError
+    from imagebatch.api import check_jobs
+
+    try:
+        checked, total = check_jobs(jobs, config=config, models=models_file, **overrides)
+    except ImagebatchError as exc:
+        _fail(str(exc))
+    ConsoleReporter().problems(checked.problems)
+    bad = len(checked.invalid)
+    _console().print(f"{total} rows: {total - bad} valid, {bad} invalid")
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it on loopback).")
+@click.option("--port", "-p", default=8787, show_default=True, type=int)
+@click.option("--latency", default=0.5, show_default=True, type=float, help="Seconds each request takes.")
+@click.option("--rpm", default=0, type=float, help="Requests per minute before 429 (0: unlimited).")
+@click.option("--ipm", default=0, type=float, help="Images per minute before 429 (0: unlimited).")
+@click.option("--api-key", default=None, help="Require this bearer key (default: any key).")
+def simulate(host: str, port: int, latency: float, rpm: float, ipm: float, api_key: str | None) -> None:
+    """Serve an OpenAI-compatible Images API for tests and dry runs.
+
+    Point a run at it with OPENAI_BASE_URL=http://HOST:PORT/v1 and any OPENAI_API_KEY.
+    Prompts containing the word "forbidden" get the model's moderation refusal.
+    See `python -m imagebatch.simulator --help` for fault injection knobs.
+    """
+    from imagebatch.simulator import SimConfig
+    from imagebatch.simulator.server import serve_forever
+
+    _console().print(f"Simulator on http://{host}:{port}/v1 (Ctrl-C to stop)")
+    serve_forever(SimConfig(latency=latency, rpm=rpm, ipm=ipm, api_key=api_key), host, port)
+
+
+@main.command()
+@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models.")
+def models(models_file: Path | None) -> None:
+    """List the models in the registry and what they accept."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from configs.registry import Registry
+
+    registry = Registry.load(models_file)
+    table = Table(show_header=True)
+    for col in ("model", "operations", "n/call", "sizes", "qualities", "retired on api.openai.com"):
+        table.add_column(col)
+    for name in registry.names():
+        m = registry.get(name)
+        sizes = ", ".join(s if s != "flexible" else "WxH (rule)" for s in m.sizes)
+        table.add_row(name, ", ".join(m.endpoints), str(m.max_n_per_call), sizes, ", ".join(m.qualities),
+                      m.retired.isoformat() if m.retired else "")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

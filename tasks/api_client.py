@@ -1,0 +1,191 @@
+"""API client: one httpx client per run that turns a request unit into images or an ApiError.
+
+It speaks the wire format only: which parameters a model accepts was settled by
+`validate`; how often to try and how fast is `dispatch`'s business. The API key lives in
+the client's default headers and nowhere else: errors carry the server's words, never
+the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from configs.settings import ApiSettings
+from tasks.errors import ApiError, TransientError
+from tasks.plan import RequestUnit
+from tasks.retry import error_from_response, error_from_transport, malformed_response_error
+
+ENDPOINTS = {"generate": "images/generations", "edit": "images/edits", "variation": "images/variations"}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class ApiImage:
+    data: bytes
+    revised_prompt: str | None = None
+
+
+@dataclass
+class ApiResult:
+    images: list[ApiImage]
+    request_id: str | None
+    headers: httpx.Headers
+    latency: float
+    usage: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_azure_deployments(base_url: str) -> bool:
+    parts = urlsplit(base_url)
+    return parts.hostname is not None and parts.hostname.endswith(".openai.azure.com") and "/v1" not in parts.path
+
+
+class ImagesClient:
+    """Sends request units. Reuse one per run: it holds the connection pool."""
+
+    def __init__(self, api: ApiSettings, *, max_connections: int = 256, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.api = api
+        self.azure = _is_azure_deployments(api.base_url)
+        headers = {"User-Agent": "imagebatch/0.1"}
+        if api.api_key:
+            if self.azure:
+                headers["api-key"] = api.api_key
+            else:
+                headers["Authorization"] = f"Bearer {api.api_key}"
+        if api.organization:
+            headers["OpenAI-Organization"] = api.organization
+        if api.project:
+            headers["OpenAI-Project"] = api.project
+        self.timeout = httpx.Timeout(
+            connect=api.connect_timeout, read=api.read_timeout, write=api.write_timeout, pool=api.pool_timeout
+        )
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=api.base_url.rstrip("/") + "/", headers=headers, timeout=self.timeout, limits=limits, transport=transport
+        )
+        # URLs in responses may point at another host: fetch them without our credentials.
+        self._download = httpx.AsyncClient(timeout=self.timeout, limits=limits, follow_redirects=True)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._download.aclose()
+
+    async def __aenter__(self) -> "ImagesClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _path(self, unit: RequestUnit) -> tuple[str, dict[str, str]]:
+        path = ENDPOINTS[unit.planned.job.operation]
+        if not self.azure:
+            return path, {}
+        version = os.environ.get("OPENAI_API_VERSION", "2025-04-01-preview")
+        return f"openai/deployments/{unit.planned.job.model.name}/{path}", {"api-version": version}
+
+    def build_request(self, unit: RequestUnit) -> httpx.Request:
+        job = unit.planned.job
+        path, query = self._path(unit)
+        params: dict[str, Any] = {**job.params, "n": unit.n}
+        if job.operation == "generate":
+            return self._http.build_request("POST", path, params=query, json=params)
+        # Multipart: never send nulls; numbers as decimal strings, as the official SDK does.
+        fields = {k: str(v) for k, v in params.items() if v is not None}
+        files: list[tuple[str, tuple[str, bytes, str]]] = []
+        part = "image" if len(job.images) == 1 else "image[]"
+        for src in job.images:
+            files.append((part, (src.path.name, src.path.read_bytes(), MIME.get(src.format, "application/octet-stream"))))
+        if job.mask is not None:
+            files.append(("mask", (job.mask.path.name, job.mask.path.read_bytes(), "image/png")))
+        return self._http.build_request("POST", path, params=query, data=fields, files=files)
+
+    async def send(self, unit: RequestUnit) -> ApiResult:
+        request = self.build_request(unit)
+        started = time.monotonic()
+        try:
+            response = await self._http.send(request)
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc) from None
+        latency = time.monotonic() - started
+        request_id = response.headers.get("x-request-id")
+        if response.status_code >= 400:
+            error = error_from_response(response.status_code, response.headers, response.content)
+            error.headers = response.headers
+            raise error
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise malformed_response_error("the response body is not JSON", response.status_code, request_id) from None
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list) or not body["data"]:
+            if isinstance(body, dict) and "error" in body:
+                raise error_from_response(500, response.headers, response.content)
+            raise malformed_response_error("the response has no image data", response.status_code, request_id)
+        images = []
+        for item in body["data"]:
+            images.append(await self._image(item, request_id))
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+        extra = {k: body[k] for k in ("size", "quality", "output_format", "background") if k in body}
+        return ApiResult(images, request_id, response.headers, latency, usage, extra)
+
+    async def _image(self, item: Any, request_id: str | None) -> ApiImage:
+        if not isinstance(item, dict):
+            raise malformed_response_error("an image entry is not an object", 200, request_id)
+        revised = item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+        if isinstance(item.get("b64_json"), str):
+            try:
+                return ApiImage(base64.b64decode(item["b64_json"], validate=True), revised)
+            except (binascii.Error, ValueError):
+                raise malformed_response_error("b64_json is not valid base64", 200, request_id) from None
+        if isinstance(item.get("url"), str):
+            return ApiImage(await self.download(item["url"], request_id), revised)
+        raise malformed_response_error("an image entry has neither b64_json nor url", 200, request_id)
+
+    async def download(self, url: str, request_id: str | None = None, tries: int = 3) -> bytes:
+        """Fetch an image URL at once (they expire), refusing bodies over the configured cap.
+
+        The image is already paid for, so a failed download is tried again here before the
+        error reaches the retry policy (which would pay for a new image)."""
+        for attempt in range(1, tries + 1):
+            try:
+                return await self._download_once(url, request_id)
+            except TransientError:
+                if attempt == tries:
+                    raise
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    async def _download_once(self, url: str, request_id: str | None) -> bytes:
+        cap = self.api.max_download_bytes
+        try:
+            async with self._download.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    raise TransientError(
+                        f"downloading the image URL failed with HTTP {response.status_code}",
+                        status=response.status_code,
+                        code="download_failed",
+                        request_id=request_id,
+                    )
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > cap:
+                    raise ApiError(f"the image at the URL is {declared} bytes, over the {cap:,} byte cap", code="download_too_large", request_id=request_id)
+                chunks, total = [], 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > cap:
+                        raise ApiError(f"the image at the URL is over the {cap:,} byte cap", code="download_too_large", request_id=request_id)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.TransportError as exc:
+            error = error_from_transport(exc)
+            # Whatever the class for an API call, a lost download is worth another try.
+            raise TransientError(f"downloading the image URL failed: {error.message}", code=error.code, request_id=request_id) from None

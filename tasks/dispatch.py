@@ -1,0 +1,232 @@
+"""Dispatch: the one place a request unit becomes images on disk and journal lines.
+
+Every call goes limiter -> client -> store -> journal here, under the retry policy, so a
+budget, a cost cap or another backend (the Batch API) has exactly one seat to take.
+Outcomes are recorded per image. A fatal error or Ctrl-C sets `stop`: units not yet
+started become `not_run`, and units in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.states import Failed
+
+from configs.settings import RetrySettings
+from tasks.api_client import ImagesClient
+from tasks.errors import AmbiguousError, ApiError, FatalError, OutputError, RateLimited, RejectedError
+from tasks.journal import ImageRecord, Journal
+from tasks.limiter import Limiter
+from tasks.plan import RequestUnit
+from tasks.retry import malformed_response_error, retrying
+from tasks.store import CorruptImage, ImageStore
+
+log = logging.getLogger("imagebatch")
+
+
+class Stopped(Exception):
+    """The run was told to stop before this unit was sent."""
+
+
+@dataclass
+class Dispatcher:
+    client: ImagesClient
+    limiter: Limiter
+    retry: RetrySettings
+    store: ImageStore
+    journal: Journal
+    run_id: str
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    fatal: BaseException | None = None
+    stats: Counter = field(default_factory=Counter)
+    on_image: Any = None  # callback(record) for progress display
+
+    def halt(self, reason: BaseException) -> None:
+        """Stop dispatching new units; the first reason is the one reported."""
+        if self.fatal is None:
+            self.fatal = reason
+        self.stop.set()
+
+    def _record(self, record: ImageRecord, *, durable: bool = True) -> ImageRecord:
+        if durable:
+            self.journal.append(record)
+        self.stats[record.status] += 1
+        if self.on_image is not None:
+            self.on_image(record)
+        return record
+
+    async def run_unit(self, unit: RequestUnit) -> list[ImageRecord]:
+        """Send one unit with retries; store what comes back; return one record per image."""
+        planned = unit.planned
+        remaining = list(unit.indices)
+        done: list[ImageRecord] = []
+        attempts = 0
+        ambiguous = 0
+        revised: dict[int, str | None] = {}
+
+        def on_retry(error: ApiError, attempt: int, wait: float) -> None:
+            self.stats["retries"] += 1
+            _task_logger().info("attempt %d failed (%s); retrying in %.1fs", attempt, error, wait)
+
+        last_request_id: str | None = None
+        try:
+            async for attempt in retrying(self.retry, on_retry=on_retry):
+                with attempt:
+                    if self.stop.is_set():
+                        raise Stopped()
+                    sub = RequestUnit(planned, tuple(remaining))
+                    async with self.limiter.slot(sub.n) as permit:
+                        if self.stop.is_set():
+                            raise Stopped()
+                        attempts += 1
+                        try:
+                            result = await self.client.send(sub)
+                        except ApiError as error:
+                            permit.record(error.headers, None)
+                            if isinstance(error, AmbiguousError):
+                                ambiguous += 1
+                                self.stats["ambiguous"] += 1
+                            if isinstance(error, RateLimited):
+                                self.stats["rate_limited"] += 1
+                                self.limiter.rate_limited(error.retry_after, error.headers)
+                            raise
+                        permit.record(result.headers, result.latency)
+                    last_request_id = result.request_id
+                    for index, image in zip(list(remaining), result.images):
+                        try:
+                            stored = await asyncio.to_thread(self.store.save, image.data, planned.file_stem, index)
+                        except CorruptImage:
+                            continue
+                        revised[index] = image.revised_prompt
+                        done.append(
+                            self._record(
+                                ImageRecord(
+                                    key=planned.keys[index],
+                                    job_id=planned.job_id,
+                                    index=index,
+                                    status="succeeded",
+                                    file=stored.file,
+                                    sha256=stored.sha256,
+                                    width=stored.width,
+                                    height=stored.height,
+                                    revised_prompt=image.revised_prompt,
+                                    attempts=attempts,
+                                    request_id=result.request_id,
+                                    ambiguous_retries=ambiguous,
+                                    usage=_share(result.usage, sub.n),
+                                    run_id=self.run_id,
+                                )
+                            )
+                        )
+                        remaining.remove(index)
+                    if remaining:
+                        got = len(result.images)
+                        raise malformed_response_error(
+                            f"{len(remaining)} of {sub.n} images missing or not decodable (got {got})",
+                            200,
+                            result.request_id,
+                        )
+        except Stopped:
+            return done + [self._not_run(unit, i) for i in remaining]
+        except OutputError as error:
+            self.halt(error)
+            return done + [self._not_run(unit, i) for i in remaining]
+        except ApiError as error:
+            if isinstance(error, FatalError):
+                self.halt(error)
+            status = "rejected" if isinstance(error, RejectedError) else "failed"
+            for index in remaining:
+                done.append(
+                    self._record(
+                        ImageRecord(
+                            key=planned.keys[index],
+                            job_id=planned.job_id,
+                            index=index,
+                            status=status,
+                            attempts=attempts,
+                            request_id=error.request_id or last_request_id,
+                            error_code=error.error_code,
+                            error_message=error.message[:500],
+                            ambiguous_retries=ambiguous,
+                            run_id=self.run_id,
+                        )
+                    )
+                )
+        return done
+
+    def _not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
+        """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
+        planned = unit.planned
+        return self._record(
+            ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, status="not_run", run_id=self.run_id),
+            durable=False,
+        )
+
+
+def _task_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect task run's logger (retries show on the job's run page), or ours outside a run."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return log
+
+
+def _share(usage: dict[str, Any] | None, n: int) -> dict[str, Any] | None:
+    """Usage is reported per call; record each image's share so sums over the manifest stay right."""
+    if not usage:
+        return None
+    if n == 1:
+        return usage
+    return {"per_call": usage, "images_in_call": n}
+
+
+# The flow sets this before fanning out; tasks awaited in the flow's event loop see it.
+current_dispatcher: contextvars.ContextVar[Dispatcher] = contextvars.ContextVar("imagebatch_dispatcher")
+
+
+@task(
+    name="generate-images",
+    task_run_name="{job_id}",
+    persist_result=False,
+    cache_policy=NONE,
+    retries=0,
+    log_prints=False,
+)
+async def process_job(job_id: str, units: list[RequestUnit]) -> Any:
+    """One Prefect task per job: its units go out in parallel (dall-e-3 n=4 is four calls).
+
+    Returns small per-image outcome dicts, never image bytes, so memory does not grow with
+    the number of images. A job with any image not succeeded ends in a Failed state whose
+    message says why, so the Prefect UI shows each job's outcome.
+    """
+    dispatcher = current_dispatcher.get()
+    results = await asyncio.gather(*(dispatcher.run_unit(u) for u in units))
+    records = [r for rs in results for r in rs]
+    outcomes = [{"index": r.index, "status": r.status, "attempts": r.attempts} for r in records]
+    bad = [r for r in records if r.status != "succeeded"]
+    if not bad:
+        return outcomes
+    first = bad[0]
+    reason = f"{first.error_code}: {first.error_message}" if first.error_code else first.status
+    return Failed(message=f"{len(bad)} of {len(records)} images not made ({reason})", data=outcomes)
+
+
+class _QuietExpectedFailures(logging.Filter):
+    """A job that ends Failed on purpose (a refusal, a 4xx) is reported by its state and the
+    manifest; the engine's extra ERROR lines with an empty traceback are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task run failed with state") or message.startswith("Finished in state Failed"))
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietExpectedFailures())

@@ -1,0 +1,183 @@
+"""The CLI end to end, as a user drives it: real simulator on loopback, real Prefect API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from imagebatch.cli import main
+from imagebatch.simulator import SimConfig, SimulatorServer
+from tasks.manifest import COLUMNS
+ROOT = Path(__file__).resolve().parent.parent
+
+SECRET = "sk-test-SECRET-do-not-leak-0123456789"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with SimulatorServer(SimConfig(latency=0.01)) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_sim(sim):
+    sim.reset()
+    sim.configure(**SimConfig(latency=0.01).to_dict(redact=False))
+    return sim
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None):
+    runner = CliRunner()
+    return runner.invoke(main, args, env=env or {}, catch_exceptions=False)
+
+
+def api_env(sim, key: str = SECRET) -> dict[str, str]:
+    return {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": key}
+
+
+def write_jobs(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def all_text(folder: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
+
+
+def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(["run", str(ROOT / "data" / "catalog.csv"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 1, result.output  # one invalid row, the rest succeed
+    assert "built-in simulator" in result.output
+    assert "row 11, column 'size'" in result.output
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert list(manifest.columns[: len(COLUMNS)]) == COLUMNS
+    assert "sku" in manifest.columns
+    statuses = manifest.groupby("status").size().to_dict()
+    assert statuses == {"succeeded": 19, "invalid": 1}
+    assert manifest.loc[manifest.status == "invalid", "sku"].tolist() == ["CAT-011"]
+    dalle = manifest[(manifest.model == "dall-e-3") & (manifest.status == "succeeded")]
+    assert len(dalle) == 6 and dalle.revised_prompt.notna().all()
+    assert manifest[manifest.model == "gpt-image-2"].revised_prompt.isna().all()
+    for row in manifest[manifest.status == "succeeded"].itertuples():
+        assert (out / row.file).is_file()
+    # dall-e-3 with n=3 was three parallel single-image calls
+    flamingo = manifest[(manifest.sku == "CAT-003")]
+    assert sorted(flamingo.image_index) == [0, 1, 2] and flamingo.request_id.nunique() == 3
+    parquet = pd.read_parquet(out / "manifest.parquet")
+    assert len(parquet) == len(manifest) and list(parquet.columns) == list(manifest.columns)
+    run = json.loads((out / "run.json").read_text())
+    assert run["simulator"] is True
+    assert run["counts"]["succeeded"] == 19
+
+
+def test_key_never_written_or_printed(prefect_api, fresh_sim, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", [
+        {"prompt": "a cat", "model": "gpt-image-2"},
+        {"prompt": "forbidden thing", "model": "gpt-image-2"},
+    ])
+    out = tmp_path / "out"
+    result = invoke(["run", str(jobs), "--out", str(out)], env=api_env(fresh_sim))
+    assert result.exit_code == 1
+    assert SECRET not in result.output
+    assert SECRET not in all_text(out)
+    assert "SECRET" not in all_text(out)
+
+
+def test_moderation_refusal_is_rejected_and_not_retried(prefect_api, fresh_sim, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "a forbidden picture", "model": "gpt-image-2", "n": 2}])
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim))
+    assert result.exit_code == 1
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert manifest.status.tolist() == ["rejected", "rejected"]
+    assert manifest.error_code.tolist() == ["moderation_blocked"] * 2
+    assert fresh_sim.stats()["requests_seen"] == 1
+
+
+def test_transient_errors_are_retried_until_success(prefect_api, fresh_sim, tmp_path):
+    fresh_sim.configure(error_rate=0.3, seed=7)
+    rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(30)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim))
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert (manifest.status == "succeeded").all()
+    stats = fresh_sim.stats()
+    assert stats["images_billed"] == 30  # 5xx are not billed, so retries cost nothing extra
+    assert stats["requests_seen"] > 30 and manifest.attempts.max() > 1
+
+
+def test_fatal_error_stops_the_run_quickly(prefect_api, fresh_sim, tmp_path):
+    fresh_sim.configure(api_key="sk-the-right-one")
+    rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(40)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "2"], env=api_env(fresh_sim))
+    assert result.exit_code == 2
+    assert "stopped early" in result.output and "invalid_api_key" in result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert (manifest.status == "not_run").sum() >= 30
+    assert fresh_sim.stats()["requests_seen"] <= 4
+
+
+def test_insufficient_quota_is_fatal_not_a_rate_limit(prefect_api, fresh_sim, tmp_path):
+    fresh_sim.configure(quota_images=3)
+    rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(20)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "1"], env=api_env(fresh_sim))
+    assert result.exit_code == 2
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    counts = manifest.status.value_counts().to_dict()
+    assert counts["succeeded"] == 3 and counts["failed"] == 1 and counts["not_run"] == 16
+    assert manifest.loc[manifest.status == "failed", "error_code"].tolist() == ["insufficient_quota"]
+
+
+def test_unknown_model_on_server_is_fatal(prefect_api, fresh_sim, tmp_path):
+    models = tmp_path / "models.toml"
+    models.write_text('[models."my-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\nqualities = ["auto"]\nprompt_max = 100\n')
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x", "model": "my-model"}] * 5)
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--models", str(models), "--max-in-flight", "1"], env=api_env(fresh_sim))
+    assert result.exit_code == 2
+    assert "model_not_found" in result.output
+
+
+def test_rerun_requests_nothing_and_keeps_the_manifest(prefect_api, fresh_sim, tmp_path):
+    rows = [{"prompt": f"item {i}", "model": "dall-e-3", "n": 2} for i in range(5)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
+    assert invoke(["run", str(jobs), "--out", str(out), "-q"], env=api_env(fresh_sim)).exit_code == 0
+    first = pd.read_csv(out / "manifest.csv")
+    fresh_sim.reset()
+    result = invoke(["run", str(jobs), "--out", str(out), "-q"], env=api_env(fresh_sim))
+    assert result.exit_code == 0
+    assert "10 image(s) already done" in result.output
+    assert fresh_sim.stats()["requests_seen"] == 0
+    second = pd.read_csv(out / "manifest.csv")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_validate_command(tmp_path):
+    good = write_jobs(tmp_path / "good.csv", [{"prompt": "x", "model": "gpt-image-2"}])
+    bad = write_jobs(tmp_path / "bad.csv", [{"prompt": "x", "model": "gpt-image-2", "size": "7x7"}, {"prompt": "y", "model": "gpt-image-2"}])
+    assert invoke(["validate", str(good)]).exit_code == 0
+    result = invoke(["validate", str(bad)])
+    assert result.exit_code == 1
+    assert "row 1, column 'size'" in result.output and "2 rows: 1 valid, 1 invalid" in result.output
+    assert invoke(["validate", str(tmp_path / "missing.csv")]).exit_code == 2
+    # a retired model is an error when the run targets api.openai.com
+    retired = write_jobs(tmp_path / "retired.csv", [{"prompt": "x", "model": "dall-e-3"}])
+    assert invoke(["validate", str(retired)]).exit_code == 0
+    assert invoke(["validate", str(retired)], env={"OPENAI_API_KEY": "sk-x"}).exit_code == 1
+
+
+def test_usage_errors_exit_2(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x"}])
+    assert invoke(["run", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]).exit_code == 2
+    assert invoke(["run", str(jobs), "--tier", "no-such-tier", "--out", str(tmp_path / "o")]).exit_code == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert invoke(["run", str(jobs), "--out", str(blocked / "sub")]).exit_code == 2
