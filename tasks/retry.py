@@ -347,6 +347,8 @@ def retry_wait(
 
 
 _WAIT_ATTR = "_imagebatch_wait"
+_LIMITED_ATTR = "_imagebatch_rate_limited"
+_LIMITED_SEEN_ATTR = "_imagebatch_rate_limited_seen"
 
 
 def retrying(
@@ -358,7 +360,8 @@ def retrying(
 ) -> tenacity.AsyncRetrying:
     """A tenacity policy for one request: `async for attempt in retrying(s): with attempt: ...`.
 
-    Retries what `is_retryable` allows, waits `retry_wait`, stops after `max_attempts` attempts or
+    Retries what `is_retryable` allows, waits `retry_wait`, stops after `max_attempts` attempts
+    (429 rate-limit answers do not count) or
     before a sleep that would end past `max_total_seconds` from the first attempt, and re-raises
     the last ApiError (never tenacity.RetryError). `on_retry(error, attempt_number, wait)` runs
     before each sleep, where attempt_number is the attempt that just failed (1 for the first).
@@ -381,7 +384,15 @@ def retrying(
         return is_retryable(state.outcome.exception(), settings)
 
     def should_stop(state: tenacity.RetryCallState) -> bool:
-        if state.attempt_number >= settings.max_attempts:
+        # A 429 rate_limit_exceeded is the limiter's business and costs nothing, so it does not
+        # use up an attempt; the time budget still bounds it.
+        limited = getattr(state, _LIMITED_ATTR, 0)
+        if state.outcome is not None and isinstance(state.outcome.exception(), RateLimited):
+            if getattr(state, _LIMITED_SEEN_ATTR, None) != state.attempt_number:
+                limited += 1
+                setattr(state, _LIMITED_ATTR, limited)
+                setattr(state, _LIMITED_SEEN_ATTR, state.attempt_number)
+        if state.attempt_number - limited >= settings.max_attempts:
             return True
         elapsed = max(time.monotonic() - state.start_time, state.idle_for)
         return elapsed + wait_for(state) > settings.max_total_seconds

@@ -359,3 +359,14 @@ def test_policy_jitter_uses_rand():
     result, _, sleeps, _ = run_policy(S, [TransientError("a"), TransientError("b"), "ok"], rand=lambda: next(values))
     assert result == "ok"
     assert sleeps == [pytest.approx(0.05), pytest.approx(0.9)]
+
+
+def test_rate_limit_answers_do_not_use_up_attempts():
+    # 5 attempts allowed; 429s between transient errors do not count, so the 4 transient
+    # failures plus 6 rate limits still end in success on the 11th call.
+    outcomes = [RateLimited("r", retry_after=1)] * 6 + [TransientError(f"t{i}") for i in range(4)] + ["ok"]
+    result, attempts, _, _ = run_policy(S, outcomes)
+    assert result == "ok" and attempts == 11
+    errors = [TransientError(f"t{i}") for i in range(5)]
+    result, attempts, _, _ = run_policy(S, [RateLimited("r", retry_after=1)] * 3 + errors)
+    assert result is errors[4] and attempts == 8
