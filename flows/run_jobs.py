@@ -127,27 +127,62 @@ def _pending(planned: list[PlannedJob], records: dict[str, ImageRecord], store: 
     return work, skipped
 
 
-async def _fan_out(dispatcher: Dispatcher, work: list[tuple[PlannedJob, list[int]]], concurrency: int) -> None:
-    """A fixed pool of workers each awaiting one job task at a time: Prefect's fastest shape here."""
-    queue: asyncio.Queue[tuple[PlannedJob, list[RequestUnit]]] = asyncio.Queue()
-    for plan, indices in work:
-        queue.put_nowait((plan, list(units_for(plan, indices))))
+class _FanOut:
+    """Starts one job task at a time while the limiter has room for more requests.
 
-    async def worker() -> None:
-        while not queue.empty():
-            plan, units = queue.get_nowait()
-            if dispatcher.stop.is_set():
-                for unit in units:
-                    for index in unit.indices:
-                        dispatcher._not_run(unit, index)
-                continue
-            try:
-                await process_job(plan.job_id, units, return_state=True)
-            except Exception as exc:  # a bug or a storage failure must not kill the other workers
-                log.error("job %s: %s", plan.job_id, exc)
-                dispatcher.halt(exc)
+    Awaiting tasks directly in the flow's loop is Prefect's fastest shape here; keeping the
+    number of started jobs near the limiter's in-flight cap means a job shows as Running in
+    Prefect only once its requests can go out, and a stop leaves the rest unstarted.
+    """
 
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(work))))))
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.running: set[asyncio.Task] = set()
+        self.finished = asyncio.Event()
+
+    async def run(self, work: list[tuple[PlannedJob, list[int]]]) -> None:
+        try:
+            for plan, indices in work:
+                await self._start(plan, list(units_for(plan, indices)))
+            while self.running:
+                await self._wait_one()
+        except asyncio.CancelledError:
+            # A second Ctrl-C: abandon requests in flight, but leave no task writing behind us.
+            for task in list(self.running):
+                task.cancel()
+            await asyncio.gather(*self.running, return_exceptions=True)
+            raise
+
+    async def _start(self, plan: PlannedJob, units: list[RequestUnit]) -> None:
+        d = self.dispatcher
+        while not d.stop.is_set():
+            cap = d.limiter.in_flight_cap
+            if len(self.running) < cap + max(2, cap // 4):
+                break
+            await self._wait_one()
+        if d.stop.is_set():
+            for unit in units:
+                for index in unit.indices:
+                    d.not_run(unit, index)
+            return
+        task = asyncio.create_task(self._job(plan, units))
+        self.running.add(task)
+        task.add_done_callback(self._done)
+
+    async def _job(self, plan: PlannedJob, units: list[RequestUnit]) -> None:
+        try:
+            await process_job(plan.job_id, units, return_state=True)
+        except Exception as exc:  # a bug or a storage failure must not strand the other jobs
+            log.error("job %s: %s", plan.job_id, exc)
+            self.dispatcher.halt(exc)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self.finished.set()
+
+    async def _wait_one(self) -> None:
+        self.finished.clear()
+        await self.finished.wait()
 
 
 @contextlib.contextmanager
@@ -263,7 +298,6 @@ async def _execute(
         run_id = uuid.uuid4().hex[:12]
 
         limiter = Limiter.from_settings(limits)
-        concurrency = limits.max_in_flight or limits.max_in_flight_ceiling
         journal.open()
         client = ImagesClient(api, max_connections=limits.max_in_flight_ceiling)
         dispatcher = Dispatcher(client, limiter, settings.retry, store, journal, run_id)
@@ -279,7 +313,7 @@ async def _execute(
         dispatch_started = time.time()
         try:
             with _interrupts(dispatcher, reporter, asyncio.current_task()):
-                await _fan_out(dispatcher, work, concurrency)
+                await _FanOut(dispatcher).run(work)
         except asyncio.CancelledError:
             dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
         finally:

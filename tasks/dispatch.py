@@ -134,10 +134,10 @@ class Dispatcher:
                             result.request_id,
                         )
         except Stopped:
-            return done + [self._not_run(unit, i) for i in remaining]
+            return done + [self.not_run(unit, i) for i in remaining]
         except OutputError as error:
             self.halt(error)
-            return done + [self._not_run(unit, i) for i in remaining]
+            return done + [self.not_run(unit, i) for i in remaining]
         except ApiError as error:
             if isinstance(error, FatalError):
                 self.halt(error)
@@ -161,7 +161,7 @@ class Dispatcher:
                 )
         return done
 
-    def _not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
+    def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
         """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
         planned = unit.planned
         return self._record(

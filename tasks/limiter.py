@@ -355,6 +355,11 @@ class Limiter:
         for bucket in self._buckets:
             bucket.restart_pacing(resume)
 
+    @property
+    def in_flight_cap(self) -> int:
+        """How many requests may be in flight now; callers size their own backlog by it."""
+        return self._cap()
+
     def snapshot(self) -> dict[str, Any]:
         now = self._clock()
         for bucket in self._buckets:
