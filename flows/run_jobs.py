@@ -251,14 +251,9 @@ async def _execute(
         settings = settings.with_overrides(section, **values)
     registry = Registry.load(models)
     limits = resolve_limits(settings)
-    out_dir = Path(out or settings.output_dir).expanduser().resolve()
+    out_dir = _out_dir(out, config)
     source: Any = _frames.get(jobs_ref, jobs_ref)
     base_dir = Path(jobs_ref).expanduser().resolve().parent if isinstance(source, str) else Path.cwd()
-
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from None
     lock = FolderLock(out_dir)
     lock.acquire()
     simulator = None
@@ -293,6 +288,9 @@ async def _execute(
         store.prepare()
         journal = Journal(out_dir)
         records = journal.load()
+        # Record what shapes the images before the first one is written, so a run killed
+        # midway still protects its folder against a rerun with other defaults.
+        write_run_json(out_dir, {**(previous or {}), "shaping": _shaping(settings), "in_progress": True})
         work, skipped = _pending(planned, records, store, retry_failed=retry_failed, force=force)
         total = sum(len(idx) for _, idx in work)
         run_id = uuid.uuid4().hex[:12]
@@ -398,6 +396,9 @@ def run_jobs(
         _frames[ref] = jobs
     if reporter is not None:
         current_reporter.set(reporter)
+    out_dir = _out_dir(out, config)
+    lock = FolderLock(out_dir)
+    lock.acquire()
     try:
         coro = imagebatch_flow(
             ref,
@@ -411,7 +412,18 @@ def run_jobs(
         )
         return asyncio.run(coro)
     finally:
+        lock.release()
         _frames.pop(ref, None)
+
+
+def _out_dir(out: str | Path | None, config: str | Path | None) -> Path:
+    """The output folder, created if needed (the lock lives in it)."""
+    path = Path(out or load_settings(config).output_dir).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
+    return path
 
 
 _SECTIONS = {

@@ -49,6 +49,7 @@ class Journal:
         self.path = out_dir / JOURNAL_NAME
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self._failed = False
 
     def load(self) -> dict[str, ImageRecord]:
         """The latest record per key. Torn or unreadable lines are skipped."""
@@ -96,10 +97,19 @@ class Journal:
         with self._lock:
             if self._fd is None:
                 raise OutputError("the journal is not open")
+            if self._failed:
+                # After a failed write the file may end in a partial line; never glue onto it.
+                raise OutputError(f"the journal {self.path} could not be written earlier in this run")
             try:
-                os.write(self._fd, line)
+                view = memoryview(line)
+                while view:  # a nearly full disk may take part of a line without an error
+                    written = os.write(self._fd, view)
+                    if written <= 0:
+                        raise OSError(errno.ENOSPC, "short write")
+                    view = view[written:]
                 os.fsync(self._fd)
             except OSError as exc:
+                self._failed = True
                 what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
                 raise OutputError(f"cannot write the journal {self.path}: {what}") from None
 
