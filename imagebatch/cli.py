@@ -23,7 +23,7 @@ for _name, _value in {
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class ConsoleReporter:

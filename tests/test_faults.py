@@ -1,0 +1,95 @@
+"""Failures a real server produces, end to end through the CLI and the notebook API."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import imagebatch
+from imagebatch.cli import main
+from imagebatch.simulator import SimConfig, SimulatorServer
+
+KEY = "sk-faults-test-0123456789"
+
+
+@pytest.fixture
+def sim():
+    with SimulatorServer(SimConfig(latency=0.01, seed=3)) as server:
+        yield server
+
+
+def run(sim, jobs, out, *flags):
+    env = {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": KEY}
+    return CliRunner().invoke(main, ["run", str(jobs), "--out", str(out), "-q", *flags], env=env, catch_exceptions=False)
+
+
+def jobs_csv(tmp_path, count: int, model: str = "gpt-image-2"):
+    path = tmp_path / "jobs.csv"
+    pd.DataFrame({"prompt": [f"thing {i}" for i in range(count)], "model": model}).to_csv(path, index=False)
+    return path
+
+
+def test_dropped_connections_are_ambiguous_retried_and_counted(prefect_api, sim, tmp_path):
+    sim.configure(drop_rate=0.3)
+    result = run(sim, jobs_csv(tmp_path, 20), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert (manifest.status == "succeeded").all()
+    ambiguous = int(manifest.ambiguous_retries.sum())
+    assert ambiguous > 0
+    assert "may have been paid twice" in result.output
+    # every dropped request was billed by the server: the manifest's count is exactly the overpay
+    assert sim.stats()["images_billed"] == 20 + ambiguous
+
+
+def test_ambiguous_policy_fail_does_not_retry(prefect_api, sim, tmp_path):
+    sim.configure(drop_rate=0.5)
+    result = run(sim, jobs_csv(tmp_path, 12), tmp_path / "out", "--on-ambiguous", "fail")
+    assert result.exit_code == 1
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    failed = manifest[manifest.status == "failed"]
+    assert len(failed) > 0 and set(failed.error_code) <= {"remote_protocol_error", "read_error"}
+    assert sim.stats()["requests_seen"] == 12
+
+
+def test_stall_past_the_read_timeout_is_ambiguous(prefect_api, sim, tmp_path):
+    sim.configure(stall_rate=1.0, stall_seconds=30)
+    result = run(sim, jobs_csv(tmp_path, 2), tmp_path / "out", "--read-timeout", "0.5", "--on-ambiguous", "fail")
+    assert result.exit_code == 1
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert manifest.error_code.tolist() == ["read_timeout", "read_timeout"]
+
+
+def test_malformed_answers_are_retried_like_server_errors(prefect_api, sim, tmp_path):
+    sim.configure(malformed_rate=0.4)
+    result = run(sim, jobs_csv(tmp_path, 15), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert (manifest.status == "succeeded").all() and manifest.attempts.max() > 1
+
+
+def test_rate_limits_pause_and_every_image_arrives(prefect_api, sim, tmp_path):
+    sim.configure(ipm=12, window_seconds=60)
+    result = run(sim, jobs_csv(tmp_path, 12), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    stats = sim.stats()
+    assert stats["images_billed"] == 12 and stats["rate_limited"] <= 1
+
+
+def test_notebook_api_takes_a_dataframe(prefect_api, sim, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    df = pd.DataFrame({
+        "prompt": ["a lighthouse", "a harbour", ""],
+        "model": ["gpt-image-2", "dall-e-3", "gpt-image-2"],
+        "n": [2, 2, 1],
+        "sku": ["L-1", "H-1", "E-1"],
+    })
+    report = imagebatch.run(df, out=tmp_path / "out", quality=None)
+    assert report.exit_code == 1
+    manifest = report.manifest
+    assert manifest.status.tolist() == ["succeeded"] * 4 + ["invalid"]
+    assert manifest.sku.tolist() == ["L-1", "L-1", "H-1", "H-1", "E-1"]
+    assert "prompt is empty" in manifest.error_message.iloc[-1]
+    assert [p.column for p in imagebatch.validate(df).problems if p.severity == "error"] == ["prompt"]
