@@ -69,7 +69,6 @@ class Dispatcher:
         done: list[ImageRecord] = []
         attempts = 0
         ambiguous = 0
-        revised: dict[int, str | None] = {}
 
         def on_retry(error: ApiError, attempt: int, wait: float) -> None:
             self.stats["retries"] += 1
@@ -99,12 +98,12 @@ class Dispatcher:
                             raise
                         permit.record(result.headers, result.latency)
                     last_request_id = result.request_id
+                    input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
                     for index, image in zip(list(remaining), result.images):
                         try:
                             stored = await asyncio.to_thread(self.store.save, image.data, planned.file_stem, index)
                         except CorruptImage:
                             continue
-                        revised[index] = image.revised_prompt
                         done.append(
                             self._record(
                                 ImageRecord(
@@ -120,7 +119,8 @@ class Dispatcher:
                                     attempts=attempts,
                                     request_id=result.request_id,
                                     ambiguous_retries=ambiguous,
-                                    usage=_share(result.usage, sub.n),
+                                    input_tokens=input_tokens,
+                                    output_tokens=output_tokens,
                                     run_id=self.run_id,
                                 )
                             )
@@ -180,13 +180,12 @@ def _task_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
-def _share(usage: dict[str, Any] | None, n: int) -> dict[str, Any] | None:
-    """Usage is reported per call; record each image's share so sums over the manifest stay right."""
-    if not usage:
-        return None
-    if n == 1:
-        return usage
-    return {"per_call": usage, "images_in_call": n}
+def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | None, float | None]:
+    """Usage is reported per call; each image gets its share so sums over the manifest stay right."""
+    try:
+        return usage["input_tokens"] / n, usage["output_tokens"] / n  # type: ignore[index]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None, None
 
 
 # The flow sets this before fanning out; tasks awaited in the flow's event loop see it.

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,7 +39,8 @@ class ImageRecord:
     error_code: str | None = None
     error_message: str | None = None
     ambiguous_retries: int = 0
-    usage: dict[str, Any] | None = None
+    input_tokens: float | None = None
+    output_tokens: float | None = None
     run_id: str | None = None
     finished_at: float = field(default_factory=time.time)
 
@@ -54,9 +55,11 @@ class Journal:
     def load(self) -> dict[str, ImageRecord]:
         """The latest record per key. Torn or unreadable lines are skipped."""
         records: dict[str, ImageRecord] = {}
+        known = {f.name for f in fields(ImageRecord)}
         for data in self._lines():
             try:
-                rec = ImageRecord(**data)
+                # Fields this version does not know (a newer writer) are dropped, not fatal.
+                rec = ImageRecord(**{k: v for k, v in data.items() if k in known})
             except TypeError:
                 continue
             records[rec.key] = rec

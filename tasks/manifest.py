@@ -49,19 +49,6 @@ STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
 
 
-def _tokens(usage: dict[str, Any] | None) -> tuple[float | None, float | None]:
-    if not usage:
-        return None, None
-    share = 1
-    if "per_call" in usage:
-        share = usage.get("images_in_call") or 1
-        usage = usage["per_call"]
-    try:
-        return usage["input_tokens"] / share, usage["output_tokens"] / share
-    except (KeyError, TypeError):
-        return None, None
-
-
 def _invalid_n(job: Job) -> int:
     try:
         n = int(job.get("n") or 1)
@@ -113,7 +100,6 @@ def build_rows(
             if rec is None:
                 row["status"] = "not_run"
             else:
-                inp, out = _tokens(rec.usage)
                 row.update(
                     status=rec.status,
                     revised_prompt=rec.revised_prompt,
@@ -126,8 +112,8 @@ def build_rows(
                     attempts=rec.attempts,
                     ambiguous_retries=rec.ambiguous_retries,
                     request_id=rec.request_id,
-                    input_tokens=inp,
-                    output_tokens=out,
+                    input_tokens=rec.input_tokens,
+                    output_tokens=rec.output_tokens,
                 )
             row.update(job.extra)
             rows.append(row)
