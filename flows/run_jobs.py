@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from prefect import flow
@@ -29,10 +29,10 @@ from configs.registry import Registry
 from configs.settings import OPENAI_BASE_URL, Settings, load_settings, resolve_limits
 from tasks.api_client import ImagesClient
 from tasks.dispatch import Dispatcher, current_dispatcher, process_job
-from tasks.errors import ConfigError, ImagebatchError, OutputError
+from tasks.errors import ConfigError, OutputError
 from tasks.journal import ImageRecord, Journal
 from tasks.limiter import Limiter
-from tasks.manifest import build_rows, to_frame, write_manifest
+from tasks.manifest import STATUSES, build_rows, to_frame, write_manifest
 from tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
 from tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from tasks.read_jobs import Job, read_jobs
@@ -263,21 +263,9 @@ async def _execute(
             check_shaping(previous, _shaping(settings))
 
         jobs: list[Job] = read_jobs(source)
+        settings, simulator = _target(settings, reporter)
         api = settings.api
-        used_simulator = False
-        if not api.api_key and api.base_url == OPENAI_BASE_URL:
-            from imagebatch.simulator import SimConfig, SimulatorServer
-
-            sim = settings.simulator
-            simulator = SimulatorServer(SimConfig(latency=sim.latency, rpm=sim.rpm, ipm=sim.ipm))
-            simulator.start()
-            used_simulator = True
-            settings = settings.with_overrides("api", base_url=simulator.base_url, api_key="sk-simulator")
-            api = settings.api
-            reporter.notice(
-                f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
-                "Images are synthetic and nothing is billed."
-            )
+        used_simulator = simulator is not None
 
         validator = Validator(registry, settings.job, targets_openai=api.targets_openai, base_dir=base_dir)
         checked = validator.check(jobs)
@@ -321,19 +309,8 @@ async def _execute(
             journal.close()
         dispatch_seconds = time.time() - dispatch_started
 
-        planned_by_row = {p.job.job.row: p for p in planned}
-        rows = build_rows(jobs, planned_by_row, checked.invalid, records)
-        extra_columns = list(jobs[0].extra) if jobs else []
-        manifest = to_frame(rows, extra_columns)
-        referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
-        moved = store.set_aside(referenced)
-        if moved:
-            reporter.notice(
-                f"{len(moved)} image(s) under images/ belong to no row of these jobs (rows removed or changed, "
-                "or a crash before they were recorded): moved to superseded/"
-            )
-        write_manifest(manifest, out_dir, settings.manifest_formats)
-        counts = {s: int((manifest["status"] == s).sum()) for s in ("succeeded", "failed", "rejected", "invalid", "not_run")}
+        manifest = _write_manifest(jobs, planned, checked.invalid, records, store, settings, reporter)
+        counts = {s: int((manifest["status"] == s).sum()) for s in STATUSES}
 
         stopped = None
         if dispatcher.fatal is not None:
@@ -373,6 +350,45 @@ async def _execute(
         lock.release()
 
 
+def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
+    """Where requests go: the configured API, or (no key, no base URL) a simulator started here."""
+    api = settings.api
+    if api.api_key or api.base_url != OPENAI_BASE_URL:
+        return settings, None
+    from imagebatch.simulator import SimConfig, SimulatorServer
+
+    sim = settings.simulator
+    simulator = SimulatorServer(SimConfig(latency=sim.latency, rpm=sim.rpm, ipm=sim.ipm)).start()
+    reporter.notice(
+        f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
+        "Images are synthetic and nothing is billed."
+    )
+    return settings.with_overrides("api", base_url=simulator.base_url, api_key="sk-simulator"), simulator
+
+
+def _write_manifest(
+    jobs: list[Job],
+    planned: list[PlannedJob],
+    invalid: dict[int, list[Problem]],
+    records: dict[str, ImageRecord],
+    store: ImageStore,
+    settings: Settings,
+    reporter: Reporter,
+) -> pd.DataFrame:
+    """Rebuild the manifest from the journal's records; images/ keeps exactly the files it names."""
+    rows = build_rows(jobs, {p.job.job.row: p for p in planned}, invalid, records)
+    manifest = to_frame(rows, list(jobs[0].extra) if jobs else [])
+    referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
+    moved = store.set_aside(referenced)
+    if moved:
+        reporter.notice(
+            f"{len(moved)} image(s) under images/ belong to no row of these jobs (rows removed or changed, "
+            "or a crash before they were recorded): moved to superseded/"
+        )
+    write_manifest(manifest, store.out_dir, settings.manifest_formats)
+    return manifest
+
+
 def run_jobs(
     jobs: str | Path | pd.DataFrame,
     out: str | Path | None = None,
@@ -394,10 +410,8 @@ def run_jobs(
     ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
     if isinstance(jobs, pd.DataFrame):
         _frames[ref] = jobs
-    if reporter is not None:
-        current_reporter.set(reporter)
-    out_dir = _out_dir(out, config)
-    lock = FolderLock(out_dir)
+    token = current_reporter.set(reporter)
+    lock = FolderLock(_out_dir(out, config))
     lock.acquire()
     try:
         coro = imagebatch_flow(
@@ -413,6 +427,7 @@ def run_jobs(
         return asyncio.run(coro)
     finally:
         lock.release()
+        current_reporter.reset(token)
         _frames.pop(ref, None)
 
 
