@@ -274,7 +274,7 @@ async def _execute(
 
         store = ImageStore(out_dir)
         store.prepare()
-        journal = Journal(out_dir)
+        journal = Journal(out_dir, sync_first=(store.images_dir,))
         records = journal.load()
         # Record what shapes the images before the first one is written, so a run killed
         # midway still protects its folder against a rerun with other defaults.

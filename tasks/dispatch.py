@@ -54,9 +54,11 @@ class Dispatcher:
             self.fatal = reason
         self.stop.set()
 
-    def _record(self, record: ImageRecord, *, durable: bool = True) -> ImageRecord:
-        if durable:
-            self.journal.append(record)
+    async def _record(self, record: ImageRecord) -> ImageRecord:
+        await self.journal.record(record)
+        return self._count(record)
+
+    def _count(self, record: ImageRecord) -> ImageRecord:
         self.stats[record.status] += 1
         if self.on_image is not None:
             self.on_image(record)
@@ -105,7 +107,7 @@ class Dispatcher:
                         except CorruptImage:
                             continue
                         done.append(
-                            self._record(
+                            await self._record(
                                 ImageRecord(
                                     key=planned.keys[index],
                                     job_id=planned.job_id,
@@ -144,7 +146,7 @@ class Dispatcher:
             status = "rejected" if isinstance(error, RejectedError) else "failed"
             for index in remaining:
                 done.append(
-                    self._record(
+                    await self._record(
                         ImageRecord(
                             key=planned.keys[index],
                             job_id=planned.job_id,
@@ -164,9 +166,8 @@ class Dispatcher:
     def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
         """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
         planned = unit.planned
-        return self._record(
-            ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, status="not_run", run_id=self.run_id),
-            durable=False,
+        return self._count(
+            ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, status="not_run", run_id=self.run_id)
         )
 
 

@@ -46,7 +46,8 @@ def decode(data: bytes) -> tuple[str, int, int]:
         raise CorruptImage(f"the image bytes do not decode: {exc}") from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make renames in `path` durable (the journal does this once per batch of records)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -59,8 +60,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent, the old file, or all of `data`."""
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write `data` to `path` so that `path` is either absent, the old file, or all of `data`.
+
+    `sync_dir=False` leaves making the rename durable to the caller: images do it once per
+    batch of journal records instead of once per file."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as f:
@@ -75,7 +79,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             pass
         what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         raise OutputError(f"cannot write {path}: {what}") from None
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 class ImageStore:
@@ -100,7 +105,7 @@ class ImageStore:
         rel = f"images/{stem}_{index}.{ext}"
         if not self.images_dir.is_dir():
             raise OutputError(f"the output folder {self.images_dir} vanished during the run")
-        write_atomic(self.out_dir / rel, data)
+        write_atomic(self.out_dir / rel, data, sync_dir=False)
         return StoredImage(rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data))
 
     def set_aside(self, keep: set[str], folder: str = "superseded") -> list[str]:
