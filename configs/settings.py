@@ -71,12 +71,22 @@ class SimulatorSettings:
 
 
 @dataclass(frozen=True)
+class FlowSettings:
+    # "job": one Prefect task per job, so the UI shows each job's state (default).
+    # "chunk": one task per `chunk_jobs` jobs, for runs where Prefect's per-task cost
+    # (about 20-40 ms of CPU with its server) would be the bottleneck.
+    task_per: str = "job"
+    chunk_jobs: int = 200
+
+
+@dataclass(frozen=True)
 class Settings:
     job: JobDefaults = field(default_factory=JobDefaults)
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)
     output_dir: str = "out"
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -140,13 +150,38 @@ def load_settings(config_file: str | Path | None = None, env: dict[str, str] | N
         limits=_section(LimitSettings, raw.get("limits", {}), "limits"),
         retry=_section(RetrySettings, raw.get("retry", {}), "retry"),
         simulator=_section(SimulatorSettings, raw.get("simulator", {}), "simulator"),
+        flow=_section(FlowSettings, raw.get("flow", {}), "flow"),
         output_dir=output.get("dir", "out"),
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
     )
     if settings.retry.on_ambiguous not in ("retry", "fail"):
         raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
+    if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
+        raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
     return settings
+
+
+SECTIONS = {"job": JobDefaults, "api": ApiSettings, "limits": LimitSettings, "retry": RetrySettings,
+            "simulator": SimulatorSettings, "flow": FlowSettings}
+# Never a run argument: keys come from the environment only, so they cannot land in a
+# Prefect flow run's parameters.
+NOT_OVERRIDABLE = {"api_key"}
+
+
+def route_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Sort flat overrides (model=..., ipm=...) into their sections; None means "not given"."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        for section, cls in SECTIONS.items():
+            if name in {f.name for f in fields(cls)} - NOT_OVERRIDABLE:
+                sections.setdefault(section, {})[name] = value
+                break
+        else:
+            raise ConfigError(f"unknown setting {name!r}")
+    return sections
 
 
 def resolve_limits(settings: Settings) -> LimitSettings:

@@ -26,10 +26,10 @@ import pandas as pd
 from prefect import flow
 
 from configs.registry import Registry
-from configs.settings import OPENAI_BASE_URL, Settings, load_settings, resolve_limits
+from configs.settings import OPENAI_BASE_URL, Settings, load_settings, resolve_limits, route_overrides
 from tasks.api_client import ImagesClient
-from tasks.dispatch import Dispatcher, current_dispatcher, process_job
-from tasks.errors import ConfigError, OutputError
+from tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
+from tasks.errors import OutputError
 from tasks.journal import ImageRecord, Journal
 from tasks.limiter import Limiter
 from tasks.manifest import STATUSES, build_rows, to_frame, write_manifest
@@ -128,22 +128,32 @@ def _pending(planned: list[PlannedJob], records: dict[str, ImageRecord], store: 
 
 
 class _FanOut:
-    """Starts one job task at a time while the limiter has room for more requests.
+    """Starts job tasks (or chunk tasks) while the limiter has room for more requests.
 
     Awaiting tasks directly in the flow's loop is Prefect's fastest shape here; keeping the
     number of started jobs near the limiter's in-flight cap means a job shows as Running in
     Prefect only once its requests can go out, and a stop leaves the rest unstarted.
     """
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, task_per: str = "job", chunk_jobs: int = 200) -> None:
         self.dispatcher = dispatcher
-        self.running: set[asyncio.Task] = set()
+        self.task_per = task_per
+        self.chunk_jobs = chunk_jobs
+        self.running: dict[asyncio.Task, int] = {}  # task -> jobs it carries
         self.finished = asyncio.Event()
 
     async def run(self, work: list[tuple[PlannedJob, list[int]]]) -> None:
         try:
-            for plan, indices in work:
-                await self._start(plan, list(units_for(plan, indices)))
+            if self.task_per == "chunk":
+                for start in range(0, len(work), self.chunk_jobs):
+                    chunk = work[start : start + self.chunk_jobs]
+                    units = [u for plan, indices in chunk for u in units_for(plan, indices)]
+                    name = f"jobs {start + 1}-{start + len(chunk)}"
+                    await self._start(process_chunk(name, units, return_state=True), units, len(chunk))
+            else:
+                for plan, indices in work:
+                    units = list(units_for(plan, indices))
+                    await self._start(process_job(plan.job_id, units, return_state=True), units, 1)
             while self.running:
                 await self._wait_one()
         except asyncio.CancelledError:
@@ -153,31 +163,32 @@ class _FanOut:
             await asyncio.gather(*self.running, return_exceptions=True)
             raise
 
-    async def _start(self, plan: PlannedJob, units: list[RequestUnit]) -> None:
+    async def _start(self, call: Any, units: list[RequestUnit], jobs: int) -> None:
         d = self.dispatcher
-        while not d.stop.is_set():
+        while not d.stop.is_set() and self.running:
             cap = d.limiter.in_flight_cap
-            if len(self.running) < cap + max(2, cap // 4):
+            if sum(self.running.values()) + jobs <= cap + max(2, cap // 4):
                 break
             await self._wait_one()
         if d.stop.is_set():
+            call.close()  # never awaited: no task run is created
             for unit in units:
                 for index in unit.indices:
                     d.not_run(unit, index)
             return
-        task = asyncio.create_task(self._job(plan, units))
-        self.running.add(task)
+        task = asyncio.create_task(self._guard(call))
+        self.running[task] = jobs
         task.add_done_callback(self._done)
 
-    async def _job(self, plan: PlannedJob, units: list[RequestUnit]) -> None:
+    async def _guard(self, call: Any) -> None:
         try:
-            await process_job(plan.job_id, units, return_state=True)
+            await call
         except Exception as exc:  # a bug or a storage failure must not strand the other jobs
-            log.error("job %s: %s", plan.job_id, exc)
+            log.error("task failed: %s", exc)
             self.dispatcher.halt(exc)
 
     def _done(self, task: asyncio.Task) -> None:
-        self.running.discard(task)
+        self.running.pop(task, None)
         self.finished.set()
 
     async def _wait_one(self) -> None:
@@ -299,7 +310,7 @@ async def _execute(
         dispatch_started = time.time()
         try:
             with _interrupts(dispatcher, reporter, asyncio.current_task()):
-                await _FanOut(dispatcher).run(work)
+                await _FanOut(dispatcher, settings.flow.task_per, settings.flow.chunk_jobs).run(work)
         except asyncio.CancelledError:
             dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
         finally:
@@ -406,7 +417,7 @@ def run_jobs(
     Overrides are settings by name: model, size, quality, n, output_format (job defaults),
     rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry).
     """
-    sections = _route_overrides(overrides)
+    sections = route_overrides(overrides)
     ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
     if isinstance(jobs, pd.DataFrame):
         _frames[ref] = jobs
@@ -439,26 +450,3 @@ def _out_dir(out: str | Path | None, config: str | Path | None) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
     return path
-
-
-_SECTIONS = {
-    "job": {"operation", "model", "size", "quality", "n", "output_format", "max_n_per_job"},
-    "limits": {"tier", "rpm", "ipm", "max_in_flight", "max_in_flight_ceiling", "initial_latency"},
-    "api": {"base_url", "organization", "project", "connect_timeout", "read_timeout", "write_timeout", "pool_timeout", "max_download_bytes"},
-    "retry": {"max_attempts", "max_total_seconds", "backoff_initial", "backoff_max", "max_server_hint", "on_ambiguous"},
-    "simulator": {"latency"},
-}
-
-
-def _route_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {}
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        for section, names in _SECTIONS.items():
-            if name in names:
-                sections.setdefault(section, {})[name] = value
-                break
-        else:
-            raise ConfigError(f"unknown setting {name!r}")
-    return sections

@@ -140,6 +140,7 @@ def main() -> None:
 @click.option("--project", help="OpenAI project id (default: $OPENAI_PROJECT_ID).")
 @click.option("--read-timeout", type=float, help="Seconds to wait for an answer (default 360).")
 @click.option("--on-ambiguous", type=click.Choice(["retry", "fail"]), help="A request lost after sending: retry it (may pay twice) or fail it.")
+@click.option("--task-per", type=click.Choice(["job", "chunk"]), help="One Prefect task per job (default), or per chunk of jobs for very large runs.")
 @click.option("--retry-failed", is_flag=True, help="Also redo images that failed, were rejected or did not run.")
 @click.option("--force", is_flag=True, help="Redo every image, even finished ones.")
 @click.option("--allow-changed-settings", is_flag=True, help="Run into a folder made with other defaults; affected images are redone.")

@@ -208,16 +208,34 @@ async def process_job(job_id: str, units: list[RequestUnit]) -> Any:
     the number of images. A job with any image not succeeded ends in a Failed state whose
     message says why, so the Prefect UI shows each job's outcome.
     """
+    return await _run_units(units, "images")
+
+
+@task(
+    name="generate-images-chunk",
+    task_run_name="{name}",
+    persist_result=False,
+    cache_policy=NONE,
+    retries=0,
+    log_prints=False,
+)
+async def process_chunk(name: str, units: list[RequestUnit]) -> Any:
+    """One Prefect task for many jobs (`[flow] task_per = "chunk"`): the same work as
+    process_job, with Prefect's per-task cost paid once per chunk."""
+    return await _run_units(units, "images in this chunk")
+
+
+async def _run_units(units: list[RequestUnit], what: str) -> Any:
     dispatcher = current_dispatcher.get()
     results = await asyncio.gather(*(dispatcher.run_unit(u) for u in units))
     records = [r for rs in results for r in rs]
-    outcomes = [{"index": r.index, "status": r.status, "attempts": r.attempts} for r in records]
+    outcomes = [{"job_id": r.job_id, "index": r.index, "status": r.status, "attempts": r.attempts} for r in records]
     bad = [r for r in records if r.status != "succeeded"]
     if not bad:
         return outcomes
     first = bad[0]
     reason = f"{first.error_code}: {first.error_message}" if first.error_code else first.status
-    return Failed(message=f"{len(bad)} of {len(records)} images not made ({reason})", data=outcomes)
+    return Failed(message=f"{len(bad)} of {len(records)} {what} not made ({reason})", data=outcomes)
 
 
 class _QuietExpectedFailures(logging.Filter):

@@ -180,3 +180,18 @@ def test_usage_errors_exit_2(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("x")
     assert invoke(["run", str(jobs), "--out", str(blocked / "sub")]).exit_code == 2
+
+
+def test_chunked_tasks_make_the_same_images(prefect_api, fresh_sim, tmp_path):
+    config = tmp_path / "imagebatch.toml"
+    config.write_text("[flow]\ntask_per = \"chunk\"\nchunk_jobs = 7\n")
+    rows = [{"prompt": f"item {i}", "model": "dall-e-3" if i % 3 else "gpt-image-2", "n": 1 + i % 2} for i in range(20)]
+    rows[5]["prompt"] = "a forbidden item"
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--config", str(config)], env=api_env(fresh_sim))
+    assert result.exit_code == 1, result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(manifest) == sum(r["n"] for r in rows)
+    assert set(manifest[manifest.row == 6].status) == {"rejected"}
+    assert (manifest[manifest.row != 6].status == "succeeded").all()
+    assert fresh_sim.stats()["images_billed"] == len(manifest) - (manifest.row == 6).sum()
