@@ -1,8 +1,8 @@
 """The Python API for notebooks and scripts.
 
     import imagebatch
-    report = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")
-    report.manifest            # a DataFrame, one row per requested image
+    manifest = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")   # a DataFrame
+    report = imagebatch.run_report(df, out="out")   # counts, problems, stats, .manifest
     checked = imagebatch.validate(df)
 """
 
@@ -45,8 +45,29 @@ def validate(jobs: str | Path | pd.DataFrame, **kwargs: Any) -> Checked:
     return check_jobs(jobs, **kwargs)[0]
 
 
-def run(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any):
-    """Run jobs and return a RunReport (`.manifest` DataFrame, `.counts`, `.exit_code`). See flows.run_jobs.run_jobs."""
+def run(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any) -> pd.DataFrame:
+    """Run jobs and return the manifest: one row per requested image.
+
+    `manifest.attrs["imagebatch"]` holds the output folder, counts, exit code and why the
+    run stopped early, if it did. Arguments as for `run_report`.
+    """
+    report = run_report(jobs, out, **kwargs)
+    report.manifest.attrs["imagebatch"] = {
+        "out_dir": str(report.out_dir),
+        "counts": report.counts,
+        "exit_code": report.exit_code,
+        "stopped": report.stopped,
+    }
+    return report.manifest
+
+
+def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any):
+    """Run jobs and return the full RunReport (`.manifest`, `.counts`, `.problems`, `.stats`).
+
+    Keyword arguments: config, models, retry_failed, force, allow_changed_settings, and any
+    setting by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
+    read_timeout, on_ambiguous, task_per, ...). See flows.run_jobs.run_jobs.
+    """
     from flows.run_jobs import run_jobs
 
     return run_jobs(jobs, out, **kwargs)

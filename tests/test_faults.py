@@ -86,9 +86,9 @@ def test_notebook_api_takes_a_dataframe(prefect_api, sim, tmp_path, monkeypatch)
         "n": [2, 2, 1],
         "sku": ["L-1", "H-1", "E-1"],
     })
-    report = imagebatch.run(df, out=tmp_path / "out", quality=None)
-    assert report.exit_code == 1
-    manifest = report.manifest
+    manifest = imagebatch.run(df, out=tmp_path / "out", quality=None)
+    assert manifest.attrs["imagebatch"]["exit_code"] == 1
+    assert manifest.attrs["imagebatch"]["counts"]["succeeded"] == 4
     assert manifest.status.tolist() == ["succeeded"] * 4 + ["invalid"]
     assert manifest.sku.tolist() == ["L-1", "L-1", "H-1", "H-1", "E-1"]
     assert "prompt is empty" in manifest.error_message.iloc[-1]
