@@ -55,7 +55,7 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class RetrySettings:
-    max_attempts: int = 6
+    max_attempts: int = 8
     max_total_seconds: float = 900.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
