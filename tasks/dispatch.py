@@ -193,14 +193,12 @@ def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | Non
 current_dispatcher: contextvars.ContextVar[Dispatcher] = contextvars.ContextVar("imagebatch_dispatcher")
 
 
-@task(
-    name="generate-images",
-    task_run_name="{job_id}",
-    persist_result=False,
-    cache_policy=NONE,
-    retries=0,
-    log_prints=False,
-)
+# No results kept, no cache keys: Prefect never pickles or stores anything of ours; retries
+# are per request inside the dispatcher, where the server's hints are known.
+_TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NONE, "retries": 0, "log_prints": False}
+
+
+@task(name="generate-images", task_run_name="{job_id}", **_TASK_OPTIONS)
 async def process_job(job_id: str, units: list[RequestUnit]) -> Any:
     """One Prefect task per job: its units go out in parallel (dall-e-3 n=4 is four calls).
 
@@ -211,14 +209,7 @@ async def process_job(job_id: str, units: list[RequestUnit]) -> Any:
     return await _run_units(units, "images")
 
 
-@task(
-    name="generate-images-chunk",
-    task_run_name="{name}",
-    persist_result=False,
-    cache_policy=NONE,
-    retries=0,
-    log_prints=False,
-)
+@task(name="generate-images-chunk", task_run_name="{name}", **_TASK_OPTIONS)
 async def process_chunk(name: str, units: list[RequestUnit]) -> Any:
     """One Prefect task for many jobs (`[flow] task_per = "chunk"`): the same work as
     process_job, with Prefect's per-task cost paid once per chunk."""

@@ -45,6 +45,9 @@ COLUMNS = [
     "output_tokens",
     "key",
 ]
+# Manifest columns taken as they are from the image's journal record.
+FROM_RECORD = ("status", "revised_prompt", "error_code", "error_message", "file", "sha256", "width", "height",
+               "attempts", "ambiguous_retries", "request_id", "input_tokens", "output_tokens")
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
 
@@ -100,21 +103,7 @@ def build_rows(
             if rec is None:
                 row["status"] = "not_run"
             else:
-                row.update(
-                    status=rec.status,
-                    revised_prompt=rec.revised_prompt,
-                    error_code=rec.error_code,
-                    error_message=rec.error_message,
-                    file=rec.file,
-                    sha256=rec.sha256,
-                    width=rec.width,
-                    height=rec.height,
-                    attempts=rec.attempts,
-                    ambiguous_retries=rec.ambiguous_retries,
-                    request_id=rec.request_id,
-                    input_tokens=rec.input_tokens,
-                    output_tokens=rec.output_tokens,
-                )
+                row.update({name: getattr(rec, name) for name in FROM_RECORD})
             row.update(job.extra)
             rows.append(row)
     return rows
