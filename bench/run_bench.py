@@ -57,7 +57,9 @@ def free_port() -> int:
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        # "+dirty": the code under test (anything outside bench/) differs from the commit
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -871,57 +873,84 @@ class Bench:
         """Diagnostic: where the 429s of an unknown limit come from (bench/diag_trace.py timeline)."""
         n = self.args.jobs or 1000
         jobs = make_jobs(self.workdir / f"jobs-{n}.csv", n)
-        trace = self.workdir / "diag429.trace.jsonl"
-        sim = self.sim(*self.LIMITED, no_headers=True, name="diag429")
-        try:
-            res = self.imagebatch("diag429", sim, jobs, [], self.args.timeout or 600,
-                                  entry=[PY, str(BENCH / "diag_trace.py")], extra_env={"BENCH_TRACE": str(trace)})
-        finally:
-            sim.stop()
-        self.commits = [res["commit"]]
+        variants = [("per job (default)", []), ("--task-per chunk", ["--task-per", "chunk"])]
+        cols = []
+        self.commits = []
+        for i, (name, flags) in enumerate(variants):
+            trace = self.workdir / f"diag429-{i}.trace.jsonl"
+            sim = self.sim(*self.LIMITED, no_headers=True, name=f"diag429-{i}")
+            try:
+                res = self.imagebatch(f"diag429-{i}", sim, jobs, flags, self.args.timeout or 600,
+                                      entry=[PY, str(BENCH / "diag_trace.py")], extra_env={"BENCH_TRACE": str(trace)})
+            finally:
+                sim.stop()
+            self.commits.append(res["commit"])
+            cols.append((name, self.trace_metrics(trace, res)))
+        labels = [
+            ("sim429", "429s answered by the simulator / processed by the client"),
+            ("first_sent", "first refused request granted at (s after the first grant)"),
+            ("first_seen", "first 429 processed by the limiter at (delay after that grant)"),
+            ("between", "grants in that interval"),
+            ("burst", "429s on requests granted before the first 429 was processed / after"),
+            ("rate_before", "grant rate in the 2 s before the first refused grant"),
+            ("at_first", "in flight / in-flight cap / slow-start cap at that grant"),
+            ("ok_dur", "200 answers granted 0-6 s / 6-13 s: grant to answer processed, median (server latency 1-3 s)"),
+            ("rtt", "refused requests: grant to 429 processed, median / max (the simulator answers 429 at once)"),
+            ("wlag", "event-loop lag (overshoot of a 20 ms sleep) in that interval, median / p99 / max"),
+            ("lag", "event-loop lag over the whole run, median / p99 / max"),
+            ("cpu", "client CPU s / wall s"),
+        ]
+        head = ("metric", *[c[0] for c in cols])
+        rows = [(label, *[c[1].get(key, "-") for c in cols]) for key, label in labels]
+        desc = (f"simulator: `{sim.describe()}`; {n} jobs; client: `bench/diag_trace.py run jobs.csv --out DIR -q [--task-per chunk]` "
+                "(the CLI with limiter grants, 429s, request ends and event-loop lag traced; not told the limit)")
+        self.report_raw("diag429", "Diagnostic: the 429 burst when the limit is unknown and unannounced", desc,
+                        _md_table(head, rows), extra={c[0]: c[1] for c in cols}, printable=[head] + rows)
+
+    @staticmethod
+    def trace_metrics(trace: Path, res: dict[str, Any]) -> dict[str, str]:
         events = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
         grants = [e for e in events if e["ev"] == "grant"]
         limited = [e for e in events if e["ev"] == "429"]
         answers = [e for e in events if e["ev"] == "answer"]
         lags = [e for e in events if e["ev"] == "lag"]
         refused = sorted((e for e in answers if e.get("status") == 429), key=lambda e: e["started"])
+        out = {"sim429": f"{res['sim_stats'].get('rate_limited')} / {len(limited)}", "cpu": f"{res['cpu']:.0f} / {res['wall']:.0f}"}
+
+        def pct(xs: list[float], q: float) -> float | None:
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+        def lagtxt(xs: list[float]) -> str:
+            return f"{_f(pct(xs, 0.5), 1)} / {_f(pct(xs, 0.99), 1)} / {_f(max(xs) if xs else None, 1)} ms"
+
+        out["lag"] = lagtxt([e["ms"] for e in lags])
+        if not grants:
+            return out
+        t0 = grants[0]["t"]
+        early = [e["t"] - e["started"] for e in answers if e.get("status") == 200 and e["started"] - t0 < 6]
+        mid = [e["t"] - e["started"] for e in answers if e.get("status") == 200 and 6 <= e["started"] - t0 < 13]
+        out["ok_dur"] = f"{_f(pct(early, 0.5), 2)} s / {_f(pct(mid, 0.5), 2)} s"
         if not limited or not refused:
-            rows = [("429s processed by the client", "0", "", "")]
-        else:
-            t0 = grants[0]["t"]
-            first_seen = limited[0]["t"]
-            first_sent = refused[0]["started"]
-            burst = [e for e in refused if e["started"] < first_seen]
-            after = [e for e in refused if e["started"] >= first_seen]
-            g_between = [g for g in grants if first_sent <= g["t"] <= first_seen]
-            at_first = max((g for g in grants if g["t"] <= first_sent), key=lambda g: g["t"])
-            rtt = sorted(e["t"] - e["started"] for e in burst)
-            window_lags = sorted(e["ms"] for e in lags if first_sent - 2 <= e["t"] <= first_seen)
-            all_lags = sorted(e["ms"] for e in lags)
-
-            def pct(xs: list[float], q: float) -> float | None:
-                return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
-
-            rate_before = sum(1 for g in grants if first_sent - 2 <= g["t"] < first_sent) / 2.0
-            rows = [
-                ("429s answered by the simulator / processed by the client", f"{res['sim_stats'].get('rate_limited')} / {len(limited)}", "", ""),
-                ("first refused request sent at (s after the first grant)", f"{first_sent - t0:.2f}", "", ""),
-                ("first 429 processed by the limiter at", f"{first_seen - t0:.2f} (+{first_seen - first_sent:.2f} s)", "", ""),
-                ("grants in that interval (all refused)", f"{len(g_between)}", "", ""),
-                ("429s on requests sent before the first 429 was processed / after", f"{len(burst)} / {len(after)}", "", ""),
-                ("grant rate in the 2 s before the first refusal", f"{rate_before:.0f} requests/s", "", ""),
-                ("in flight / in-flight cap / slow-start cap at the first refusal",
-                 f"{at_first['in_flight']} / {at_first['cap']} / {at_first['slow_cap']}", "", ""),
-                ("refused requests: send to 429 processed, median / max", f"{pct(rtt, 0.5):.3f} / {rtt[-1]:.3f} s", "", ""),
-                ("event-loop lag (20 ms sleep overshoot) in that interval, median / p99 / max",
-                 f"{_f(pct(window_lags, 0.5), 1)} / {_f(pct(window_lags, 0.99), 1)} / {_f(window_lags[-1] if window_lags else None, 1)} ms", "", ""),
-                ("event-loop lag over the whole run, median / p99 / max",
-                 f"{_f(pct(all_lags, 0.5), 1)} / {_f(pct(all_lags, 0.99), 1)} / {_f(all_lags[-1] if all_lags else None, 1)} ms", "", ""),
-                ("limiter estimate after the first 429", f"{_f(limited[0].get('estimate'))} IPM", "", ""),
-            ]
-        desc = (f"simulator: `{sim.describe()}`; {n} jobs; client: `bench/diag_trace.py run jobs.csv --out DIR -q` (the CLI with "
-                "grants, 429s, request ends and event-loop lag traced; not told the limit)")
-        self.report("diag429", "Diagnostic: the 429 burst when the limit is unknown and unannounced", desc, rows)
+            return out
+        first_seen = limited[0]["t"]
+        first_sent = refused[0]["started"]
+        burst = [e for e in refused if e["started"] < first_seen]
+        after = [e for e in refused if e["started"] >= first_seen]
+        between = [g for g in grants if first_sent <= g["t"] <= first_seen]
+        at_first = max((g for g in grants if g["t"] <= first_sent), key=lambda g: g["t"])
+        rtt = [e["t"] - e["started"] for e in burst]
+        out.update({
+            "first_sent": f"{first_sent - t0:.2f} s",
+            "first_seen": f"{first_seen - t0:.2f} s (+{first_seen - first_sent:.2f} s)",
+            "between": f"{len(between)}",
+            "burst": f"{len(burst)} / {len(after)}",
+            "rate_before": f"{sum(1 for g in grants if first_sent - 2 <= g['t'] < first_sent) / 2.0:.0f} /s",
+            "at_first": f"{at_first['in_flight']} / {at_first['cap']} / {at_first['slow_cap']}",
+            "rtt": f"{_f(pct(rtt, 0.5), 2)} / {_f(max(rtt), 2)} s",
+            "wlag": lagtxt([e["ms"] for e in lags if first_sent - 2 <= e["t"] <= first_seen]),
+        })
+        return out
 
     # -- output
 
