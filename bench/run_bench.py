@@ -585,7 +585,7 @@ class Bench:
         s120 = steady_ipm(res["samples"], total, 120)
         seen = st.get("requests_seen") or 0
         rl = st.get("rate_limited") or 0
-        traffic_start, _ = traffic_span(res["samples"], total)
+        traffic_start, traffic_end = traffic_span(res["samples"], total)
         ok_images = ((res["run"]["counts"] or {}).get("succeeded") if res["kind"] == "imagebatch" else res["naive"].get("succeeded")) or 0
         return {
             "ipm30": s30["ipm"],
@@ -601,8 +601,8 @@ class Bench:
             "ok": (res["run"]["counts"] or {}).get("succeeded") if res["kind"] == "imagebatch" else res["naive"].get("succeeded"),
             "failed": ((res["run"]["counts"] or {}).get("failed", 0) if res["kind"] == "imagebatch" else res["naive"].get("failed")),
             "wall": res["wall"],
-            "traffic_s": s30.get("traffic_s"),
-            "eff_ipm": (60.0 * ok_images / s30["traffic_s"]) if s30.get("traffic_s") else None,
+            "traffic_s": traffic_end - traffic_start,
+            "eff_ipm": (60.0 * ok_images / (traffic_end - traffic_start)) if traffic_end > traffic_start else None,
             "peak_sim_in_flight": st.get("peak_in_flight"),
             "per_minute": per_minute(res["samples"], total),
             "client_cpu": res["cpu"],
