@@ -38,6 +38,11 @@ class ApiSettings:
     max_download_bytes: int = 60_000_000
 
     @property
+    def uses_simulator(self) -> bool:
+        """No key and no base URL: a run goes to the built-in simulator instead."""
+        return not self.api_key and self.base_url == OPENAI_BASE_URL
+
+    @property
     def targets_openai(self) -> bool:
         """True when requests go to api.openai.com, where retired models are refused outright."""
         return "api.openai.com" in self.base_url

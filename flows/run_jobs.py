@@ -26,7 +26,7 @@ import pandas as pd
 from prefect import flow
 
 from configs.registry import Registry
-from configs.settings import OPENAI_BASE_URL, Settings, load_settings, resolve_limits, route_overrides
+from configs.settings import Settings, load_settings, resolve_limits, route_overrides
 from tasks.api_client import ImagesClient
 from tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
 from tasks.errors import OutputError
@@ -364,7 +364,7 @@ async def _execute(
 def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
     """Where requests go: the configured API, or (no key, no base URL) a simulator started here."""
     api = settings.api
-    if api.api_key or api.base_url != OPENAI_BASE_URL:
+    if not api.uses_simulator:
         return settings, None
     from imagebatch.simulator import SimConfig, SimulatorServer
 

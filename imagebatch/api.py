@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from configs.registry import Registry
-from configs.settings import OPENAI_BASE_URL, load_settings
+from configs.settings import load_settings
 from tasks.read_jobs import read_jobs
 from tasks.validate import Checked, Validator
 
@@ -34,7 +34,7 @@ def check_jobs(
     settings = settings.with_overrides("api", base_url=base_url)
     rows = read_jobs(jobs)
     # With no key and no base URL a run goes to the simulator, so retired models are only warnings.
-    targets_openai = settings.api.targets_openai and not (settings.api.base_url == OPENAI_BASE_URL and not settings.api.api_key)
+    targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
     base_dir = Path(jobs).expanduser().resolve().parent if not isinstance(jobs, pd.DataFrame) else Path.cwd()
     validator = Validator(Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir)
     return validator.check(rows), len(rows)

@@ -108,10 +108,9 @@ class Dispatcher:
                             continue
                         done.append(
                             await self._record(
-                                ImageRecord(
-                                    key=planned.keys[index],
-                                    job_id=planned.job_id,
-                                    index=index,
+                                self._image_record(
+                                    unit,
+                                    index,
                                     status="succeeded",
                                     file=stored.file,
                                     sha256=stored.sha256,
@@ -123,7 +122,6 @@ class Dispatcher:
                                     ambiguous_retries=ambiguous,
                                     input_tokens=input_tokens,
                                     output_tokens=output_tokens,
-                                    run_id=self.run_id,
                                 )
                             )
                         )
@@ -147,28 +145,27 @@ class Dispatcher:
             for index in remaining:
                 done.append(
                     await self._record(
-                        ImageRecord(
-                            key=planned.keys[index],
-                            job_id=planned.job_id,
-                            index=index,
+                        self._image_record(
+                            unit,
+                            index,
                             status=status,
                             attempts=attempts,
                             request_id=error.request_id or last_request_id,
                             error_code=error.error_code,
                             error_message=error.message[:500],
                             ambiguous_retries=ambiguous,
-                            run_id=self.run_id,
                         )
                     )
                 )
         return done
 
+    def _image_record(self, unit: RequestUnit, index: int, **fields: Any) -> ImageRecord:
+        planned = unit.planned
+        return ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, run_id=self.run_id, **fields)
+
     def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
         """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
-        planned = unit.planned
-        return self._count(
-            ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, status="not_run", run_id=self.run_id)
-        )
+        return self._count(self._image_record(unit, index, status="not_run"))
 
 
 def _task_logger() -> logging.Logger | logging.LoggerAdapter:
