@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
-import flows.run_jobs as run_jobs_module
-from tasks.dispatch import process_job
+import imagebatch.flows.run_jobs as run_jobs_module
+from imagebatch.tasks.dispatch import process_job
 
 _body = process_job.fn
 

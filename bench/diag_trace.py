@@ -18,10 +18,10 @@ import os
 import sys
 import time
 
-import flows.run_jobs as run_jobs_module
-from tasks.api_client import ImagesClient
-from tasks.errors import ApiError
-from tasks.limiter import Limiter
+import imagebatch.flows.run_jobs as run_jobs_module
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.errors import ApiError
+from imagebatch.tasks.limiter import Limiter
 
 _out = open(os.environ.get("BENCH_TRACE", "trace.jsonl"), "w", buffering=1)
 

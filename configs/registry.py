@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError
+from imagebatch.tasks.errors import ConfigError
 
 BUNDLED = Path(__file__).with_name("models.toml")
 OPERATIONS = ("generate", "edit", "variation")

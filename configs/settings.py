@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError
+from imagebatch.tasks.errors import ConfigError
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 OPENAI_BASE_URL = "https://api.openai.com/v1"

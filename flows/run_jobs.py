@@ -25,19 +25,19 @@ from typing import Any
 import pandas as pd
 from prefect import flow
 
-from configs.registry import Registry
-from configs.settings import Settings, load_settings, resolve_limits, route_overrides
-from tasks.api_client import ImagesClient
-from tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
-from tasks.errors import OutputError
-from tasks.journal import ImageRecord, Journal
-from tasks.limiter import Limiter
-from tasks.manifest import STATUSES, build_rows, to_frame, write_manifest
-from tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
-from tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
-from tasks.read_jobs import Job, read_jobs
-from tasks.store import ImageStore
-from tasks.validate import Problem, Validator
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import Settings, load_settings, resolve_limits, route_overrides
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
+from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.journal import ImageRecord, Journal
+from imagebatch.tasks.limiter import Limiter
+from imagebatch.tasks.manifest import STATUSES, build_rows, to_frame, write_manifest
+from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
+from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
+from imagebatch.tasks.read_jobs import Job, read_jobs
+from imagebatch.tasks.store import ImageStore
+from imagebatch.tasks.validate import Problem, Validator
 
 log = logging.getLogger("imagebatch")
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from configs.registry import Registry
-from configs.settings import load_settings
-from tasks.read_jobs import read_jobs
-from tasks.validate import Checked, Validator
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import load_settings
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.validate import Checked, Validator
 
 
 def check_jobs(
@@ -68,6 +68,6 @@ def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, *
     setting by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
     read_timeout, on_ambiguous, task_per, ...). See flows.run_jobs.run_jobs.
     """
-    from flows.run_jobs import run_jobs
+    from imagebatch.flows.run_jobs import run_jobs
 
     return run_jobs(jobs, out, **kwargs)

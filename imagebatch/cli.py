@@ -161,8 +161,8 @@ def run(jobs: Path, out: Path | None, config: Path | None, models_file: Path | N
     Exit status: 0 every image succeeded; 1 some did not (see the manifest);
     2 usage error, or the run stopped early (bad key, quota, Ctrl-C, disk full).
     """
-    from flows.run_jobs import run_jobs
-    from tasks.errors import ImagebatchError
+    from imagebatch.flows.run_jobs import run_jobs
+    from imagebatch.tasks.errors import ImagebatchError
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
@@ -193,7 +193,7 @@ def validate(jobs: Path, config: Path | None, models_file: Path | None, **overri
 
     Exit status 0 when every row is valid, 1 when any row is not, 2 when JOBS cannot be read.
     """
-    from tasks.errors import ImagebatchError
+    from imagebatch.tasks.errors import ImagebatchError
     from imagebatch.api import check_jobs
 
     try:
@@ -234,7 +234,7 @@ def models(models_file: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from configs.registry import Registry
+    from imagebatch.configs.registry import Registry
 
     registry = Registry.load(models_file)
     table = Table(show_header=True)

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from configs.settings import ApiSettings
-from tasks.errors import ApiError, TransientError
-from tasks.plan import RequestUnit
-from tasks.retry import error_from_response, error_from_transport, malformed_response_error
+from imagebatch.configs.settings import ApiSettings
+from imagebatch.tasks.errors import ApiError, TransientError
+from imagebatch.tasks.plan import RequestUnit
+from imagebatch.tasks.retry import error_from_response, error_from_transport, malformed_response_error
 
 ENDPOINTS = {"generate": "images/generations", "edit": "images/edits", "variation": "images/variations"}
 POOL_SHARD = 32

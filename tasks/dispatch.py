@@ -19,14 +19,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.states import Failed
 
-from configs.settings import RetrySettings
-from tasks.api_client import ImagesClient
-from tasks.errors import AmbiguousError, ApiError, FatalError, OutputError, RateLimited, RejectedError
-from tasks.journal import ImageRecord, Journal
-from tasks.limiter import Limiter
-from tasks.plan import RequestUnit
-from tasks.retry import malformed_response_error, retrying
-from tasks.store import CorruptImage, ImageStore
+from imagebatch.configs.settings import RetrySettings
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.errors import AmbiguousError, ApiError, FatalError, OutputError, RateLimited, RejectedError
+from imagebatch.tasks.journal import ImageRecord, Journal
+from imagebatch.tasks.limiter import Limiter
+from imagebatch.tasks.plan import RequestUnit
+from imagebatch.tasks.retry import malformed_response_error, retrying
+from imagebatch.tasks.store import CorruptImage, ImageStore
 
 log = logging.getLogger("imagebatch")
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.errors import OutputError
-from tasks.store import fsync_dir as _fsync_dir
+from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.store import fsync_dir as _fsync_dir
 
 JOURNAL_NAME = "journal.jsonl"
 

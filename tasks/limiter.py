@@ -48,8 +48,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from configs.settings import LimitSettings
-from tasks.retry import lower_headers, parse_duration, parse_retry_after
+from imagebatch.configs.settings import LimitSettings
+from imagebatch.tasks.retry import lower_headers, parse_duration, parse_retry_after
 
 _INFLIGHT = -1.0  # `_blocked` result: wait for a slot to be released
 _EPS = 1e-9

@@ -12,11 +12,11 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from tasks.journal import ImageRecord
-from tasks.plan import PlannedJob
-from tasks.read_jobs import Job
-from tasks.store import write_atomic
-from tasks.validate import Problem
+from imagebatch.tasks.journal import ImageRecord
+from imagebatch.tasks.plan import PlannedJob
+from imagebatch.tasks.read_jobs import Job
+from imagebatch.tasks.store import write_atomic
+from imagebatch.tasks.validate import Problem
 
 COLUMNS = [
     "job_id",

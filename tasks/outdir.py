@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import OutputError, RunLocked, SettingsChanged
-from tasks.store import write_atomic
+from imagebatch.tasks.errors import OutputError, RunLocked, SettingsChanged
+from imagebatch.tasks.store import write_atomic
 
 LOCK_NAME = ".imagebatch.lock"
 RUN_JSON = "run.json"

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from tasks.validate import ValidJob
+from imagebatch.tasks.validate import ValidJob
 
 NOT_IN_KEY = {"user", "response_format"}
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")

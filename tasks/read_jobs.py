@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.errors import InputError
+from imagebatch.tasks.errors import InputError
 
 # Columns with a meaning; every other column is carried through to the manifest.
 JOB_COLUMNS = (

@@ -53,8 +53,8 @@ from typing import Any
 import httpx
 import tenacity
 
-from configs.settings import RetrySettings
-from tasks.errors import (
+from imagebatch.configs.settings import RetrySettings
+from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
     FatalError,

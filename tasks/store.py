@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from tasks.errors import OutputError
+from imagebatch.tasks.errors import OutputError
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
 TMP_PREFIX = ".tmp-"

@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from configs.registry import ModelSpec, Registry
-from configs.settings import JobDefaults
-from tasks.read_jobs import IMAGE_SEPARATOR, Job
+from imagebatch.configs.registry import ModelSpec, Registry
+from imagebatch.configs.settings import JobDefaults
+from imagebatch.tasks.read_jobs import IMAGE_SEPARATOR, Job
 
 OPERATIONS = ("generate", "edit", "variation")
 CHOICES: dict[str, tuple[str, ...]] = {

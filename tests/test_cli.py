@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from imagebatch.cli import main
 from imagebatch.simulator import SimConfig, SimulatorServer
-from tasks.manifest import COLUMNS
+from imagebatch.tasks.manifest import COLUMNS
 ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"

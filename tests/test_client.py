@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from configs.registry import Registry
-from configs.settings import ApiSettings, JobDefaults
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import ApiSettings, JobDefaults
 from imagebatch.simulator import SimConfig, SimulatorServer
-from tasks.api_client import ImagesClient
-from tasks.errors import ApiError, FatalError, RejectedError, TransientError
-from tasks.plan import plan_jobs, units_for
-from tasks.read_jobs import read_jobs
-from tasks.validate import Validator
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.errors import ApiError, FatalError, RejectedError, TransientError
+from imagebatch.tasks.plan import plan_jobs, units_for
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.validate import Validator
 
 KEY = "sk-client-test-KEY-0123456789abcdef"
 

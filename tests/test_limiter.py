@@ -8,8 +8,8 @@ from collections import deque
 
 import pytest
 
-from configs.settings import LimitSettings
-from tasks.limiter import Limiter
+from imagebatch.configs.settings import LimitSettings
+from imagebatch.tasks.limiter import Limiter
 
 
 class _VirtualSelector(selectors.DefaultSelector):

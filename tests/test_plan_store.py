@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from configs.registry import Registry
-from configs.settings import JobDefaults
-from tasks.errors import OutputError
-from tasks.plan import plan_jobs, safe_name, units_for
-from tasks.read_jobs import read_jobs
-from tasks.store import CorruptImage, ImageStore, decode
-from tasks.validate import Validator
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import JobDefaults
+from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.plan import plan_jobs, safe_name, units_for
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.store import CorruptImage, ImageStore, decode
+from imagebatch.tasks.validate import Validator
 
 
 def planned(rows: list[dict]):

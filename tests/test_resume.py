@@ -543,7 +543,7 @@ def _assert_stopped_disk_full(r, out: Path, written: int) -> pd.DataFrame:
 
 
 def test_disk_full_writing_images_stops_the_run(prefect_api, make_sim, tmp_path, monkeypatch):
-    import tasks.store
+    import imagebatch.tasks.store
 
     sim = make_sim(latency=0.02)
     jobs, total = _disk_full_jobs(tmp_path)
@@ -558,7 +558,7 @@ def test_disk_full_writing_images_stops_the_run(prefect_api, make_sim, tmp_path,
             replaced.append(Path(dst).name)
         return os.replace(src, dst)
 
-    monkeypatch.setattr(tasks.store, "os", _OsProxy(replace=replace))
+    monkeypatch.setattr(imagebatch.tasks.store, "os", _OsProxy(replace=replace))
     r = invoke([str(jobs), "--out", str(out), "-q", "--max-in-flight", "2"], sim)
     m = _assert_stopped_disk_full(r, out, allowed)
     assert sorted(Path(f).name for f in m.loc[m.status == "succeeded", "file"]) == sorted(replaced)
@@ -575,7 +575,7 @@ def test_disk_full_writing_images_stops_the_run(prefect_api, make_sim, tmp_path,
 
 
 def test_disk_full_writing_the_journal_stops_the_run(prefect_api, make_sim, tmp_path, monkeypatch):
-    import tasks.journal
+    import imagebatch.tasks.journal
 
     sim = make_sim(latency=0.02)
     jobs, total = _disk_full_jobs(tmp_path)
@@ -589,7 +589,7 @@ def test_disk_full_writing_the_journal_stops_the_run(prefect_api, make_sim, tmp_
         writes.append(data)
         return os.write(fd, data)
 
-    monkeypatch.setattr(tasks.journal, "os", _OsProxy(write=write))
+    monkeypatch.setattr(imagebatch.tasks.journal, "os", _OsProxy(write=write))
     r = invoke([str(jobs), "--out", str(out), "-q", "--max-in-flight", "2"], sim)
     m = _assert_stopped_disk_full(r, out, allowed)
     assert (m.status == "succeeded").sum() == allowed
@@ -603,7 +603,7 @@ def test_disk_full_writing_the_journal_stops_the_run(prefect_api, make_sim, tmp_
 
 
 def test_short_journal_write_is_not_taken_as_durable(prefect_api, make_sim, tmp_path, monkeypatch):
-    import tasks.journal
+    import imagebatch.tasks.journal
 
     sim = make_sim(latency=0.02)
     jobs, total = _disk_full_jobs(tmp_path)
@@ -616,7 +616,7 @@ def test_short_journal_write_is_not_taken_as_durable(prefect_api, make_sim, tmp_
             return os.write(fd, data[: len(data) // 2])
         return os.write(fd, data)
 
-    monkeypatch.setattr(tasks.journal, "os", _OsProxy(write=write))
+    monkeypatch.setattr(imagebatch.tasks.journal, "os", _OsProxy(write=write))
     r = invoke([str(jobs), "--out", str(out), "-q", "--max-in-flight", "2"], sim)
     monkeypatch.undo()
     m = read_manifest(out)

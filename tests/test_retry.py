@@ -6,8 +6,8 @@ from email.utils import formatdate, parsedate_to_datetime
 import httpx
 import pytest
 
-from configs.settings import RetrySettings
-from tasks.errors import (
+from imagebatch.configs.settings import RetrySettings
+from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
     FatalError,
@@ -16,7 +16,7 @@ from tasks.errors import (
     RequestError,
     TransientError,
 )
-from tasks.retry import (
+from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
     malformed_response_error,

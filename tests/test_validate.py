@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from configs.registry import Registry
-from configs.settings import JobDefaults
-from tasks.read_jobs import read_jobs
-from tasks.validate import Validator
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import JobDefaults
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.validate import Validator
 
 TODAY = dt.date(2026, 11, 28)
 

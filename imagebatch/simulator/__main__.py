@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from configs.registry import Registry
+from imagebatch.configs.registry import Registry
 
 from .config import SimConfig
 from .server import serve_forever

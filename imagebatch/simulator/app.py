@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from configs.registry import OPTIONAL_PARAMS, ModelSpec, Registry
+from imagebatch.configs.registry import OPTIONAL_PARAMS, ModelSpec, Registry
 
 from .config import SimConfig
 from .limits import Quota, RateLimits, Rejection, go_duration

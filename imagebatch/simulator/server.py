@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import uvicorn
 
-from configs.registry import Registry
+from imagebatch.configs.registry import Registry
 
 from .app import Simulator, create_app
 from .config import SimConfig
