@@ -19,7 +19,7 @@ from imagebatch.tasks.dispatch import process_job
 _body = process_job.fn
 
 
-async def _direct(job_id, units, return_state=False):  # noqa: ANN001 - same call shape as the task
+async def _direct(job_id, units, return_state=False):
     return await _body(job_id, units)
 
 

@@ -45,7 +45,9 @@ _rate_limited = Limiter.rate_limited
 
 def _traced_rate_limited(self, retry_after, headers=None):
     _rate_limited(self, retry_after, headers)
-    _emit(ev="429", retry_after=retry_after, estimate=self._images.estimate, in_flight=self._in_flight)
+    _emit(
+        ev="429", retry_after=retry_after, estimate=self._images.estimate, in_flight=self._in_flight
+    )
 
 
 _send = ImagesClient.send

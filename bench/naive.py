@@ -46,19 +46,34 @@ async def main_async(args: argparse.Namespace) -> dict:
         rows = list(csv.DictReader(f))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"succeeded": 0, "failed": 0, "http_429": 0, "http_5xx": 0, "transport_errors": 0, "requests": 0}
+    counts = {
+        "succeeded": 0,
+        "failed": 0,
+        "http_429": 0,
+        "http_5xx": 0,
+        "transport_errors": 0,
+        "requests": 0,
+    }
     finished: list[float] = []
     sem = asyncio.Semaphore(args.concurrency)
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
     timeout = httpx.Timeout(360.0, connect=10.0)
     headers = {"Authorization": f"Bearer {args.api_key}"}
 
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/") + "/", headers=headers, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=args.base_url.rstrip("/") + "/", headers=headers, limits=limits, timeout=timeout
+    ) as client:
 
         async def call(row: dict) -> bytes:
             counts["requests"] += 1
-            body = {"model": row.get("model") or args.model, "prompt": row["prompt"], "n": 1,
-                    "size": row.get("size") or args.size}
+            body = {
+                "model": row.get("model") or args.model,
+                "prompt": row["prompt"],
+                "n": 1,
+                "size": row.get("size") or args.size,
+            }
             try:
                 r = await client.post("images/generations", json=body)
             except httpx.TransportError:
@@ -99,8 +114,14 @@ async def main_async(args: argparse.Namespace) -> dict:
         started = time.time()
         await asyncio.gather(*(one(row) for row in rows))
         seconds = time.time() - started
-    return {"jobs": len(rows), "concurrency": args.concurrency, "loop_seconds": seconds, "loop_started": started,
-            **counts, "finished_at": finished}
+    return {
+        "jobs": len(rows),
+        "concurrency": args.concurrency,
+        "loop_seconds": seconds,
+        "loop_started": started,
+        **counts,
+        "finished_at": finished,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

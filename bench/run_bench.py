@@ -29,8 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import psutil
@@ -56,10 +57,16 @@ def free_port() -> int:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         # "+dirty": the code under test (anything outside bench/) differs from the commit
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -105,7 +112,9 @@ def system_busy() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
-def make_jobs(path: Path, n: int, *, model: str = "gpt-image-2", size: str = "1024x1024", prompts: int = 256) -> Path:
+def make_jobs(
+    path: Path, n: int, *, model: str = "gpt-image-2", size: str = "1024x1024", prompts: int = 256
+) -> Path:
     """n single-image jobs with unique ids; prompts cycle over a pool so the simulator's render
     cache (512 entries) keeps its CPU low and the same for every client."""
     subjects = ["lighthouse", "teapot", "fox", "bicycle", "orchid", "robot", "sailboat", "owl"]
@@ -125,7 +134,9 @@ def make_jobs(path: Path, n: int, *, model: str = "gpt-image-2", size: str = "10
 
 
 class Simulator:
-    def __init__(self, workdir: Path, *flags: str, no_headers: bool = False, name: str = "sim") -> None:
+    def __init__(
+        self, workdir: Path, *flags: str, no_headers: bool = False, name: str = "sim"
+    ) -> None:
         if no_headers:
             cmd = [PY, str(BENCH / "sim_noheaders.py")]
         else:
@@ -135,8 +146,14 @@ class Simulator:
         self.flags = list(flags)
         self.no_headers = no_headers
         self.errlog = open(workdir / f"{name}.stderr.log", "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.errlog, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.errlog,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.base_url = self._wait_listening()
         self.ps = psutil.Process(self.proc.pid)
         self.http = httpx.Client(timeout=10)
@@ -203,8 +220,22 @@ class PrefectServer:
         self.errlog = open(workdir / "prefect-server.log", "w")
         prefect = str(Path(PY).parent / "prefect")
         t0 = time.time()
-        self.proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"],
-                                     cwd=workdir, env=self.env, stdout=self.errlog, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                prefect,
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-ui",
+            ],
+            cwd=workdir,
+            env=self.env,
+            stdout=self.errlog,
+            stderr=subprocess.STDOUT,
+        )
         self.ps = psutil.Process(self.proc.pid)
         self.http = httpx.Client(timeout=10)
         while time.time() - t0 < 90:
@@ -233,7 +264,9 @@ class PrefectServer:
         except (httpx.HTTPError, ValueError, TypeError):
             return None
 
-    def settle(self, before: int | None, expected: int, timeout: float = 30.0) -> tuple[int | None, float]:
+    def settle(
+        self, before: int | None, expected: int, timeout: float = 30.0
+    ) -> tuple[int | None, float]:
         """Wait until the server has recorded `expected` new task runs (or stops changing)."""
         t0 = time.time()
         last, stable_since = None, time.time()
@@ -272,7 +305,13 @@ class PrefectServer:
 class Monitor(threading.Thread):
     """Samples the simulator's billing and everyone's CPU/RSS once per `interval`."""
 
-    def __init__(self, sim: Simulator, client: psutil.Process, prefect: PrefectServer | None, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        client: psutil.Process,
+        prefect: PrefectServer | None,
+        interval: float = 1.0,
+    ) -> None:
         super().__init__(daemon=True)
         self.sim, self.client, self.prefect, self.interval = sim, client, prefect, interval
         self.samples: list[dict[str, Any]] = []
@@ -311,8 +350,15 @@ class Monitor(threading.Thread):
             self.done.wait(self.interval)
 
 
-def run_client(label: str, cmd: list[str], env: dict[str, str], workdir: Path, sim: Simulator,
-               prefect: PrefectServer | None, timeout: float) -> dict[str, Any]:
+def run_client(
+    label: str,
+    cmd: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    sim: Simulator,
+    prefect: PrefectServer | None,
+    timeout: float,
+) -> dict[str, Any]:
     """Run one client process to completion under the monitor; exact CPU and peak RSS from wait4."""
     logf = open(workdir / f"{label}.log", "w")
     sim_cpu0 = sim.cpu()
@@ -339,7 +385,12 @@ def run_client(label: str, cmd: list[str], env: dict[str, str], workdir: Path, s
     final = mon.sample()  # the simulator's final counts; client fields are 0 now
     logf.close()
     (workdir / f"{label}.samples.json").write_text(json.dumps(mon.samples))
-    ours = ru.ru_utime + ru.ru_stime + (sim.cpu() - sim_cpu0) + ((prefect.cpu() - pf_cpu0) if prefect else 0.0)
+    ours = (
+        ru.ru_utime
+        + ru.ru_stime
+        + (sim.cpu() - sim_cpu0)
+        + ((prefect.cpu() - pf_cpu0) if prefect else 0.0)
+    )
     other = max(0.0, (system_busy() - busy0) - ours)
     return {
         "label": label,
@@ -386,7 +437,9 @@ def traffic_span(samples: list[dict[str, Any]], total: int) -> tuple[float, floa
     return start, end
 
 
-def steady_ipm(samples: list[dict[str, Any]], total: int, head: float, tail: float = 30.0) -> dict[str, Any]:
+def steady_ipm(
+    samples: list[dict[str, Any]], total: int, head: float, tail: float = 30.0
+) -> dict[str, Any]:
     """Images billed per minute over [first request + head, all billed - tail], from the 1 s polls."""
     start, end = traffic_span(samples, total)
     a, b = start + head, end - tail
@@ -398,11 +451,18 @@ def steady_ipm(samples: list[dict[str, Any]], total: int, head: float, tail: flo
         b = a + 60.0 * int((b - a) // 60)
     billed = interp(samples, "billed", b) - interp(samples, "billed", a)
     cpu = interp(samples, "client_cpu", b) - interp(samples, "client_cpu", a)
-    return {"ipm": billed / (b - a) * 60.0, "window_s": b - a, "images": billed, "client_cpu_s": cpu,
-            "traffic_s": end - start}
+    return {
+        "ipm": billed / (b - a) * 60.0,
+        "window_s": b - a,
+        "images": billed,
+        "client_cpu_s": cpu,
+        "traffic_s": end - start,
+    }
 
 
-def journal_ipm(finished: list[float], head: float, tail: float = 30.0, start: float | None = None) -> float | None:
+def journal_ipm(
+    finished: list[float], head: float, tail: float = 30.0, start: float | None = None
+) -> float | None:
     """The same from the clients' own per-image finish times (journal `finished_at`)."""
     if not finished:
         return None
@@ -421,7 +481,9 @@ def per_minute(samples: list[dict[str, Any]], total: int) -> list[int]:
     start, end = traffic_span(samples, total)
     out, t = [], start
     while t < end:
-        out.append(round(interp(samples, "billed", min(t + 60, end)) - interp(samples, "billed", t)))
+        out.append(
+            round(interp(samples, "billed", min(t + 60, end)) - interp(samples, "billed", t))
+        )
         t += 60
     return out
 
@@ -461,7 +523,9 @@ class Bench:
         self.prefect: PrefectServer | None = None
         self.cache: dict[str, dict[str, Any]] = {}
         self.sections: list[str] = []
-        self.commits: list[str] = []  # git commit at the start of each imagebatch run reported in the next section
+        self.commits: list[
+            str
+        ] = []  # git commit at the start of each imagebatch run reported in the next section
 
     # -- infrastructure
 
@@ -469,7 +533,9 @@ class Bench:
         if self.prefect is None:
             log("starting prefect server")
             self.prefect = PrefectServer(self.workdir)
-            log(f"prefect server healthy in {self.prefect.startup_seconds:.1f} s at {self.prefect.api_url}")
+            log(
+                f"prefect server healthy in {self.prefect.startup_seconds:.1f} s at {self.prefect.api_url}"
+            )
         return self.prefect
 
     def close(self) -> None:
@@ -491,15 +557,43 @@ class Bench:
         }
         return env
 
-    def imagebatch(self, label: str, sim: Simulator, jobs: Path, flags: list[str], timeout: float,
-                   entry: list[str] | None = None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    def imagebatch(
+        self,
+        label: str,
+        sim: Simulator,
+        jobs: Path,
+        flags: list[str],
+        timeout: float,
+        entry: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         out = self.workdir / label
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [*(entry or [PY, "-m", "imagebatch.cli"]), "run", str(jobs), "--out", str(out), "-q", *flags]
+        cmd = [
+            *(entry or [PY, "-m", "imagebatch.cli"]),
+            "run",
+            str(jobs),
+            "--out",
+            str(out),
+            "-q",
+            *flags,
+        ]
         if self.args.profile:
             # Diagnosis only: py-spy samples the client (its own CPU lands in the client's rusage).
             spy = str(Path(PY).parent / "py-spy")
-            cmd = [spy, "record", "--format", "raw", "--rate", "100", "--gil", "-o", str(self.workdir / f"{label}.pyspy.txt"), "--", *cmd]
+            cmd = [
+                spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "100",
+                "--gil",
+                "-o",
+                str(self.workdir / f"{label}.pyspy.txt"),
+                "--",
+                *cmd,
+            ]
         env = {**self.client_env(sim), **(extra_env or {})}
         pf = self.prefect_server()
         before = pf.task_runs()
@@ -511,21 +605,37 @@ class Bench:
         n_jobs = sum(1 for _ in open(jobs)) - 1
         res["prefect_task_runs"], res["prefect_settle_s"] = pf.settle(before, n_jobs)
         run = read_run_json(out)
-        res["run"] = {k: run.get(k) for k in ("counts", "stats", "seconds", "dispatch_seconds", "stopped")}
+        res["run"] = {
+            k: run.get(k) for k in ("counts", "stats", "seconds", "dispatch_seconds", "stopped")
+        }
         res["finished_at"] = read_journal(out)
         res["kind"] = "imagebatch"
         res["flags"] = flags
         res["jobs"] = n_jobs
         self._cleanup(out)
-        log(f"{label}: done in {res['wall']:.1f} s, rc={res['returncode']}, counts={run.get('counts')}")
+        log(
+            f"{label}: done in {res['wall']:.1f} s, rc={res['returncode']}, counts={run.get('counts')}"
+        )
         return res
 
-    def naive(self, label: str, sim: Simulator, jobs: Path, flags: list[str], timeout: float) -> dict[str, Any]:
+    def naive(
+        self, label: str, sim: Simulator, jobs: Path, flags: list[str], timeout: float
+    ) -> dict[str, Any]:
         out = self.workdir / label
         shutil.rmtree(out, ignore_errors=True)
         summary = self.workdir / f"{label}.summary.json"
-        cmd = [PY, str(BENCH / "naive.py"), str(jobs), "--out", str(out), "--base-url", sim.base_url,
-               "--summary", str(summary), *flags]
+        cmd = [
+            PY,
+            str(BENCH / "naive.py"),
+            str(jobs),
+            "--out",
+            str(out),
+            "--base-url",
+            sim.base_url,
+            "--summary",
+            str(summary),
+            *flags,
+        ]
         env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
         log(f"{label}: {shlex.join(cmd[1:])}  against  {sim.describe()}")
         res = run_client(label, cmd, env, self.workdir, sim, None, timeout)
@@ -538,8 +648,10 @@ class Bench:
         res["flags"] = flags
         res["jobs"] = sum(1 for _ in open(jobs)) - 1
         self._cleanup(out)
-        log(f"{label}: done in {res['wall']:.1f} s, rc={res['returncode']}, "
-            f"ok={res['naive'].get('succeeded')} failed={res['naive'].get('failed')} 429s={res['naive'].get('http_429')}")
+        log(
+            f"{label}: done in {res['wall']:.1f} s, rc={res['returncode']}, "
+            f"ok={res['naive'].get('succeeded')} failed={res['naive'].get('failed')} 429s={res['naive'].get('http_429')}"
+        )
         return res
 
     def _cleanup(self, out: Path) -> None:
@@ -586,7 +698,11 @@ class Bench:
         seen = st.get("requests_seen") or 0
         rl = st.get("rate_limited") or 0
         traffic_start, traffic_end = traffic_span(res["samples"], total)
-        ok_images = ((res["run"]["counts"] or {}).get("succeeded") if res["kind"] == "imagebatch" else res["naive"].get("succeeded")) or 0
+        ok_images = (
+            (res["run"]["counts"] or {}).get("succeeded")
+            if res["kind"] == "imagebatch"
+            else res["naive"].get("succeeded")
+        ) or 0
         return {
             "ipm30": s30["ipm"],
             "ipm120": s120["ipm"],
@@ -598,11 +714,19 @@ class Bench:
             "rl": rl,
             "rl_pct": 100.0 * rl / seen if seen else 0.0,
             "billed": st.get("images_billed"),
-            "ok": (res["run"]["counts"] or {}).get("succeeded") if res["kind"] == "imagebatch" else res["naive"].get("succeeded"),
-            "failed": ((res["run"]["counts"] or {}).get("failed", 0) if res["kind"] == "imagebatch" else res["naive"].get("failed")),
+            "ok": (res["run"]["counts"] or {}).get("succeeded")
+            if res["kind"] == "imagebatch"
+            else res["naive"].get("succeeded"),
+            "failed": (
+                (res["run"]["counts"] or {}).get("failed", 0)
+                if res["kind"] == "imagebatch"
+                else res["naive"].get("failed")
+            ),
             "wall": res["wall"],
             "traffic_s": traffic_end - traffic_start,
-            "eff_ipm": (60.0 * ok_images / (traffic_end - traffic_start)) if traffic_end > traffic_start else None,
+            "eff_ipm": (60.0 * ok_images / (traffic_end - traffic_start))
+            if traffic_end > traffic_start
+            else None,
             "peak_sim_in_flight": st.get("peak_in_flight"),
             "per_minute": per_minute(res["samples"], total),
             "client_cpu": res["cpu"],
@@ -617,54 +741,126 @@ class Bench:
         r = self.rate_row(res)
         lim = (res["run"]["stats"] or {}).get("limiter", {})
         rows = [
-            ("achieved IPM, steady state (sim billing; skip first/last 30 s; whole minutes)", f"{_f(r['ipm30'])}", "", ""),
+            (
+                "achieved IPM, steady state (sim billing; skip first/last 30 s; whole minutes)",
+                f"{_f(r['ipm30'])}",
+                "",
+                "",
+            ),
             ("  / limit 600", _f(r["fid30"], 3), ">= 0.97", _ok(r["fid30"], 0.97)),
             ("achieved IPM from journal finished_at (same window)", _f(r["jipm30"]), "", ""),
-            ("429s / requests", f"{r['rl']} / {r['seen']} = {r['rl_pct']:.2f} %", "<= 1 %", _ok(-r["rl_pct"], -1.0)),
+            (
+                "429s / requests",
+                f"{r['rl']} / {r['seen']} = {r['rl_pct']:.2f} %",
+                "<= 1 %",
+                _ok(-r["rl_pct"], -1.0),
+            ),
             ("succeeded / jobs", f"{r['ok']} / {res['jobs']}", "all", _ok(r["ok"] == res["jobs"])),
             ("images billed", f"{r['billed']}", f"{res['jobs']}", ""),
             ("wall time of the client process", f"{r['wall']:.1f} s", "", ""),
-            ("traffic span (first request to last image billed)", f"{_f(r['traffic_s'])} s", "", ""),
+            (
+                "traffic span (first request to last image billed)",
+                f"{_f(r['traffic_s'])} s",
+                "",
+                "",
+            ),
             ("images billed per minute of traffic", " ".join(map(str, r["per_minute"])), "", ""),
-            ("limiter: in-flight cap / peak / latency estimate",
-             f"{lim.get('in_flight_cap')} / {lim.get('peak_in_flight')} / {_f(lim.get('latency_estimate'), 2)} s", "", ""),
-            ("client CPU (user+sys) / other processes' load", f"{res['cpu']:.1f} s / {res['other_cores']:.2f} cores", "", ""),
+            (
+                "limiter: in-flight cap / peak / latency estimate",
+                f"{lim.get('in_flight_cap')} / {lim.get('peak_in_flight')} / {_f(lim.get('latency_estimate'), 2)} s",
+                "",
+                "",
+            ),
+            (
+                "client CPU (user+sys) / other processes' load",
+                f"{res['cpu']:.1f} s / {res['other_cores']:.2f} cores",
+                "",
+                "",
+            ),
         ]
-        self.report("fidelity", "1. Limit fidelity (imagebatch told --ipm 600)",
-                    f"simulator: `{res['sim_desc']}`; {res['jobs']} single-image gpt-image-2 jobs; "
-                    f"client: `imagebatch run jobs.csv --out DIR -q --ipm 600`", rows, extra={"fidelity": r})
+        self.report(
+            "fidelity",
+            "1. Limit fidelity (imagebatch told --ipm 600)",
+            f"simulator: `{res['sim_desc']}`; {res['jobs']} single-image gpt-image-2 jobs; "
+            f"client: `imagebatch run jobs.csv --out DIR -q --ipm 600`",
+            rows,
+            extra={"fidelity": r},
+        )
 
     def bench_unknown(self) -> None:
         rows = []
         extra = {}
         self.commits = [self.limited_run(k)["commit"] for k in ("unknown", "unknown-noheaders")]
-        for key, what in (("unknown", "stock simulator (sends x-ratelimit-* headers)"),
-                          ("unknown-noheaders", "bench/sim_noheaders.py (429s only, no x-ratelimit-* headers)")):
+        for key, what in (
+            ("unknown", "stock simulator (sends x-ratelimit-* headers)"),
+            ("unknown-noheaders", "bench/sim_noheaders.py (429s only, no x-ratelimit-* headers)"),
+        ):
             res = self.limited_run(key)
             r = self.rate_row(res)
             lim = (res["run"]["stats"] or {}).get("limiter", {})
             extra[key] = r
             rows += [
                 (f"**{what}**", "", "", ""),
-                ("achieved IPM after the first 2 min (sim billing; skip last 30 s; whole minutes)", _f(r["ipm120"]), "", ""),
+                (
+                    "achieved IPM after the first 2 min (sim billing; skip last 30 s; whole minutes)",
+                    _f(r["ipm120"]),
+                    "",
+                    "",
+                ),
                 ("  / limit 600", _f(r["fid120"], 3), ">= 0.85", _ok(r["fid120"], 0.85)),
                 ("  same from journal finished_at", _f(r["jipm120"]), "", ""),
-                ("  (steady state skipping only 30 s: IPM / limit)", f"{_f(r['ipm30'])} / {_f(r['fid30'], 3)}", "", ""),
-                ("429s / requests", f"{r['rl']} / {r['seen']} = {r['rl_pct']:.2f} %", "<= 5 %", _ok(-r["rl_pct"], -5.0)),
-                ("succeeded / jobs", f"{r['ok']} / {res['jobs']}", "all", _ok(r["ok"] == res["jobs"])),
+                (
+                    "  (steady state skipping only 30 s: IPM / limit)",
+                    f"{_f(r['ipm30'])} / {_f(r['fid30'], 3)}",
+                    "",
+                    "",
+                ),
+                (
+                    "429s / requests",
+                    f"{r['rl']} / {r['seen']} = {r['rl_pct']:.2f} %",
+                    "<= 5 %",
+                    _ok(-r["rl_pct"], -5.0),
+                ),
+                (
+                    "succeeded / jobs",
+                    f"{r['ok']} / {res['jobs']}",
+                    "all",
+                    _ok(r["ok"] == res["jobs"]),
+                ),
                 ("wall time", f"{r['wall']:.1f} s", "", ""),
-                ("images billed per minute of traffic", " ".join(map(str, r["per_minute"])), "", ""),
-                ("limiter end state: ipm limit / estimate / pauses / 429s seen",
-                 f"{lim.get('ipm_limit')} / {_f(lim.get('ipm_estimate'))} / {lim.get('pauses')} / {lim.get('rate_limited')}", "", ""),
-                ("client CPU / other processes' load", f"{res['cpu']:.1f} s / {res['other_cores']:.2f} cores", "", ""),
+                (
+                    "images billed per minute of traffic",
+                    " ".join(map(str, r["per_minute"])),
+                    "",
+                    "",
+                ),
+                (
+                    "limiter end state: ipm limit / estimate / pauses / 429s seen",
+                    f"{lim.get('ipm_limit')} / {_f(lim.get('ipm_estimate'))} / {lim.get('pauses')} / {lim.get('rate_limited')}",
+                    "",
+                    "",
+                ),
+                (
+                    "client CPU / other processes' load",
+                    f"{res['cpu']:.1f} s / {res['other_cores']:.2f} cores",
+                    "",
+                    "",
+                ),
             ]
-        self.report("unknown", "2. Unknown limit (imagebatch not told the limit)",
-                    f"simulator: `{' '.join(self.LIMITED)}`; {self.args.jobs or 3000} jobs; client: `imagebatch run jobs.csv --out DIR -q`",
-                    rows, extra=extra)
+        self.report(
+            "unknown",
+            "2. Unknown limit (imagebatch not told the limit)",
+            f"simulator: `{' '.join(self.LIMITED)}`; {self.args.jobs or 3000} jobs; client: `imagebatch run jobs.csv --out DIR -q`",
+            rows,
+            extra=extra,
+        )
 
     def bench_naive(self) -> None:
-        keys = [("fidelity", "imagebatch --ipm 600"), ("unknown", "imagebatch, not told (headers)"),
-                ("unknown-noheaders", "imagebatch, not told (no headers)")]
+        keys = [
+            ("fidelity", "imagebatch --ipm 600"),
+            ("unknown", "imagebatch, not told (headers)"),
+            ("unknown-noheaders", "imagebatch, not told (no headers)"),
+        ]
         keys += [(f"naive-c{c}", f"naive, semaphore {c}") for c in self.args.naive_concurrency]
         table = []
         rr = {}
@@ -672,28 +868,80 @@ class Bench:
             res = self.limited_run(key)
             r = self.rate_row(res)
             rr[key] = r
-            table.append((what, _f(r["ipm30"]), _f(r["fid30"], 3), _f(r["ipm120"]), _f(r["eff_ipm"]), f"{r['rl']}",
-                          f"{r['rl_pct']:.1f} %", f"{r['ok']}/{res['jobs']}", f"{r['wall']:.0f} s", f"{res['cpu']:.0f} s",
-                          " ".join(map(str, r["per_minute"]))))
-        head = ("client", "steady IPM (skip 30 s)", "/ 600", "steady IPM (skip 2 min)", "succeeded per min of traffic",
-                "429s", "429 % of req", "succeeded", "wall", "client CPU", "billed per minute")
+            table.append(
+                (
+                    what,
+                    _f(r["ipm30"]),
+                    _f(r["fid30"], 3),
+                    _f(r["ipm120"]),
+                    _f(r["eff_ipm"]),
+                    f"{r['rl']}",
+                    f"{r['rl_pct']:.1f} %",
+                    f"{r['ok']}/{res['jobs']}",
+                    f"{r['wall']:.0f} s",
+                    f"{res['cpu']:.0f} s",
+                    " ".join(map(str, r["per_minute"])),
+                )
+            )
+        head = (
+            "client",
+            "steady IPM (skip 30 s)",
+            "/ 600",
+            "steady IPM (skip 2 min)",
+            "succeeded per min of traffic",
+            "429s",
+            "429 % of req",
+            "succeeded",
+            "wall",
+            "client CPU",
+            "billed per minute",
+        )
         ratios = []
         for ours in ("fidelity", "unknown", "unknown-noheaders"):
             for c in self.args.naive_concurrency:
                 nv = rr[f"naive-c{c}"]
                 o = rr[ours]
-                ratios.append((f"{ours} vs naive-c{c}", _ratio(o["ipm30"], nv["ipm30"]), _ratio(o["ipm120"], nv["ipm120"]),
-                               _ratio(o["eff_ipm"], nv["eff_ipm"]), f"{o['rl']} vs {nv['rl']}", _ratio(o["wall"], nv["wall"]),
-                               f"{o['ok']} vs {nv['ok']}"))
-        self.commits = [self.cache[k]["commit"] for k in ("fidelity", "unknown", "unknown-noheaders")]
-        rhead = ("ours vs naive", "steady IPM ratio (skip 30 s)", "steady IPM ratio (skip 2 min)",
-                 "succeeded-per-minute ratio", "429s", "wall ratio", "succeeded")
-        body = _md_table(head, table) + "\n\nRatios, measured side by side in this invocation:\n\n" + _md_table(rhead, ratios)
-        desc = (f"simulator: `{' '.join(self.LIMITED)}` (fresh process per client); {self.args.jobs or 3000} jobs; "
-                "naive = bench/naive.py: asyncio + httpx + tenacity (wait_random_exponential(min=1, max=60), "
-                "stop_after_attempt(6), retry on 429/5xx/transport), fixed semaphore, writes each image")
-        self.report_raw("naive", "3. Naive baseline beside imagebatch (same workload, same invocation)", desc, body,
-                        extra=rr, printable=[head] + table + [()] + [rhead] + ratios)
+                ratios.append(
+                    (
+                        f"{ours} vs naive-c{c}",
+                        _ratio(o["ipm30"], nv["ipm30"]),
+                        _ratio(o["ipm120"], nv["ipm120"]),
+                        _ratio(o["eff_ipm"], nv["eff_ipm"]),
+                        f"{o['rl']} vs {nv['rl']}",
+                        _ratio(o["wall"], nv["wall"]),
+                        f"{o['ok']} vs {nv['ok']}",
+                    )
+                )
+        self.commits = [
+            self.cache[k]["commit"] for k in ("fidelity", "unknown", "unknown-noheaders")
+        ]
+        rhead = (
+            "ours vs naive",
+            "steady IPM ratio (skip 30 s)",
+            "steady IPM ratio (skip 2 min)",
+            "succeeded-per-minute ratio",
+            "429s",
+            "wall ratio",
+            "succeeded",
+        )
+        body = (
+            _md_table(head, table)
+            + "\n\nRatios, measured side by side in this invocation:\n\n"
+            + _md_table(rhead, ratios)
+        )
+        desc = (
+            f"simulator: `{' '.join(self.LIMITED)}` (fresh process per client); {self.args.jobs or 3000} jobs; "
+            "naive = bench/naive.py: asyncio + httpx + tenacity (wait_random_exponential(min=1, max=60), "
+            "stop_after_attempt(6), retry on 429/5xx/transport), fixed semaphore, writes each image"
+        )
+        self.report_raw(
+            "naive",
+            "3. Naive baseline beside imagebatch (same workload, same invocation)",
+            desc,
+            body,
+            extra=rr,
+            printable=[head] + table + [()] + [rhead] + ratios,
+        )
 
     def bench_overhead(self) -> None:
         n = self.args.jobs or 5000
@@ -708,59 +956,126 @@ class Bench:
                 if key == "imagebatch":
                     res = self.imagebatch("overhead-imagebatch", sim, jobs, [], timeout)
                 elif key == "chunk":
-                    res = self.imagebatch("overhead-chunk", sim, jobs, ["--task-per", "chunk"], timeout)
+                    res = self.imagebatch(
+                        "overhead-chunk", sim, jobs, ["--task-per", "chunk"], timeout
+                    )
                 elif key == "notask":
-                    res = self.imagebatch("overhead-notask", sim, jobs, [], timeout, entry=[PY, str(BENCH / "diag_notask.py")])
+                    res = self.imagebatch(
+                        "overhead-notask",
+                        sim,
+                        jobs,
+                        [],
+                        timeout,
+                        entry=[PY, str(BENCH / "diag_notask.py")],
+                    )
                 else:
-                    res = self.naive(f"overhead-{key}", sim, jobs, ["--concurrency", str(self.args.bare_concurrency), "--no-retry"], timeout)
+                    res = self.naive(
+                        f"overhead-{key}",
+                        sim,
+                        jobs,
+                        ["--concurrency", str(self.args.bare_concurrency), "--no-retry"],
+                        timeout,
+                    )
             finally:
                 sim.stop()
             res["sim_desc"] = sim.describe()
             results[key] = res
         extra = {key: self.overhead_metrics(res, n) for key, res in results.items()}
-        cols = [("imagebatch", "imagebatch (task per job, default)"), ("chunk", "imagebatch --task-per chunk"),
-                (bare_key, f"bare asyncio+httpx (c={self.args.bare_concurrency})")]
+        cols = [
+            ("imagebatch", "imagebatch (task per job, default)"),
+            ("chunk", "imagebatch --task-per chunk"),
+            (bare_key, f"bare asyncio+httpx (c={self.args.bare_concurrency})"),
+        ]
         if "notask" in extra:
             cols.append(("notask", "diagnostic: imagebatch minus Prefect task layer"))
         ib, bare = extra["imagebatch"], extra[bare_key]
         head = ("metric", *[c[1] for c in cols], "ratio to bare: per job / chunk", "target")
 
-        def row(label: str, fmt: Callable[[dict], str], ratio_key: str | None = None, target: str = "") -> tuple:
-            ratio = (f"{_ratio(ib.get(ratio_key), bare.get(ratio_key))} / {_ratio(extra['chunk'].get(ratio_key), bare.get(ratio_key))}"
-                     if ratio_key else "")
+        def row(
+            label: str, fmt: Callable[[dict], str], ratio_key: str | None = None, target: str = ""
+        ) -> tuple:
+            ratio = (
+                f"{_ratio(ib.get(ratio_key), bare.get(ratio_key))} / {_ratio(extra['chunk'].get(ratio_key), bare.get(ratio_key))}"
+                if ratio_key
+                else ""
+            )
             return (label, *[fmt(extra[k]) for k, _ in cols], ratio, target)
 
         rows = [
             row("succeeded", lambda e: f"{e['ok']}/{n}"),
             row("images/s, whole process (start..exit)", lambda e: _f(e["ips_wall"]), "ips_wall"),
-            row("images/s, dispatch (run.json dispatch_seconds / loop time)", lambda e: _f(e["ips_dispatch"]), "ips_dispatch",
-                f">= 100: per job {_ok(ib['ips_dispatch'], 100)}, chunk {_ok(extra['chunk']['ips_dispatch'], 100)}"),
-            row("images/s, steady middle of traffic (sim billing)", lambda e: _f(e["ips_mid"]), "ips_mid"),
-            row("client CPU ms/image, whole process", lambda e: _f(e["cpu_ms_img"], 2), "cpu_ms_img"),
-            row("client CPU ms/image, steady middle", lambda e: _f(e["cpu_ms_img_mid"], 2), "cpu_ms_img_mid"),
+            row(
+                "images/s, dispatch (run.json dispatch_seconds / loop time)",
+                lambda e: _f(e["ips_dispatch"]),
+                "ips_dispatch",
+                f">= 100: per job {_ok(ib['ips_dispatch'], 100)}, chunk {_ok(extra['chunk']['ips_dispatch'], 100)}",
+            ),
+            row(
+                "images/s, steady middle of traffic (sim billing)",
+                lambda e: _f(e["ips_mid"]),
+                "ips_mid",
+            ),
+            row(
+                "client CPU ms/image, whole process", lambda e: _f(e["cpu_ms_img"], 2), "cpu_ms_img"
+            ),
+            row(
+                "client CPU ms/image, steady middle",
+                lambda e: _f(e["cpu_ms_img_mid"], 2),
+                "cpu_ms_img_mid",
+            ),
             row("simulator CPU ms/image, steady middle", lambda e: _f(e["sim_ms_img_mid"], 2)),
-            row("Prefect server CPU ms/image, steady middle", lambda e: _f(e["prefect_ms_img_mid"], 2)),
+            row(
+                "Prefect server CPU ms/image, steady middle",
+                lambda e: _f(e["prefect_ms_img_mid"], 2),
+            ),
             row("Prefect server CPU s, whole client run", lambda e: _f(e["prefect_cpu"])),
-            row("cores in steady state: client / simulator / Prefect server",
-                lambda e: f"{_f(e['client_cores_mid'], 2)} / {_f(e['sim_cores_mid'], 2)} / {_f(e['prefect_cores_mid'], 2)}"),
-            row("other processes on the machine (cores, average)", lambda e: _f(e["other_cores"], 2)),
+            row(
+                "cores in steady state: client / simulator / Prefect server",
+                lambda e: (
+                    f"{_f(e['client_cores_mid'], 2)} / {_f(e['sim_cores_mid'], 2)} / {_f(e['prefect_cores_mid'], 2)}"
+                ),
+            ),
+            row(
+                "other processes on the machine (cores, average)", lambda e: _f(e["other_cores"], 2)
+            ),
             row("start to first request", lambda e: f"{_f(e['startup_s'], 1)} s"),
             row("peak requests in flight at the simulator", lambda e: f"{e['peak_sim_in_flight']}"),
             row("client peak RSS", lambda e: f"{e['maxrss_mb']:.0f} MB"),
-            row("task runs recorded by the Prefect server", lambda e: f"{e['prefect_task_runs']}" if e["prefect_task_runs"] is not None else "-"),
+            row(
+                "task runs recorded by the Prefect server",
+                lambda e: (
+                    f"{e['prefect_task_runs']}" if e["prefect_task_runs"] is not None else "-"
+                ),
+            ),
         ]
-        desc = (f"simulator: `{results['imagebatch']['sim_desc']}` (fresh process per client); {n} single-image jobs; "
-                f"imagebatch: `imagebatch run jobs.csv --out DIR -q [--task-per chunk]` (no limits: slow start toward the 256 ceiling), real Prefect server; "
-                f"bare: `bench/naive.py --concurrency {self.args.bare_concurrency} --no-retry` (POST, b64 decode, write file)"
-                + ("; diagnostic: `bench/diag_notask.py run ...` = the same CLI with `process_job` called as a plain coroutine "
-                   "(flow, limiter, retries, store, journal unchanged)" if "notask" in extra else ""))
-        self.report_raw("overhead", "4. Overhead (unlimited simulator, latency 0)", desc, _md_table(head, rows),
-                        extra=extra, printable=[head] + rows)
+        desc = (
+            f"simulator: `{results['imagebatch']['sim_desc']}` (fresh process per client); {n} single-image jobs; "
+            f"imagebatch: `imagebatch run jobs.csv --out DIR -q [--task-per chunk]` (no limits: slow start toward the 256 ceiling), real Prefect server; "
+            f"bare: `bench/naive.py --concurrency {self.args.bare_concurrency} --no-retry` (POST, b64 decode, write file)"
+            + (
+                "; diagnostic: `bench/diag_notask.py run ...` = the same CLI with `process_job` called as a plain coroutine "
+                "(flow, limiter, retries, store, journal unchanged)"
+                if "notask" in extra
+                else ""
+            )
+        )
+        self.report_raw(
+            "overhead",
+            "4. Overhead (unlimited simulator, latency 0)",
+            desc,
+            _md_table(head, rows),
+            extra=extra,
+            printable=[head] + rows,
+        )
 
     @staticmethod
     def overhead_metrics(res: dict[str, Any], n: int) -> dict[str, Any]:
         st = res["sim_stats"]
-        ok = (res["run"]["counts"] or {}).get("succeeded") if res["kind"] == "imagebatch" else res["naive"].get("succeeded")
+        ok = (
+            (res["run"]["counts"] or {}).get("succeeded")
+            if res["kind"] == "imagebatch"
+            else res["naive"].get("succeeded")
+        )
         start, end = traffic_span(res["samples"], n)
         # steady: the middle of the traffic (drop 2 s at each end), from the 1 s polls
         a, b = start + 2, end - 2
@@ -773,7 +1088,11 @@ class Bench:
         mid_sim = interp(smp, "sim_cpu", b) - interp(smp, "sim_cpu", a)
         mid_pf = interp(smp, "prefect_cpu", b) - interp(smp, "prefect_cpu", a)
         is_ib = res["kind"] == "imagebatch"
-        disp = (res.get("run") or {}).get("dispatch_seconds") if is_ib else res["naive"].get("loop_seconds")
+        disp = (
+            (res.get("run") or {}).get("dispatch_seconds")
+            if is_ib
+            else res["naive"].get("loop_seconds")
+        )
         lim = ((res.get("run") or {}).get("stats") or {}).get("limiter", {})
         return {
             "ok": ok,
@@ -814,31 +1133,88 @@ class Bench:
         lim = ((res["run"] or {}).get("stats") or {}).get("limiter", {})
         ok = (res["run"]["counts"] or {}).get("succeeded")
         rows = [
-            ("client peak RSS (wait4 ru_maxrss)", f"{res['maxrss_mb']:.0f} MB", "<= 500 MB", _ok(-res["maxrss_mb"], -500)),
-            ("client peak RSS (psutil, 1 s samples)", f"{res['peak_rss_sampled_mb']:.0f} MB", "", ""),
-            ("client RSS at 25 / 50 / 75 / 100 % of images billed", " / ".join(quart) + " MB", "", ""),
-            ("Prefect server peak RSS (separate process)", f"{_f(res['prefect_peak_rss_mb'])} MB", "", ""),
-            ("simulator peak in flight / limiter peak in flight", f"{res['sim_stats'].get('peak_in_flight')} / {lim.get('peak_in_flight')}", "", ""),
+            (
+                "client peak RSS (wait4 ru_maxrss)",
+                f"{res['maxrss_mb']:.0f} MB",
+                "<= 500 MB",
+                _ok(-res["maxrss_mb"], -500),
+            ),
+            (
+                "client peak RSS (psutil, 1 s samples)",
+                f"{res['peak_rss_sampled_mb']:.0f} MB",
+                "",
+                "",
+            ),
+            (
+                "client RSS at 25 / 50 / 75 / 100 % of images billed",
+                " / ".join(quart) + " MB",
+                "",
+                "",
+            ),
+            (
+                "Prefect server peak RSS (separate process)",
+                f"{_f(res['prefect_peak_rss_mb'])} MB",
+                "",
+                "",
+            ),
+            (
+                "simulator peak in flight / limiter peak in flight",
+                f"{res['sim_stats'].get('peak_in_flight')} / {lim.get('peak_in_flight')}",
+                "",
+                "",
+            ),
             ("succeeded / jobs", f"{ok} / {n}", "", ""),
             ("wall / client CPU", f"{res['wall']:.0f} s / {res['cpu']:.0f} s", "", ""),
-            ("task runs recorded by the Prefect server", f"{res.get('prefect_task_runs')}/{n}", "", ""),
+            (
+                "task runs recorded by the Prefect server",
+                f"{res.get('prefect_task_runs')}/{n}",
+                "",
+                "",
+            ),
         ]
         size = None
         try:
             from imagebatch.simulator.render import render_image
-            size = len(render_image("a watercolor of a lighthouse, variant 0", 0, "1024x1024", "png", text=False, cache=None))
+
+            size = len(
+                render_image(
+                    "a watercolor of a lighthouse, variant 0",
+                    0,
+                    "1024x1024",
+                    "png",
+                    text=False,
+                    cache=None,
+                )
+            )
         except Exception:
             pass
-        desc = (f"simulator: `{sim.describe()}`; {n} single-image 1024x1024 jobs; "
-                f"client: `imagebatch run jobs.csv --out DIR -q` (no limits: in flight grows to the 256 ceiling). "
-                f"Simulator PNGs are about {size or '?'} bytes each (real 1024x1024 PNGs are ~1-3 MB)")
-        self.report("memory", "5. Memory (10,000 jobs)", desc, rows, extra={"memory": {k: v for k, v in res.items() if k not in ("samples", "finished_at")}})
+        desc = (
+            f"simulator: `{sim.describe()}`; {n} single-image 1024x1024 jobs; "
+            f"client: `imagebatch run jobs.csv --out DIR -q` (no limits: in flight grows to the 256 ceiling). "
+            f"Simulator PNGs are about {size or '?'} bytes each (real 1024x1024 PNGs are ~1-3 MB)"
+        )
+        self.report(
+            "memory",
+            "5. Memory (10,000 jobs)",
+            desc,
+            rows,
+            extra={"memory": {k: v for k, v in res.items() if k not in ("samples", "finished_at")}},
+        )
 
     def bench_faults(self) -> None:
         n = self.args.jobs or 800
         jobs = make_jobs(self.workdir / f"jobs-{n}.csv", n)
         seed = self.args.sim_seed if self.args.sim_seed is not None else 7
-        flags = ("--latency", "uniform:0.2,1", "--ipm", "600", "--error-rate", "0.2", "--seed", str(seed))
+        flags = (
+            "--latency",
+            "uniform:0.2,1",
+            "--ipm",
+            "600",
+            "--error-rate",
+            "0.2",
+            "--seed",
+            str(seed),
+        )
         rows = []
         extra = {}
         for no_headers in (True, False):
@@ -853,21 +1229,49 @@ class Bench:
             stats = res["run"]["stats"] or {}
             status = st.get("status", {})
             fivexx = sum(v for k, v in status.items() if k.startswith("5"))
-            extra[key] = {"counts": counts, "sim": st, "stats": {k: v for k, v in stats.items() if k != "limiter"}}
-            what = "sim_noheaders (429s only)" if no_headers else "stock simulator (x-ratelimit headers)"
+            extra[key] = {
+                "counts": counts,
+                "sim": st,
+                "stats": {k: v for k, v in stats.items() if k != "limiter"},
+            }
+            what = (
+                "sim_noheaders (429s only)"
+                if no_headers
+                else "stock simulator (x-ratelimit headers)"
+            )
             rows += [
                 (f"**{what}**", "", "", ""),
-                ("jobs succeeded", f"{counts.get('succeeded')} / {n} (failed {counts.get('failed', 0)}, not_run {counts.get('not_run', 0)})",
-                 "all", _ok(counts.get("succeeded") == n)),
-                ("images billed by the simulator", f"{st.get('images_billed')}", f"== {n}", _ok(st.get("images_billed") == n)),
-                ("simulator answers: 200 / 429 / 5xx", f"{status.get('200', 0)} / {st.get('rate_limited')} / {fivexx}", "429s > 0", ""),
-                ("client retries / 429s seen", f"{stats.get('retries', 0)} / {stats.get('rate_limited', 0)}", "", ""),
+                (
+                    "jobs succeeded",
+                    f"{counts.get('succeeded')} / {n} (failed {counts.get('failed', 0)}, not_run {counts.get('not_run', 0)})",
+                    "all",
+                    _ok(counts.get("succeeded") == n),
+                ),
+                (
+                    "images billed by the simulator",
+                    f"{st.get('images_billed')}",
+                    f"== {n}",
+                    _ok(st.get("images_billed") == n),
+                ),
+                (
+                    "simulator answers: 200 / 429 / 5xx",
+                    f"{status.get('200', 0)} / {st.get('rate_limited')} / {fivexx}",
+                    "429s > 0",
+                    "",
+                ),
+                (
+                    "client retries / 429s seen",
+                    f"{stats.get('retries', 0)} / {stats.get('rate_limited', 0)}",
+                    "",
+                    "",
+                ),
                 ("wall", f"{res['wall']:.0f} s", "", ""),
             ]
-        desc = (f"simulator: `{' '.join(flags)}` (20 % of admitted requests answered 500/503, unbilled); {n} jobs; "
-                "client: `imagebatch run jobs.csv --out DIR -q` (not told the limit, so the limit is met as 429s)")
+        desc = (
+            f"simulator: `{' '.join(flags)}` (20 % of admitted requests answered 500/503, unbilled); {n} jobs; "
+            "client: `imagebatch run jobs.csv --out DIR -q` (not told the limit, so the limit is met as 429s)"
+        )
         self.report("faults", "6. Faults (20 % 5xx + IPM limit)", desc, rows, extra=extra)
-
 
     def bench_diag429(self) -> None:
         """Diagnostic: where the 429s of an unknown limit come from (bench/diag_trace.py timeline)."""
@@ -880,8 +1284,15 @@ class Bench:
             trace = self.workdir / f"diag429-{i}.trace.jsonl"
             sim = self.sim(*self.LIMITED, no_headers=True, name=f"diag429-{i}")
             try:
-                res = self.imagebatch(f"diag429-{i}", sim, jobs, flags, self.args.timeout or 600,
-                                      entry=[PY, str(BENCH / "diag_trace.py")], extra_env={"BENCH_TRACE": str(trace)})
+                res = self.imagebatch(
+                    f"diag429-{i}",
+                    sim,
+                    jobs,
+                    flags,
+                    self.args.timeout or 600,
+                    entry=[PY, str(BENCH / "diag_trace.py")],
+                    extra_env={"BENCH_TRACE": str(trace)},
+                )
             finally:
                 sim.stop()
             self.commits.append(res["commit"])
@@ -894,18 +1305,35 @@ class Bench:
             ("burst", "429s on requests granted before the first 429 was processed / after"),
             ("rate_before", "grant rate in the 2 s before the first refused grant"),
             ("at_first", "in flight / in-flight cap / slow-start cap at that grant"),
-            ("ok_dur", "200 answers granted 0-6 s / 6-13 s: grant to answer processed, median (server latency 1-3 s)"),
-            ("rtt", "refused requests: grant to 429 processed, median / max (the simulator answers 429 at once)"),
-            ("wlag", "event-loop lag (overshoot of a 20 ms sleep) in that interval, median / p99 / max"),
+            (
+                "ok_dur",
+                "200 answers granted 0-6 s / 6-13 s: grant to answer processed, median (server latency 1-3 s)",
+            ),
+            (
+                "rtt",
+                "refused requests: grant to 429 processed, median / max (the simulator answers 429 at once)",
+            ),
+            (
+                "wlag",
+                "event-loop lag (overshoot of a 20 ms sleep) in that interval, median / p99 / max",
+            ),
             ("lag", "event-loop lag over the whole run, median / p99 / max"),
             ("cpu", "client CPU s / wall s"),
         ]
         head = ("metric", *[c[0] for c in cols])
         rows = [(label, *[c[1].get(key, "-") for c in cols]) for key, label in labels]
-        desc = (f"simulator: `{sim.describe()}`; {n} jobs; client: `bench/diag_trace.py run jobs.csv --out DIR -q [--task-per chunk]` "
-                "(the CLI with limiter grants, 429s, request ends and event-loop lag traced; not told the limit)")
-        self.report_raw("diag429", "Diagnostic: the 429 burst when the limit is unknown and unannounced", desc,
-                        _md_table(head, rows), extra={c[0]: c[1] for c in cols}, printable=[head] + rows)
+        desc = (
+            f"simulator: `{sim.describe()}`; {n} jobs; client: `bench/diag_trace.py run jobs.csv --out DIR -q [--task-per chunk]` "
+            "(the CLI with limiter grants, 429s, request ends and event-loop lag traced; not told the limit)"
+        )
+        self.report_raw(
+            "diag429",
+            "Diagnostic: the 429 burst when the limit is unknown and unannounced",
+            desc,
+            _md_table(head, rows),
+            extra={c[0]: c[1] for c in cols},
+            printable=[head] + rows,
+        )
 
     @staticmethod
     def trace_metrics(trace: Path, res: dict[str, Any]) -> dict[str, str]:
@@ -915,7 +1343,10 @@ class Bench:
         answers = [e for e in events if e["ev"] == "answer"]
         lags = [e for e in events if e["ev"] == "lag"]
         refused = sorted((e for e in answers if e.get("status") == 429), key=lambda e: e["started"])
-        out = {"sim429": f"{res['sim_stats'].get('rate_limited')} / {len(limited)}", "cpu": f"{res['cpu']:.0f} / {res['wall']:.0f}"}
+        out = {
+            "sim429": f"{res['sim_stats'].get('rate_limited')} / {len(limited)}",
+            "cpu": f"{res['cpu']:.0f} / {res['wall']:.0f}",
+        }
 
         def pct(xs: list[float], q: float) -> float | None:
             xs = sorted(xs)
@@ -928,8 +1359,16 @@ class Bench:
         if not grants:
             return out
         t0 = grants[0]["t"]
-        early = [e["t"] - e["started"] for e in answers if e.get("status") == 200 and e["started"] - t0 < 6]
-        mid = [e["t"] - e["started"] for e in answers if e.get("status") == 200 and 6 <= e["started"] - t0 < 13]
+        early = [
+            e["t"] - e["started"]
+            for e in answers
+            if e.get("status") == 200 and e["started"] - t0 < 6
+        ]
+        mid = [
+            e["t"] - e["started"]
+            for e in answers
+            if e.get("status") == 200 and 6 <= e["started"] - t0 < 13
+        ]
         out["ok_dur"] = f"{_f(pct(early, 0.5), 2)} s / {_f(pct(mid, 0.5), 2)} s"
         if not limited or not refused:
             return out
@@ -940,31 +1379,46 @@ class Bench:
         between = [g for g in grants if first_sent <= g["t"] <= first_seen]
         at_first = max((g for g in grants if g["t"] <= first_sent), key=lambda g: g["t"])
         rtt = [e["t"] - e["started"] for e in burst]
-        out.update({
-            "first_sent": f"{first_sent - t0:.2f} s",
-            "first_seen": f"{first_seen - t0:.2f} s (+{first_seen - first_sent:.2f} s)",
-            "between": f"{len(between)}",
-            "burst": f"{len(burst)} / {len(after)}",
-            "rate_before": f"{sum(1 for g in grants if first_sent - 2 <= g['t'] < first_sent) / 2.0:.0f} /s",
-            "at_first": f"{at_first['in_flight']} / {at_first['cap']} / {at_first['slow_cap']}",
-            "rtt": f"{_f(pct(rtt, 0.5), 2)} / {_f(max(rtt), 2)} s",
-            "wlag": lagtxt([e["ms"] for e in lags if first_sent - 2 <= e["t"] <= first_seen]),
-        })
+        out.update(
+            {
+                "first_sent": f"{first_sent - t0:.2f} s",
+                "first_seen": f"{first_seen - t0:.2f} s (+{first_seen - first_sent:.2f} s)",
+                "between": f"{len(between)}",
+                "burst": f"{len(burst)} / {len(after)}",
+                "rate_before": f"{sum(1 for g in grants if first_sent - 2 <= g['t'] < first_sent) / 2.0:.0f} /s",
+                "at_first": f"{at_first['in_flight']} / {at_first['cap']} / {at_first['slow_cap']}",
+                "rtt": f"{_f(pct(rtt, 0.5), 2)} / {_f(max(rtt), 2)} s",
+                "wlag": lagtxt([e["ms"] for e in lags if first_sent - 2 <= e["t"] <= first_seen]),
+            }
+        )
         return out
 
     # -- output
 
-    def report(self, name: str, title: str, desc: str, rows: list[tuple], extra: dict | None = None) -> None:
+    def report(
+        self, name: str, title: str, desc: str, rows: list[tuple], extra: dict | None = None
+    ) -> None:
         head = ("metric", "value", "target", "ok")
-        self.report_raw(name, title, desc, _md_table(head, rows), extra=extra, printable=[head] + rows)
+        self.report_raw(
+            name, title, desc, _md_table(head, rows), extra=extra, printable=[head] + rows
+        )
 
-    def report_raw(self, name: str, title: str, desc: str, body: str, *, extra: dict | None, printable: list[tuple]) -> None:
+    def report_raw(
+        self,
+        name: str,
+        title: str,
+        desc: str,
+        body: str,
+        *,
+        extra: dict | None,
+        printable: list[tuple],
+    ) -> None:
         print()
         print(f"== {title}")
         print(desc)
         _print_table(printable)
         cmd = shlex.join([Path(PY).as_posix(), "bench/run_bench.py", *sys.argv[1:]])
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         load = os.getloadavg()
         section = (
             f"\n## {title}\n\n"
@@ -979,7 +1433,9 @@ class Bench:
         if not self.args.no_record:
             with RESULTS.open("a", encoding="utf-8") as f:
                 if f.tell() == 0:
-                    f.write("# imagebatch benchmark results\n\nAppended by `bench/run_bench.py`; newest last. See bench/README.md.\n")
+                    f.write(
+                        "# imagebatch benchmark results\n\nAppended by `bench/run_bench.py`; newest last. See bench/README.md.\n"
+                    )
                 f.write(section)
 
 
@@ -1043,17 +1499,43 @@ DIAGNOSTICS: dict[str, Callable[[Bench], None]] = {"diag429": Bench.bench_diag42
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="imagebatch benchmarks (see bench/README.md)")
     ap.add_argument("bench", nargs="+", choices=[*BENCHES, *DIAGNOSTICS, "all"])
-    ap.add_argument("--jobs", type=int, help="override the number of jobs (default per benchmark: 3000/5000/10000/800)")
-    ap.add_argument("--timeout", type=float, help="seconds before a client is interrupted (default per benchmark)")
-    ap.add_argument("--naive-concurrency", type=int, nargs="+", default=[16, 64], help="naive semaphore sizes (default 16 64)")
-    ap.add_argument("--diag", action="store_true", help="overhead: also run bench/diag_notask.py (no Prefect task layer)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        help="override the number of jobs (default per benchmark: 3000/5000/10000/800)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds before a client is interrupted (default per benchmark)",
+    )
+    ap.add_argument(
+        "--naive-concurrency",
+        type=int,
+        nargs="+",
+        default=[16, 64],
+        help="naive semaphore sizes (default 16 64)",
+    )
+    ap.add_argument(
+        "--diag",
+        action="store_true",
+        help="overhead: also run bench/diag_notask.py (no Prefect task layer)",
+    )
     ap.add_argument("--sim-seed", type=int, help="faults: simulator seed (default 7)")
-    ap.add_argument("--bare-concurrency", type=int, default=64, help="bare loop concurrency for overhead (default 64)")
+    ap.add_argument(
+        "--bare-concurrency",
+        type=int,
+        default=64,
+        help="bare loop concurrency for overhead (default 64)",
+    )
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/imagebatch-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the images written by each run")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    ap.add_argument("--profile", action="store_true",
-                    help="run imagebatch under py-spy (collapsed stacks in the work directory); implies --no-record")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="run imagebatch under py-spy (collapsed stacks in the work directory); implies --no-record",
+    )
     args = ap.parse_args(argv)
     if args.profile:
         args.no_record = True

@@ -15,7 +15,7 @@ import sys
 from imagebatch.simulator import limits
 
 
-def _no_headers(self, rpm, ipm, window, now=None):  # noqa: ANN001 - same signature as RateLimits.headers
+def _no_headers(self, rpm, ipm, window, now=None):
     return {}
 
 

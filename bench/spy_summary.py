@@ -54,7 +54,10 @@ def main() -> None:
         else:
             for fr in set(frames):
                 counter[fr] += n
-    print(f"{total} samples" + (f"; {matched / total:.1%} under the selected frame" if matched else ""))
+    print(
+        f"{total} samples"
+        + (f"; {matched / total:.1%} under the selected frame" if matched else "")
+    )
     for key, n in counter.most_common(args.top):
         print(f"{n / total:6.1%}  {key}")
 

@@ -164,7 +164,7 @@ class Registry:
         return sorted(self.models)
 
     @classmethod
-    def load(cls, *extra: str | Path | None) -> "Registry":
+    def load(cls, *extra: str | Path | None) -> Registry:
         """The bundled registry, overlaid by `IMAGEBATCH_MODELS` and then by `extra` files."""
         raw: dict[str, dict[str, Any]] = {}
         paths: list[Path] = [BUNDLED]

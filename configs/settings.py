@@ -96,7 +96,7 @@ class Settings:
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def with_overrides(self, section: str, **values: Any) -> "Settings":
+    def with_overrides(self, section: str, **values: Any) -> Settings:
         """A copy with some fields of one section replaced; None values are ignored."""
         values = {k: v for k, v in values.items() if v is not None}
         if not values:
@@ -130,7 +130,9 @@ def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
         raise ConfigError(f"bad [{name}] settings: {exc}") from None
 
 
-def load_settings(config_file: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    config_file: str | Path | None = None, env: dict[str, str] | None = None
+) -> Settings:
     """Defaults, then `config_file`, then the OpenAI environment variables the official SDK reads."""
     env = os.environ if env is None else env
     raw = tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))
@@ -167,8 +169,14 @@ def load_settings(config_file: str | Path | None = None, env: dict[str, str] | N
     return settings
 
 
-SECTIONS = {"job": JobDefaults, "api": ApiSettings, "limits": LimitSettings, "retry": RetrySettings,
-            "simulator": SimulatorSettings, "flow": FlowSettings}
+SECTIONS = {
+    "job": JobDefaults,
+    "api": ApiSettings,
+    "limits": LimitSettings,
+    "retry": RetrySettings,
+    "simulator": SimulatorSettings,
+    "flow": FlowSettings,
+}
 # Never a run argument: keys come from the environment only, so they cannot land in a
 # Prefect flow run's parameters.
 NOT_OVERRIDABLE = {"api_key"}

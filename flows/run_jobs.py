@@ -43,7 +43,9 @@ log = logging.getLogger("imagebatch")
 
 # Values a notebook passes that cannot travel as flow parameters (a DataFrame, callbacks).
 _frames: dict[str, pd.DataFrame] = {}
-current_reporter: contextvars.ContextVar["Reporter | None"] = contextvars.ContextVar("imagebatch_reporter", default=None)
+current_reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar(
+    "imagebatch_reporter", default=None
+)
 
 
 class Reporter:
@@ -87,7 +89,12 @@ class RunReport:
 def _shaping(settings: Settings) -> dict[str, Any]:
     """Settings that change finished images when they change (row cells are in the keys)."""
     j = settings.job
-    return {"model": j.model, "size": j.size, "quality": j.quality, "output_format": j.output_format}
+    return {
+        "model": j.model,
+        "size": j.size,
+        "quality": j.quality,
+        "output_format": j.output_format,
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -102,7 +109,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _pending(planned: list[PlannedJob], records: dict[str, ImageRecord], store: ImageStore, *, retry_failed: bool, force: bool) -> tuple[list[tuple[PlannedJob, list[int]]], int]:
+def _pending(
+    planned: list[PlannedJob],
+    records: dict[str, ImageRecord],
+    store: ImageStore,
+    *,
+    retry_failed: bool,
+    force: bool,
+) -> tuple[list[tuple[PlannedJob, list[int]]], int]:
     """Which images still need a request; a finished image counts only if its file verifies."""
     work: list[tuple[PlannedJob, list[int]]] = []
     skipped = 0
@@ -135,7 +149,9 @@ class _FanOut:
     Prefect only once its requests can go out, and a stop leaves the rest unstarted.
     """
 
-    def __init__(self, dispatcher: Dispatcher, task_per: str = "job", chunk_jobs: int = 200) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, task_per: str = "job", chunk_jobs: int = 200
+    ) -> None:
         self.dispatcher = dispatcher
         self.task_per = task_per
         self.chunk_jobs = chunk_jobs
@@ -149,7 +165,9 @@ class _FanOut:
                     chunk = work[start : start + self.chunk_jobs]
                     units = [u for plan, indices in chunk for u in units_for(plan, indices)]
                     name = f"jobs {start + 1}-{start + len(chunk)}"
-                    await self._start(process_chunk(name, units, return_state=True), units, len(chunk))
+                    await self._start(
+                        process_chunk(name, units, return_state=True), units, len(chunk)
+                    )
             else:
                 for plan, indices in work:
                     units = list(units_for(plan, indices))
@@ -206,7 +224,9 @@ def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.T
         nonlocal presses
         presses += 1
         if presses == 1:
-            reporter.notice("Interrupted: finishing requests in flight (Ctrl-C again to abandon them)")
+            reporter.notice(
+                "Interrupted: finishing requests in flight (Ctrl-C again to abandon them)"
+            )
             dispatcher.halt(KeyboardInterrupt("interrupted"))
         elif main_task is not None:
             main_task.cancel()
@@ -242,7 +262,9 @@ async def imagebatch_flow(
     The parameters are plain JSON so the flow can be deployed and scheduled. API keys are
     never parameters: they come from the environment of the process that runs the flow.
     """
-    return await _execute(jobs, out, config, overrides or {}, retry_failed, force, allow_changed_settings, models)
+    return await _execute(
+        jobs, out, config, overrides or {}, retry_failed, force, allow_changed_settings, models
+    )
 
 
 async def _execute(
@@ -264,7 +286,11 @@ async def _execute(
     limits = resolve_limits(settings)
     out_dir = _out_dir(out, config)
     source: Any = _frames.get(jobs_ref, jobs_ref)
-    base_dir = Path(jobs_ref).expanduser().resolve().parent if isinstance(source, str) else Path.cwd()
+    base_dir = (
+        Path(jobs_ref).expanduser().resolve().parent  # noqa: ASYNC240 (once per run)
+        if isinstance(source, str)
+        else Path.cwd()
+    )
     lock = FolderLock(out_dir)
     lock.acquire()
     simulator = None
@@ -278,7 +304,9 @@ async def _execute(
         api = settings.api
         used_simulator = simulator is not None
 
-        validator = Validator(registry, settings.job, targets_openai=api.targets_openai, base_dir=base_dir)
+        validator = Validator(
+            registry, settings.job, targets_openai=api.targets_openai, base_dir=base_dir
+        )
         checked = validator.check(jobs)
         reporter.problems(checked.problems)
         planned = plan_jobs(checked.valid)
@@ -289,7 +317,9 @@ async def _execute(
         records = journal.load()
         # Record what shapes the images before the first one is written, so a run killed
         # midway still protects its folder against a rerun with other defaults.
-        write_run_json(out_dir, {**(previous or {}), "shaping": _shaping(settings), "in_progress": True})
+        write_run_json(
+            out_dir, {**(previous or {}), "shaping": _shaping(settings), "in_progress": True}
+        )
         work, skipped = _pending(planned, records, store, retry_failed=retry_failed, force=force)
         total = sum(len(idx) for _, idx in work)
         run_id = uuid.uuid4().hex[:12]
@@ -310,9 +340,13 @@ async def _execute(
         dispatch_started = time.time()
         try:
             with _interrupts(dispatcher, reporter, asyncio.current_task()):
-                await _FanOut(dispatcher, settings.flow.task_per, settings.flow.chunk_jobs).run(work)
+                await _FanOut(dispatcher, settings.flow.task_per, settings.flow.chunk_jobs).run(
+                    work
+                )
         except asyncio.CancelledError:
-            dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
+            dispatcher.halt(
+                KeyboardInterrupt("interrupted twice: requests in flight were abandoned")
+            )
         finally:
             current_dispatcher.reset(token)
             reporter.finish()
@@ -320,7 +354,9 @@ async def _execute(
             journal.close()
         dispatch_seconds = time.time() - dispatch_started
 
-        manifest = _write_manifest(jobs, planned, checked.invalid, records, store, settings, reporter)
+        manifest = _write_manifest(
+            jobs, planned, checked.invalid, records, store, settings, reporter
+        )
         counts = {s: int((manifest["status"] == s).sum()) for s in STATUSES}
 
         stopped = None
@@ -333,8 +369,8 @@ async def _execute(
             out_dir,
             {
                 "run_id": run_id,
-                "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+                "finished_at": dt.datetime.now(dt.UTC).isoformat(),
                 "seconds": round(time.time() - started, 3),
                 "dispatch_seconds": round(dispatch_seconds, 3),
                 "jobs": jobs_ref if isinstance(source, str) else "<DataFrame>",
@@ -354,7 +390,9 @@ async def _execute(
                 "versions": _versions(),
             },
         )
-        return RunReport(out_dir, counts, manifest, checked.problems, used_simulator, stopped, skipped, stats)
+        return RunReport(
+            out_dir, counts, manifest, checked.problems, used_simulator, stopped, skipped, stats
+        )
     finally:
         if simulator is not None:
             simulator.stop()
@@ -374,7 +412,9 @@ def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
         f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
         "Images are synthetic and nothing is billed."
     )
-    return settings.with_overrides("api", base_url=simulator.base_url, api_key="sk-simulator"), simulator
+    return settings.with_overrides(
+        "api", base_url=simulator.base_url, api_key="sk-simulator"
+    ), simulator
 
 
 def _write_manifest(
@@ -448,5 +488,7 @@ def _out_dir(out: str | Path | None, config: str | Path | None) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
+        raise OutputError(
+            f"cannot create the output folder {path}: {exc.strerror or exc}"
+        ) from None
     return path

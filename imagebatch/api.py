@@ -1,9 +1,9 @@
 """The Python API for notebooks and scripts.
 
-    import imagebatch
-    manifest = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")   # a DataFrame
-    report = imagebatch.run_report(df, out="out")   # counts, problems, stats, .manifest
-    checked = imagebatch.validate(df)
+import imagebatch
+manifest = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")   # a DataFrame
+report = imagebatch.run_report(df, out="out")   # counts, problems, stats, .manifest
+checked = imagebatch.validate(df)
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ def check_jobs(
     rows = read_jobs(jobs)
     # With no key and no base URL a run goes to the simulator, so retired models are only warnings.
     targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
-    base_dir = Path(jobs).expanduser().resolve().parent if not isinstance(jobs, pd.DataFrame) else Path.cwd()
-    validator = Validator(Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir)
+    base_dir = (
+        Path(jobs).expanduser().resolve().parent
+        if not isinstance(jobs, pd.DataFrame)
+        else Path.cwd()
+    )
+    validator = Validator(
+        Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir
+    )
     return validator.check(rows), len(rows)
 
 
@@ -45,7 +51,9 @@ def validate(jobs: str | Path | pd.DataFrame, **kwargs: Any) -> Checked:
     return check_jobs(jobs, **kwargs)[0]
 
 
-def run(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any) -> pd.DataFrame:
+def run(
+    jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any
+) -> pd.DataFrame:
     """Run jobs and return the manifest: one row per requested image.
 
     `manifest.attrs["imagebatch"]` holds the output folder, counts, exit code and why the

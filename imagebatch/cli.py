@@ -50,14 +50,27 @@ class ConsoleReporter:
 
     def start(self, total: int, skipped: int) -> None:
         if skipped:
-            self.console.print(f"{skipped} image(s) already done in this folder: skipped, not requested again")
+            self.console.print(
+                f"{skipped} image(s) already done in this folder: skipped, not requested again"
+            )
         if self.quiet or not total:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(
-            TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), console=self.console, transient=False,
+            TextColumn("images"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
         )
         self.counts: dict[str, int] = {}
         self.task = self.progress.add_task("images", total=total, status="")
@@ -96,7 +109,9 @@ def _summary(report: Any) -> None:
     if stats.get("rate_limited"):
         extras.append(f"{stats['rate_limited']} rate-limit answers (429)")
     if stats.get("ambiguous"):
-        extras.append(f"{stats['ambiguous']} request(s) lost after sending: those images may have been paid twice")
+        extras.append(
+            f"{stats['ambiguous']} request(s) lost after sending: those images may have been paid twice"
+        )
     if extras:
         console.print("; ".join(extras))
     console.print(f"manifest: {report.out_dir / 'manifest.csv'}")
@@ -125,30 +140,79 @@ def main() -> None:
 
 @main.command()
 @click.argument("jobs", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: out).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default: out).",
+)
 @click.option("--model", help="Default model for rows that leave it empty.")
 @click.option("--size", help="Default size for rows that leave it empty.")
 @click.option("--quality", help="Default quality for rows that leave it empty.")
 @click.option("--n", "n", type=int, help="Default images per row.")
-@click.option("--output-format", type=click.Choice(["png", "jpeg", "webp"]), help="Default output_format (GPT image models).")
+@click.option(
+    "--output-format",
+    type=click.Choice(["png", "jpeg", "webp"]),
+    help="Default output_format (GPT image models).",
+)
 @click.option("--rpm", type=float, help="Requests per minute allowed (0: learn it).")
 @click.option("--ipm", type=float, help="Images per minute allowed (0: learn it).")
-@click.option("--max-in-flight", type=int, help="Requests in flight at most (0: derive from the limit and latency).")
+@click.option(
+    "--max-in-flight",
+    type=int,
+    help="Requests in flight at most (0: derive from the limit and latency).",
+)
 @click.option("--tier", help="Rate-limit preset from the config, e.g. openai-tier-3.")
-@click.option("--base-url", help="API base URL (default: $OPENAI_BASE_URL or https://api.openai.com/v1).")
+@click.option(
+    "--base-url", help="API base URL (default: $OPENAI_BASE_URL or https://api.openai.com/v1)."
+)
 @click.option("--org", "organization", help="OpenAI organization id (default: $OPENAI_ORG_ID).")
 @click.option("--project", help="OpenAI project id (default: $OPENAI_PROJECT_ID).")
 @click.option("--read-timeout", type=float, help="Seconds to wait for an answer (default 360).")
-@click.option("--on-ambiguous", type=click.Choice(["retry", "fail"]), help="A request lost after sending: retry it (may pay twice) or fail it.")
-@click.option("--task-per", type=click.Choice(["job", "chunk"]), help="One Prefect task per job (default), or per chunk of jobs for very large runs.")
-@click.option("--retry-failed", is_flag=True, help="Also redo images that failed, were rejected or did not run.")
+@click.option(
+    "--on-ambiguous",
+    type=click.Choice(["retry", "fail"]),
+    help="A request lost after sending: retry it (may pay twice) or fail it.",
+)
+@click.option(
+    "--task-per",
+    type=click.Choice(["job", "chunk"]),
+    help="One Prefect task per job (default), or per chunk of jobs for very large runs.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Also redo images that failed, were rejected or did not run.",
+)
 @click.option("--force", is_flag=True, help="Redo every image, even finished ones.")
-@click.option("--allow-changed-settings", is_flag=True, help="Run into a folder made with other defaults; affected images are redone.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file overriding configs/defaults.toml.")
-@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models in the registry.")
+@click.option(
+    "--allow-changed-settings",
+    is_flag=True,
+    help="Run into a folder made with other defaults; affected images are redone.",
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file overriding configs/defaults.toml.",
+)
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file adding or overriding models in the registry.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(jobs: Path, out: Path | None, config: Path | None, models_file: Path | None, retry_failed: bool, force: bool,
-        allow_changed_settings: bool, quiet: bool, **overrides: Any) -> None:
+def run(
+    jobs: Path,
+    out: Path | None,
+    config: Path | None,
+    models_file: Path | None,
+    retry_failed: bool,
+    force: bool,
+    allow_changed_settings: bool,
+    quiet: bool,
+    **overrides: Any,
+) -> None:
     """Run the jobs in JOBS (CSV or Parquet) and write images plus a manifest.
 
     \b
@@ -167,8 +231,15 @@ def run(jobs: Path, out: Path | None, config: Path | None, models_file: Path | N
     reporter = ConsoleReporter(quiet=quiet)
     try:
         report = run_jobs(
-            jobs, out, config=config, models=models_file, retry_failed=retry_failed, force=force,
-            allow_changed_settings=allow_changed_settings, reporter=reporter, **overrides,
+            jobs,
+            out,
+            config=config,
+            models=models_file,
+            retry_failed=retry_failed,
+            force=force,
+            allow_changed_settings=allow_changed_settings,
+            reporter=reporter,
+            **overrides,
         )
     except ImagebatchError as exc:
         reporter.finish()
@@ -185,16 +256,28 @@ def run(jobs: Path, out: Path | None, config: Path | None, models_file: Path | N
 @click.option("--model", help="Default model for rows that leave it empty.")
 @click.option("--size", help="Default size for rows that leave it empty.")
 @click.option("--quality", help="Default quality for rows that leave it empty.")
-@click.option("--base-url", help="The server the run would target (decides whether retired models are errors).")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file overriding configs/defaults.toml.")
-@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models.")
+@click.option(
+    "--base-url",
+    help="The server the run would target (decides whether retired models are errors).",
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file overriding configs/defaults.toml.",
+)
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file adding or overriding models.",
+)
 def validate(jobs: Path, config: Path | None, models_file: Path | None, **overrides: Any) -> None:
     """Check every row of JOBS against its model's rules; send nothing.
 
     Exit status 0 when every row is valid, 1 when any row is not, 2 when JOBS cannot be read.
     """
-    from imagebatch.tasks.errors import ImagebatchError
     from imagebatch.api import check_jobs
+    from imagebatch.tasks.errors import ImagebatchError
 
     try:
         checked, total = check_jobs(jobs, config=config, models=models_file, **overrides)
@@ -207,13 +290,22 @@ def validate(jobs: Path, config: Path | None, models_file: Path | None, **overri
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it on loopback).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (keep it on loopback).",
+)
 @click.option("--port", "-p", default=8787, show_default=True, type=int)
-@click.option("--latency", default=0.5, show_default=True, type=float, help="Seconds each request takes.")
+@click.option(
+    "--latency", default=0.5, show_default=True, type=float, help="Seconds each request takes."
+)
 @click.option("--rpm", default=0, type=float, help="Requests per minute before 429 (0: unlimited).")
 @click.option("--ipm", default=0, type=float, help="Images per minute before 429 (0: unlimited).")
 @click.option("--api-key", default=None, help="Require this bearer key (default: any key).")
-def simulate(host: str, port: int, latency: float, rpm: float, ipm: float, api_key: str | None) -> None:
+def simulate(
+    host: str, port: int, latency: float, rpm: float, ipm: float, api_key: str | None
+) -> None:
     """Serve an OpenAI-compatible Images API for tests and dry runs.
 
     Point a run at it with OPENAI_BASE_URL=http://HOST:PORT/v1 and any OPENAI_API_KEY.
@@ -228,7 +320,12 @@ def simulate(host: str, port: int, latency: float, rpm: float, ipm: float, api_k
 
 
 @main.command()
-@click.option("--models", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML file adding or overriding models.")
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file adding or overriding models.",
+)
 def models(models_file: Path | None) -> None:
     """List the models in the registry and what they accept."""
     from rich.console import Console
@@ -243,8 +340,14 @@ def models(models_file: Path | None) -> None:
     for name in registry.names():
         m = registry.get(name)
         sizes = ", ".join(s if s != "flexible" else "WxH (rule)" for s in m.sizes)
-        table.add_row(name, ", ".join(m.endpoints), str(m.max_n_per_call), sizes, ", ".join(m.qualities),
-                      m.retired.isoformat() if m.retired else "")
+        table.add_row(
+            name,
+            ", ".join(m.endpoints),
+            str(m.max_n_per_call),
+            sizes,
+            ", ".join(m.qualities),
+            m.retired.isoformat() if m.retired else "",
+        )
     Console().print(table)
 
 

@@ -23,9 +23,17 @@ import httpx
 from imagebatch.configs.settings import ApiSettings
 from imagebatch.tasks.errors import ApiError, TransientError
 from imagebatch.tasks.plan import RequestUnit
-from imagebatch.tasks.retry import error_from_response, error_from_transport, malformed_response_error
+from imagebatch.tasks.retry import (
+    error_from_response,
+    error_from_transport,
+    malformed_response_error,
+)
 
-ENDPOINTS = {"generate": "images/generations", "edit": "images/edits", "variation": "images/variations"}
+ENDPOINTS = {
+    "generate": "images/generations",
+    "edit": "images/edits",
+    "variation": "images/variations",
+}
 POOL_SHARD = 32
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -48,13 +56,23 @@ class ApiResult:
 
 def _is_azure_deployments(base_url: str) -> bool:
     parts = urlsplit(base_url)
-    return parts.hostname is not None and parts.hostname.endswith(".openai.azure.com") and "/v1" not in parts.path
+    return (
+        parts.hostname is not None
+        and parts.hostname.endswith(".openai.azure.com")
+        and "/v1" not in parts.path
+    )
 
 
 class ImagesClient:
     """Sends request units. Reuse one per run: it holds the connection pool."""
 
-    def __init__(self, api: ApiSettings, *, max_connections: int = 256, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        api: ApiSettings,
+        *,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.api = api
         self.azure = _is_azure_deployments(api.base_url)
         headers = {"User-Agent": "imagebatch/0.1"}
@@ -68,7 +86,10 @@ class ImagesClient:
         if api.project:
             headers["OpenAI-Project"] = api.project
         self.timeout = httpx.Timeout(
-            connect=api.connect_timeout, read=api.read_timeout, write=api.write_timeout, pool=api.pool_timeout
+            connect=api.connect_timeout,
+            read=api.read_timeout,
+            write=api.write_timeout,
+            pool=api.pool_timeout,
         )
         # httpcore scans its whole pool for every request, which cost a fifth of the client's
         # CPU with 200 connections in flight; several small pools keep each scan short.
@@ -77,14 +98,20 @@ class ImagesClient:
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         self._pools = [
             httpx.AsyncClient(
-                base_url=api.base_url.rstrip("/") + "/", headers=headers, timeout=self.timeout, limits=limits, transport=transport
+                base_url=api.base_url.rstrip("/") + "/",
+                headers=headers,
+                timeout=self.timeout,
+                limits=limits,
+                transport=transport,
             )
             for _ in range(shards)
         ]
         self._busy = [0] * shards
         self._http = self._pools[0]  # for building requests
         # URLs in responses may point at another host: fetch them without our credentials.
-        self._download = httpx.AsyncClient(timeout=self.timeout, limits=limits, follow_redirects=True)
+        self._download = httpx.AsyncClient(
+            timeout=self.timeout, limits=limits, follow_redirects=True
+        )
 
     async def aclose(self) -> None:
         for pool in self._pools:
@@ -100,7 +127,7 @@ class ImagesClient:
         finally:
             self._busy[shard] -= 1
 
-    async def __aenter__(self) -> "ImagesClient":
+    async def __aenter__(self) -> ImagesClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -124,7 +151,16 @@ class ImagesClient:
         files: list[tuple[str, tuple[str, bytes, str]]] = []
         part = "image" if len(job.images) == 1 else "image[]"
         for src in job.images:
-            files.append((part, (src.path.name, src.path.read_bytes(), MIME.get(src.format, "application/octet-stream"))))
+            files.append(
+                (
+                    part,
+                    (
+                        src.path.name,
+                        src.path.read_bytes(),
+                        MIME.get(src.format, "application/octet-stream"),
+                    ),
+                )
+            )
         if job.mask is not None:
             files.append(("mask", (job.mask.path.name, job.mask.path.read_bytes(), "image/png")))
         return self._http.build_request("POST", path, params=query, data=fields, files=files)
@@ -145,30 +181,42 @@ class ImagesClient:
         try:
             body = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise malformed_response_error("the response body is not JSON", response.status_code, request_id) from None
+            raise malformed_response_error(
+                "the response body is not JSON", response.status_code, request_id
+            ) from None
         if not isinstance(body, dict) or not isinstance(body.get("data"), list) or not body["data"]:
             if isinstance(body, dict) and "error" in body:
                 raise error_from_response(500, response.headers, response.content)
-            raise malformed_response_error("the response has no image data", response.status_code, request_id)
+            raise malformed_response_error(
+                "the response has no image data", response.status_code, request_id
+            )
         images = []
         for item in body["data"]:
             images.append(await self._image(item, request_id))
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-        extra = {k: body[k] for k in ("size", "quality", "output_format", "background") if k in body}
+        extra = {
+            k: body[k] for k in ("size", "quality", "output_format", "background") if k in body
+        }
         return ApiResult(images, request_id, response.headers, latency, usage, extra)
 
     async def _image(self, item: Any, request_id: str | None) -> ApiImage:
         if not isinstance(item, dict):
             raise malformed_response_error("an image entry is not an object", 200, request_id)
-        revised = item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+        revised = (
+            item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+        )
         if isinstance(item.get("b64_json"), str):
             try:
                 return ApiImage(base64.b64decode(item["b64_json"], validate=True), revised)
             except (binascii.Error, ValueError):
-                raise malformed_response_error("b64_json is not valid base64", 200, request_id) from None
+                raise malformed_response_error(
+                    "b64_json is not valid base64", 200, request_id
+                ) from None
         if isinstance(item.get("url"), str):
             return ApiImage(await self.download(item["url"], request_id), revised)
-        raise malformed_response_error("an image entry has neither b64_json nor url", 200, request_id)
+        raise malformed_response_error(
+            "an image entry has neither b64_json nor url", 200, request_id
+        )
 
     async def download(self, url: str, request_id: str | None = None, tries: int = 3) -> bytes:
         """Fetch an image URL at once (they expire), refusing bodies over the configured cap.
@@ -197,15 +245,27 @@ class ImagesClient:
                     )
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > cap:
-                    raise ApiError(f"the image at the URL is {declared} bytes, over the {cap:,} byte cap", code="download_too_large", request_id=request_id)
+                    raise ApiError(
+                        f"the image at the URL is {declared} bytes, over the {cap:,} byte cap",
+                        code="download_too_large",
+                        request_id=request_id,
+                    )
                 chunks, total = [], 0
                 async for chunk in response.aiter_bytes():
                     total += len(chunk)
                     if total > cap:
-                        raise ApiError(f"the image at the URL is over the {cap:,} byte cap", code="download_too_large", request_id=request_id)
+                        raise ApiError(
+                            f"the image at the URL is over the {cap:,} byte cap",
+                            code="download_too_large",
+                            request_id=request_id,
+                        )
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.TransportError as exc:
             error = error_from_transport(exc)
             # Whatever the class for an API call, a lost download is worth another try.
-            raise TransientError(f"downloading the image URL failed: {error.message}", code=error.code, request_id=request_id) from None
+            raise TransientError(
+                f"downloading the image URL failed: {error.message}",
+                code=error.code,
+                request_id=request_id,
+            ) from None

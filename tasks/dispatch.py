@@ -21,7 +21,14 @@ from prefect.states import Failed
 
 from imagebatch.configs.settings import RetrySettings
 from imagebatch.tasks.api_client import ImagesClient
-from imagebatch.tasks.errors import AmbiguousError, ApiError, FatalError, OutputError, RateLimited, RejectedError
+from imagebatch.tasks.errors import (
+    AmbiguousError,
+    ApiError,
+    FatalError,
+    OutputError,
+    RateLimited,
+    RejectedError,
+)
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.plan import RequestUnit
@@ -103,7 +110,9 @@ class Dispatcher:
                     input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
                     for index, image in zip(list(remaining), result.images):
                         try:
-                            stored = await asyncio.to_thread(self.store.save, image.data, planned.file_stem, index)
+                            stored = await asyncio.to_thread(
+                                self.store.save, image.data, planned.file_stem, index
+                            )
                         except CorruptImage:
                             continue
                         done.append(
@@ -161,7 +170,13 @@ class Dispatcher:
 
     def _image_record(self, unit: RequestUnit, index: int, **fields: Any) -> ImageRecord:
         planned = unit.planned
-        return ImageRecord(key=planned.keys[index], job_id=planned.job_id, index=index, run_id=self.run_id, **fields)
+        return ImageRecord(
+            key=planned.keys[index],
+            job_id=planned.job_id,
+            index=index,
+            run_id=self.run_id,
+            **fields,
+        )
 
     def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
         """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
@@ -187,12 +202,19 @@ def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | Non
 
 
 # The flow sets this before fanning out; tasks awaited in the flow's event loop see it.
-current_dispatcher: contextvars.ContextVar[Dispatcher] = contextvars.ContextVar("imagebatch_dispatcher")
+current_dispatcher: contextvars.ContextVar[Dispatcher] = contextvars.ContextVar(
+    "imagebatch_dispatcher"
+)
 
 
 # No results kept, no cache keys: Prefect never pickles or stores anything of ours; retries
 # are per request inside the dispatcher, where the server's hints are known.
-_TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NONE, "retries": 0, "log_prints": False}
+_TASK_OPTIONS: dict[str, Any] = {
+    "persist_result": False,
+    "cache_policy": NONE,
+    "retries": 0,
+    "log_prints": False,
+}
 
 
 @task(name="generate-images", task_run_name="{job_id}", **_TASK_OPTIONS)
@@ -217,7 +239,10 @@ async def _run_units(units: list[RequestUnit], what: str) -> Any:
     dispatcher = current_dispatcher.get()
     results = await asyncio.gather(*(dispatcher.run_unit(u) for u in units))
     records = [r for rs in results for r in rs]
-    outcomes = [{"job_id": r.job_id, "index": r.index, "status": r.status, "attempts": r.attempts} for r in records]
+    outcomes = [
+        {"job_id": r.job_id, "index": r.index, "status": r.status, "attempts": r.attempts}
+        for r in records
+    ]
     bad = [r for r in records if r.status != "succeeded"]
     if not bad:
         return outcomes
@@ -232,7 +257,10 @@ class _QuietExpectedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task run failed with state") or message.startswith("Finished in state Failed"))
+        return not (
+            message.startswith("Task run failed with state")
+            or message.startswith("Finished in state Failed")
+        )
 
 
 logging.getLogger("prefect.task_runs").addFilter(_QuietExpectedFailures())

@@ -1,23 +1,23 @@
 """The exception hierarchy. Each class maps to one thing the pipeline does about it.
 
-    ImagebatchError
-    ├── ConfigError        bad settings, flags or registry: usage error, exit 2
-    ├── InputError         the jobs file cannot be read at all: exit 2
-    ├── OutputError        the output folder cannot hold the run (disk full, unwritable)
-    │   ├── RunLocked      another run holds the folder
-    │   └── SettingsChanged  the folder was made with settings that shape output differently
-    └── ApiError           a request did not produce images
-        ├── TransientError   retry with backoff (408, 409, 5xx, transport, malformed body)
-        │   ├── RateLimited  429 rate_limit_exceeded: pause the whole run
-        │   └── AmbiguousError  sent, then lost: the server may have billed it
-        ├── RejectedError    moderation / content policy: never retried, status `rejected`
-        ├── RequestError     other 4xx: never retried, status `failed`
-        └── FatalError       401, 403, 404 model_not_found, 429 insufficient_quota: stop the run
+ImagebatchError
+├── ConfigError        bad settings, flags or registry: usage error, exit 2
+├── InputError         the jobs file cannot be read at all: exit 2
+├── OutputError        the output folder cannot hold the run (disk full, unwritable)
+│   ├── RunLocked      another run holds the folder
+│   └── SettingsChanged  the folder was made with settings that shape output differently
+└── ApiError           a request did not produce images
+    ├── TransientError   retry with backoff (408, 409, 5xx, transport, malformed body)
+    │   ├── RateLimited  429 rate_limit_exceeded: pause the whole run
+    │   └── AmbiguousError  sent, then lost: the server may have billed it
+    ├── RejectedError    moderation / content policy: never retried, status `rejected`
+    ├── RequestError     other 4xx: never retried, status `failed`
+    └── FatalError       401, 403, 404 model_not_found, 429 insufficient_quota: stop the run
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class ImagebatchError(Exception):

@@ -16,9 +16,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.store import fsync_dir as _fsync_dir
@@ -49,7 +50,9 @@ class ImageRecord:
 
 
 def _encode(record: ImageRecord) -> bytes:
-    return (json.dumps(asdict(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    return (json.dumps(asdict(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+        "utf-8"
+    )
 
 
 class Journal:
@@ -95,7 +98,9 @@ class Journal:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutputError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from None
+            raise OutputError(
+                f"cannot open the journal {self.path}: {exc.strerror or exc}"
+            ) from None
         # A torn last line from a crash would glue onto the next record: start on a fresh line.
         try:
             size = self.path.stat().st_size
@@ -144,7 +149,9 @@ class Journal:
                 raise OutputError("the journal is not open")
             if self._failed:
                 # After a failed write the file may end in a partial line; never glue onto it.
-                raise OutputError(f"the journal {self.path} could not be written earlier in this run")
+                raise OutputError(
+                    f"the journal {self.path} could not be written earlier in this run"
+                )
             try:
                 for folder in self.sync_first:
                     _fsync_dir(folder)

@@ -69,8 +69,20 @@ class _Bucket:
     """One rate dimension: `requests` (cost 1 per grant) or `images` (cost n per grant)."""
 
     __slots__ = (
-        "name", "configured", "header_limit", "estimate", "provisional", "span", "burst_fraction",
-        "grants", "used", "tokens", "token_time", "hold_until", "bound_at", "remaining",
+        "bound_at",
+        "burst_fraction",
+        "configured",
+        "estimate",
+        "grants",
+        "header_limit",
+        "hold_until",
+        "name",
+        "provisional",
+        "remaining",
+        "span",
+        "token_time",
+        "tokens",
+        "used",
     )
 
     def __init__(self, name: str, configured: float, span: float, burst_fraction: float) -> None:
@@ -171,9 +183,9 @@ class _Bucket:
 class Permit:
     """One granted slot. Report the response with `record`; leaving `slot()` releases it."""
 
-    __slots__ = ("_limiter", "images", "granted_at", "_released")
+    __slots__ = ("_limiter", "_released", "granted_at", "images")
 
-    def __init__(self, limiter: "Limiter", images: int, granted_at: float) -> None:
+    def __init__(self, limiter: Limiter, images: int, granted_at: float) -> None:
         self._limiter = limiter
         self.images = images
         self.granted_at = granted_at
@@ -205,9 +217,9 @@ class _Waiter:
 class _Slot:
     """`async with limiter.slot(n) as permit:`: waits for a grant, releases on exit."""
 
-    __slots__ = ("_limiter", "_images", "_permit")
+    __slots__ = ("_images", "_limiter", "_permit")
 
-    def __init__(self, limiter: "Limiter", images: int) -> None:
+    def __init__(self, limiter: Limiter, images: int) -> None:
         self._limiter = limiter
         self._images = images
         self._permit: Permit | None = None
@@ -291,7 +303,7 @@ class Limiter:
         self._first_grant: float | None = None
 
     @classmethod
-    def from_settings(cls, limits: LimitSettings, **kwargs: Any) -> "Limiter":
+    def from_settings(cls, limits: LimitSettings, **kwargs: Any) -> Limiter:
         """From `[limits]` (pass `configs.settings.resolve_limits(settings)` to apply the tier)."""
         return cls(
             rpm=limits.rpm,
@@ -311,7 +323,9 @@ class Limiter:
             raise ValueError("images must be >= 1")
         return _Slot(self, images)
 
-    def rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
+    def rate_limited(
+        self, retry_after: float | None, headers: Mapping[str, str] | None = None
+    ) -> None:
         """A request got a 429 rate limit: pause every grant, slow down if the limit is unknown."""
         now = self._clock()
         self._rate_limited += 1
@@ -321,7 +335,11 @@ class Limiter:
             self._learn(headers, now)
             if retry_after is None:
                 retry_after = parse_retry_after(headers)
-        pause = self.DEFAULT_PAUSE if retry_after is None else min(max(0.0, retry_after), self.MAX_PAUSE)
+        pause = (
+            self.DEFAULT_PAUSE
+            if retry_after is None
+            else min(max(0.0, retry_after), self.MAX_PAUSE)
+        )
         until = now + pause
         if until > self._pause_until:
             if self._pause_until <= now and pause > 0:
@@ -344,7 +362,9 @@ class Limiter:
                 if blamed.estimate is not None:
                     # At most halve per decrease: after a quiet spell our window holds little
                     # traffic, and one 429 must not collapse a working estimate.
-                    candidate = min(blamed.estimate, max(candidate, blamed.estimate * self.MAX_DECREASE))
+                    candidate = min(
+                        blamed.estimate, max(candidate, blamed.estimate * self.MAX_DECREASE)
+                    )
                 blamed.estimate = candidate
                 # Within the first window the server may still count traffic from before this
                 # run, so the estimate can be far too low: it is then probed at full speed.
@@ -538,12 +558,20 @@ class Limiter:
         if now - self._probe_tick >= 1.0:
             dt = min(now - self._probe_tick, 30.0)
             calm = min(now - max(self._last_429, self._pause_until), 20 * self.PROBE_DOUBLING)
-            growth = min(self.PROBE_MAX, self.PROBE_GROWTH * 2.0 ** (max(0.0, calm) / self.PROBE_DOUBLING))
+            growth = min(
+                self.PROBE_MAX, self.PROBE_GROWTH * 2.0 ** (max(0.0, calm) / self.PROBE_DOUBLING)
+            )
             for bucket in self._buckets:
-                if bucket.limit is None and bucket.estimate is not None and bucket.bound_at >= self._probe_tick:
+                if (
+                    bucket.limit is None
+                    and bucket.estimate is not None
+                    and bucket.bound_at >= self._probe_tick
+                ):
                     bucket.expire(now)
                     if bucket.provisional:
-                        bucket.estimate = min(self.MAX_RATE, bucket.estimate * (1.0 + self.PROBE_MAX * dt))
+                        bucket.estimate = min(
+                            self.MAX_RATE, bucket.estimate * (1.0 + self.PROBE_MAX * dt)
+                        )
                     elif bucket.used >= self.PROBE_USE * bucket.estimate:
                         bucket.estimate = min(self.MAX_RATE, bucket.estimate * (1.0 + growth * dt))
             self._probe_tick = now

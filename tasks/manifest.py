@@ -7,8 +7,9 @@ through after the fixed ones, so a catalog's SKU travels with its images.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -46,8 +47,21 @@ COLUMNS = [
     "key",
 ]
 # Manifest columns taken as they are from the image's journal record.
-FROM_RECORD = ("status", "revised_prompt", "error_code", "error_message", "file", "sha256", "width", "height",
-               "attempts", "ambiguous_retries", "request_id", "input_tokens", "output_tokens")
+FROM_RECORD = (
+    "status",
+    "revised_prompt",
+    "error_code",
+    "error_message",
+    "file",
+    "sha256",
+    "width",
+    "height",
+    "attempts",
+    "ambiguous_retries",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+)
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
 
@@ -84,8 +98,17 @@ def build_rows(
         if plan is None:
             message = "; ".join(str(p) for p in invalid.get(job.row, []))
             for index in range(_invalid_n(job)):
-                rows.append({**base, "job_id": job.get("id") or None, "image_index": index, "status": "invalid",
-                             "error_code": "invalid_input", "error_message": message, **job.extra})
+                rows.append(
+                    {
+                        **base,
+                        "job_id": job.get("id") or None,
+                        "image_index": index,
+                        "status": "invalid",
+                        "error_code": "invalid_input",
+                        "error_message": message,
+                        **job.extra,
+                    }
+                )
             continue
         vj = plan.job
         base.update(
@@ -119,7 +142,9 @@ def to_frame(rows: Iterable[dict[str, Any]], extra_columns: list[str]) -> pd.Dat
     return frame
 
 
-def write_manifest(frame: pd.DataFrame, out_dir: Path, formats: Iterable[str] = ("csv", "parquet")) -> list[Path]:
+def write_manifest(
+    frame: pd.DataFrame, out_dir: Path, formats: Iterable[str] = ("csv", "parquet")
+) -> list[Path]:
     """Write manifest.csv / manifest.parquet atomically; returns the paths written."""
     written = []
     for fmt in formats:
@@ -132,7 +157,11 @@ def write_manifest(frame: pd.DataFrame, out_dir: Path, formats: Iterable[str] = 
             safe = frame.copy()
             for col in safe.columns:
                 if safe[col].dtype == object:
-                    safe[col] = safe[col].map(lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+                    safe[col] = safe[col].map(
+                        lambda v: (
+                            None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+                        )
+                    )
             safe.to_parquet(buf, index=False)
             data = buf.getvalue()
         else:

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from imagebatch.tasks.errors import OutputError, RunLocked, SettingsChanged
 from imagebatch.tasks.store import write_atomic
@@ -24,7 +24,7 @@ class FolderLock:
     starts (so a second run refuses at once, however slow the Prefect API is), and the flow
     takes it again for deployments that call the flow directly."""
 
-    _held: dict[Path, int] = {}
+    _held: ClassVar[dict[Path, int]] = {}
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / LOCK_NAME
@@ -48,7 +48,9 @@ class FolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by another imagebatch run ({holder}); wait for it or use another --out") from None
+            raise RunLocked(
+                f"{self.path.parent} is in use by another imagebatch run ({holder}); wait for it or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
@@ -65,7 +67,7 @@ class FolderLock:
                 os.close(self._fd)
                 self._fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         self.acquire()
         return self
 
@@ -83,7 +85,10 @@ def read_run_json(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_run_json(out_dir: Path, data: dict[str, Any]) -> None:
-    write_atomic(out_dir / RUN_JSON, json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
+    write_atomic(
+        out_dir / RUN_JSON,
+        json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8"),
+    )
 
 
 def check_shaping(previous: dict[str, Any] | None, current: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -71,9 +71,20 @@ REJECTION_CODES = frozenset(
 REJECTION_INNER_CODES = frozenset({"responsibleaipolicyviolation"})
 QUOTA_CODE = "insufficient_quota"
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+_UNITS = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ns": 1e-9,
+}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
-_TRY_AGAIN = re.compile(r"try again in\s+((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|μs|ns|h|m|s))+)", re.I)
+_TRY_AGAIN = re.compile(
+    r"try again in\s+((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|μs|ns|h|m|s))+)", re.I
+)
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 
 
@@ -152,7 +163,7 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
     if when is None:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
 
@@ -259,23 +270,77 @@ def error_from_response(status: int, headers: Mapping[str, str] | None, body: by
 
 # (exception class, error class, code, what happened); the first match wins, so subclasses first.
 _TRANSPORT: tuple[tuple[type[BaseException], type[ApiError], str, str], ...] = (
-    (httpx.ConnectTimeout, TransientError, "connect_timeout", "connect timeout (the request was not sent)"),
-    (httpx.ConnectError, TransientError, "connect_error", "could not connect (the request was not sent)"),
-    (httpx.PoolTimeout, TransientError, "pool_timeout", "no free connection in time (the request was not sent)"),
+    (
+        httpx.ConnectTimeout,
+        TransientError,
+        "connect_timeout",
+        "connect timeout (the request was not sent)",
+    ),
+    (
+        httpx.ConnectError,
+        TransientError,
+        "connect_error",
+        "could not connect (the request was not sent)",
+    ),
+    (
+        httpx.PoolTimeout,
+        TransientError,
+        "pool_timeout",
+        "no free connection in time (the request was not sent)",
+    ),
     (httpx.ProxyError, TransientError, "proxy_error", "proxy error (the request was not sent)"),
-    (httpx.WriteTimeout, TransientError, "write_timeout", "write timeout while sending the request body"),
-    (httpx.WriteError, TransientError, "write_error", "connection failed while sending the request body"),
+    (
+        httpx.WriteTimeout,
+        TransientError,
+        "write_timeout",
+        "write timeout while sending the request body",
+    ),
+    (
+        httpx.WriteError,
+        TransientError,
+        "write_error",
+        "connection failed while sending the request body",
+    ),
     (httpx.ReadTimeout, AmbiguousError, "read_timeout", "read timeout after the request was sent"),
     (httpx.ReadError, AmbiguousError, "read_error", "connection lost after the request was sent"),
-    (httpx.RemoteProtocolError, AmbiguousError, "remote_protocol_error",
-     "the server broke the connection or protocol after the request was sent"),
+    (
+        httpx.RemoteProtocolError,
+        AmbiguousError,
+        "remote_protocol_error",
+        "the server broke the connection or protocol after the request was sent",
+    ),
     (httpx.CloseError, AmbiguousError, "close_error", "connection failed while closing"),
-    (httpx.UnsupportedProtocol, FatalError, "unsupported_protocol", "the base URL has an unsupported scheme"),
-    (httpx.LocalProtocolError, RequestError, "local_protocol_error", "the request could not be encoded"),
+    (
+        httpx.UnsupportedProtocol,
+        FatalError,
+        "unsupported_protocol",
+        "the base URL has an unsupported scheme",
+    ),
+    (
+        httpx.LocalProtocolError,
+        RequestError,
+        "local_protocol_error",
+        "the request could not be encoded",
+    ),
     (httpx.TooManyRedirects, RequestError, "too_many_redirects", "too many redirects"),
-    (httpx.DecodingError, TransientError, "decoding_error", "the response body could not be decoded"),
-    (httpx.TimeoutException, AmbiguousError, "timeout", "timed out, possibly after the request was sent"),
-    (httpx.TransportError, AmbiguousError, "transport_error", "transport failure, possibly after the request was sent"),
+    (
+        httpx.DecodingError,
+        TransientError,
+        "decoding_error",
+        "the response body could not be decoded",
+    ),
+    (
+        httpx.TimeoutException,
+        AmbiguousError,
+        "timeout",
+        "timed out, possibly after the request was sent",
+    ),
+    (
+        httpx.TransportError,
+        AmbiguousError,
+        "transport_error",
+        "transport failure, possibly after the request was sent",
+    ),
     (TimeoutError, AmbiguousError, "timeout", "timed out, possibly after the request was sent"),
     (OSError, AmbiguousError, "os_error", "network failure, possibly after the request was sent"),
 )
@@ -294,10 +359,14 @@ def error_from_transport(exc: BaseException) -> ApiError:
     for exc_cls, cls, code, what in _TRANSPORT:
         if isinstance(exc, exc_cls):
             return cls(f"{what}: {detail}", code=code)
-    return RequestError(f"unexpected client error {type(exc).__name__}: {detail}", code="client_error")
+    return RequestError(
+        f"unexpected client error {type(exc).__name__}: {detail}", code="client_error"
+    )
 
 
-def malformed_response_error(reason: str, status: int = 200, request_id: str | None = None) -> TransientError:
+def malformed_response_error(
+    reason: str, status: int = 200, request_id: str | None = None
+) -> TransientError:
     """A 2xx whose body cannot be used (bad JSON, no image data): retried like a 5xx."""
     return TransientError(
         f"malformed response: {redact(_truncate(reason))}",
@@ -342,7 +411,9 @@ def retry_wait(
     hint = error.retry_after  # type: ignore[union-attr]
     if hint is not None and 0 < hint <= settings.max_server_hint:
         return float(hint)
-    ceiling = min(settings.backoff_max, settings.backoff_initial * 2.0 ** min(max(retries_so_far, 0), 64))
+    ceiling = min(
+        settings.backoff_max, settings.backoff_initial * 2.0 ** min(max(retries_so_far, 0), 64)
+    )
     return rand() * ceiling
 
 
@@ -373,7 +444,11 @@ def retrying(
         if cached is not None and cached[0] == state.attempt_number:
             return cached[1]
         error = state.outcome.exception() if state.outcome is not None else None
-        value = retry_wait(error, state.attempt_number - 1, settings, rand) if error is not None else None
+        value = (
+            retry_wait(error, state.attempt_number - 1, settings, rand)
+            if error is not None
+            else None
+        )
         value = 0.0 if value is None else value
         setattr(state, _WAIT_ATTR, (state.attempt_number, value))
         return value

@@ -106,7 +106,9 @@ class ImageStore:
         if not self.images_dir.is_dir():
             raise OutputError(f"the output folder {self.images_dir} vanished during the run")
         write_atomic(self.out_dir / rel, data, sync_dir=False)
-        return StoredImage(rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data))
+        return StoredImage(
+            rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data)
+        )
 
     def set_aside(self, keep: set[str], folder: str = "superseded") -> list[str]:
         """Move files under images/ that no manifest row names into `folder`/; never delete paid work.

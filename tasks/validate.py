@@ -29,7 +29,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "response_format": ("url", "b64_json"),
 }
 # Columns that map one-to-one onto an optional API parameter of the same name.
-PASS_THROUGH = ("style", "background", "output_format", "output_compression", "moderation", "input_fidelity", "user")
+PASS_THROUGH = (
+    "style",
+    "background",
+    "output_format",
+    "output_compression",
+    "moderation",
+    "input_fidelity",
+    "user",
+)
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
 RETIREMENT_WARNING_DAYS = 30
 
@@ -89,9 +97,15 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _open_source(raw: str, base_dir: Path, column: str, row: int, errs: list[Problem]) -> SourceImage | None:
+def _open_source(
+    raw: str, base_dir: Path, column: str, row: int, errs: list[Problem]
+) -> SourceImage | None:
     if raw.startswith(("http://", "https://", "data:")):
-        errs.append(Problem(row, column, f"{raw[:60]!r}: only local file paths are supported as source images"))
+        errs.append(
+            Problem(
+                row, column, f"{raw[:60]!r}: only local file paths are supported as source images"
+            )
+        )
         return None
     path = Path(raw).expanduser()
     if not path.is_absolute():
@@ -141,7 +155,13 @@ class Validator:
             explicit_id = job.get("id")
             if explicit_id:
                 if explicit_id in seen_ids:
-                    errs.append(Problem(job.row, "id", f"id {explicit_id!r} is already used by row {seen_ids[explicit_id]}; ids must be unique"))
+                    errs.append(
+                        Problem(
+                            job.row,
+                            "id",
+                            f"id {explicit_id!r} is already used by row {seen_ids[explicit_id]}; ids must be unique",
+                        )
+                    )
                 else:
                     seen_ids[explicit_id] = job.row
             result = self._check_row(job, errs, warns)
@@ -165,34 +185,79 @@ class Validator:
         operation, src = self._value(job, "operation")
         operation = operation.lower()
         if operation not in OPERATIONS:
-            errs.append(Problem(row, "operation", f"unknown operation {operation!r}{src}; use one of {', '.join(OPERATIONS)}"))
+            errs.append(
+                Problem(
+                    row,
+                    "operation",
+                    f"unknown operation {operation!r}{src}; use one of {', '.join(OPERATIONS)}",
+                )
+            )
             return None
 
         model_name, src = self._value(job, "model")
         model = self.registry.get(model_name)
         if model is None:
-            errs.append(Problem(row, "model", f"unknown model {model_name!r}{src}; known models: {', '.join(self.registry.names())} (add one in the model registry)"))
+            errs.append(
+                Problem(
+                    row,
+                    "model",
+                    f"unknown model {model_name!r}{src}; known models: {', '.join(self.registry.names())} (add one in the model registry)",
+                )
+            )
             return None
         if operation not in model.endpoints:
-            errs.append(Problem(row, "operation", f"{model.name} does not serve '{operation}' (it serves {', '.join(model.endpoints)})"))
+            errs.append(
+                Problem(
+                    row,
+                    "operation",
+                    f"{model.name} does not serve '{operation}' (it serves {', '.join(model.endpoints)})",
+                )
+            )
         if model.retired is not None:
             if model.is_retired(self.today):
                 msg = f"{model.name} was retired on api.openai.com on {model.retired.isoformat()}"
                 if self.targets_openai:
                     errs.append(Problem(row, "model", msg + "; pick a current model"))
                 else:
-                    warns.append(Problem(row, "model", msg + "; the configured server may still serve it", "warning"))
+                    warns.append(
+                        Problem(
+                            row,
+                            "model",
+                            msg + "; the configured server may still serve it",
+                            "warning",
+                        )
+                    )
             elif (model.retired - self.today).days <= RETIREMENT_WARNING_DAYS:
-                warns.append(Problem(row, "model", f"{model.name} retires on api.openai.com on {model.retired.isoformat()}", "warning"))
+                warns.append(
+                    Problem(
+                        row,
+                        "model",
+                        f"{model.name} retires on api.openai.com on {model.retired.isoformat()}",
+                        "warning",
+                    )
+                )
 
         prompt = job.get("prompt")
         if operation == "variation":
             if prompt:
-                warns.append(Problem(row, "prompt", "variations take no prompt; it is recorded but not sent", "warning"))
+                warns.append(
+                    Problem(
+                        row,
+                        "prompt",
+                        "variations take no prompt; it is recorded but not sent",
+                        "warning",
+                    )
+                )
         elif not prompt:
             errs.append(Problem(row, "prompt", "prompt is empty"))
         elif len(prompt) > model.prompt_max:
-            errs.append(Problem(row, "prompt", f"prompt has {len(prompt)} characters; {model.name} allows at most {model.prompt_max}"))
+            errs.append(
+                Problem(
+                    row,
+                    "prompt",
+                    f"prompt has {len(prompt)} characters; {model.name} allows at most {model.prompt_max}",
+                )
+            )
 
         n_text, src = self._value(job, "n")
         n = 1
@@ -206,7 +271,13 @@ class Validator:
             if n < 1:
                 errs.append(Problem(row, "n", f"n must be at least 1, got {n}{src}"))
             elif n > self.defaults.max_n_per_job:
-                errs.append(Problem(row, "n", f"n is {n}; at most {self.defaults.max_n_per_job} images per job (max_n_per_job){src}"))
+                errs.append(
+                    Problem(
+                        row,
+                        "n",
+                        f"n is {n}; at most {self.defaults.max_n_per_job} images per job (max_n_per_job){src}",
+                    )
+                )
 
         params: dict[str, Any] = {"model": model.name}
         if operation != "variation":
@@ -223,7 +294,13 @@ class Validator:
             quality, src = self._value(job, "quality")
             quality = quality.lower() or model.default_quality
             if quality not in model.qualities:
-                errs.append(Problem(row, "quality", f"{model.name} offers quality {', '.join(model.qualities)}; got {quality!r}{src}"))
+                errs.append(
+                    Problem(
+                        row,
+                        "quality",
+                        f"{model.name} offers quality {', '.join(model.qualities)}; got {quality!r}{src}",
+                    )
+                )
             params["quality"] = quality
         elif job.get("quality"):
             errs.append(Problem(row, "quality", f"{model.name} takes no quality for {operation}"))
@@ -249,7 +326,13 @@ class Validator:
                     if not 0 <= comp <= 100 or float(value) != comp:
                         raise ValueError
                 except ValueError:
-                    errs.append(Problem(row, column, f"output_compression must be a whole number from 0 to 100, got {value!r}{src}"))
+                    errs.append(
+                        Problem(
+                            row,
+                            column,
+                            f"output_compression must be a whole number from 0 to 100, got {value!r}{src}",
+                        )
+                    )
                     continue
                 params[column] = comp
                 continue
@@ -257,26 +340,62 @@ class Validator:
             if column == "output_format" and value == "jpg":
                 value = "jpeg"
             if value not in CHOICES[column]:
-                errs.append(Problem(row, column, f"{column} must be one of {', '.join(CHOICES[column])}, got {value!r}{src}"))
+                errs.append(
+                    Problem(
+                        row,
+                        column,
+                        f"{column} must be one of {', '.join(CHOICES[column])}, got {value!r}{src}",
+                    )
+                )
                 continue
             params[column] = value
 
         fmt = params.get("output_format", "png")
         if "output_compression" in params and fmt not in ("jpeg", "webp"):
-            errs.append(Problem(row, "output_compression", "output_compression applies only with output_format jpeg or webp"))
+            errs.append(
+                Problem(
+                    row,
+                    "output_compression",
+                    "output_compression applies only with output_format jpeg or webp",
+                )
+            )
         if params.get("background") == "transparent":
             if fmt not in ("png", "webp"):
-                errs.append(Problem(row, "background", "a transparent background needs output_format png or webp"))
+                errs.append(
+                    Problem(
+                        row,
+                        "background",
+                        "a transparent background needs output_format png or webp",
+                    )
+                )
             elif not model.transparent_background:
-                errs.append(Problem(row, "background", f"transparent backgrounds are not confirmed for {model.name}; set transparent_background = true for it in the model registry to try"))
+                errs.append(
+                    Problem(
+                        row,
+                        "background",
+                        f"transparent backgrounds are not confirmed for {model.name}; set transparent_background = true for it in the model registry to try",
+                    )
+                )
 
         if "response_format" in model.params:
             rf = job.get("response_format").lower() or "b64_json"
             if rf not in CHOICES["response_format"]:
-                errs.append(Problem(row, "response_format", f"response_format must be url or b64_json, got {rf!r}"))
+                errs.append(
+                    Problem(
+                        row,
+                        "response_format",
+                        f"response_format must be url or b64_json, got {rf!r}",
+                    )
+                )
             params["response_format"] = rf
         elif job.get("response_format"):
-            errs.append(Problem(row, "response_format", f"{model.name} does not accept 'response_format' (it always returns base64)"))
+            errs.append(
+                Problem(
+                    row,
+                    "response_format",
+                    f"{model.name} does not accept 'response_format' (it always returns base64)",
+                )
+            )
 
         images: list[SourceImage] = []
         mask: SourceImage | None = None
@@ -285,7 +404,13 @@ class Validator:
         else:
             for column in ("image", "mask"):
                 if job.get(column):
-                    errs.append(Problem(row, column, f"'{column}' is only used by edit and variation rows; set operation"))
+                    errs.append(
+                        Problem(
+                            row,
+                            column,
+                            f"'{column}' is only used by edit and variation rows; set operation",
+                        )
+                    )
 
         if errs:
             return None
@@ -302,7 +427,13 @@ class Validator:
             return [], None
         limit = 1 if operation == "variation" else model.edit_images_max
         if len(raw) > limit:
-            errs.append(Problem(row, "image", f"{model.name} takes at most {limit} source image(s) for {operation}; got {len(raw)}"))
+            errs.append(
+                Problem(
+                    row,
+                    "image",
+                    f"{model.name} takes at most {limit} source image(s) for {operation}; got {len(raw)}",
+                )
+            )
         images = []
         for item in raw:
             src = _open_source(item, self.base_dir, "image", row, errs)
@@ -312,13 +443,37 @@ class Validator:
             square_png = operation == "variation" or model.edit_square_png
             formats = ("png",) if square_png else model.edit_image_formats
             if src.format not in formats:
-                errs.append(Problem(row, "image", f"{src.path.name} is {src.format}; {model.name} {operation} takes {', '.join(formats)}"))
+                errs.append(
+                    Problem(
+                        row,
+                        "image",
+                        f"{src.path.name} is {src.format}; {model.name} {operation} takes {', '.join(formats)}",
+                    )
+                )
             if square_png and src.width != src.height:
-                errs.append(Problem(row, "image", f"{src.path.name} is {src.width}x{src.height}; {model.name} {operation} needs a square PNG"))
+                errs.append(
+                    Problem(
+                        row,
+                        "image",
+                        f"{src.path.name} is {src.width}x{src.height}; {model.name} {operation} needs a square PNG",
+                    )
+                )
             if src.size_bytes >= model.edit_image_max_bytes and not square_png:
-                errs.append(Problem(row, "image", f"{src.path.name} is {src.size_bytes:,} bytes; the limit is {model.edit_image_max_bytes:,}"))
+                errs.append(
+                    Problem(
+                        row,
+                        "image",
+                        f"{src.path.name} is {src.size_bytes:,} bytes; the limit is {model.edit_image_max_bytes:,}",
+                    )
+                )
             if square_png and src.size_bytes >= 4_000_000:
-                errs.append(Problem(row, "image", f"{src.path.name} is {src.size_bytes:,} bytes; the limit is 4,000,000"))
+                errs.append(
+                    Problem(
+                        row,
+                        "image",
+                        f"{src.path.name} is {src.size_bytes:,} bytes; the limit is 4,000,000",
+                    )
+                )
         mask = None
         if job.get("mask"):
             if operation != "edit":
@@ -327,11 +482,31 @@ class Validator:
                 mask = _open_source(job.get("mask"), self.base_dir, "mask", row, errs)
                 if mask is not None:
                     if mask.format != "png":
-                        errs.append(Problem(row, "mask", f"the mask must be a PNG, got {mask.format}"))
+                        errs.append(
+                            Problem(row, "mask", f"the mask must be a PNG, got {mask.format}")
+                        )
                     elif not _has_alpha(mask.path):
-                        errs.append(Problem(row, "mask", "the mask needs an alpha channel: fully transparent pixels mark the area to edit"))
+                        errs.append(
+                            Problem(
+                                row,
+                                "mask",
+                                "the mask needs an alpha channel: fully transparent pixels mark the area to edit",
+                            )
+                        )
                     if mask.size_bytes >= model.mask_max_bytes:
-                        errs.append(Problem(row, "mask", f"the mask is {mask.size_bytes:,} bytes; the limit is {model.mask_max_bytes:,}"))
+                        errs.append(
+                            Problem(
+                                row,
+                                "mask",
+                                f"the mask is {mask.size_bytes:,} bytes; the limit is {model.mask_max_bytes:,}",
+                            )
+                        )
                     if images and (mask.width, mask.height) != (images[0].width, images[0].height):
-                        errs.append(Problem(row, "mask", f"the mask is {mask.width}x{mask.height} but the first image is {images[0].width}x{images[0].height}; they must match"))
+                        errs.append(
+                            Problem(
+                                row,
+                                "mask",
+                                f"the mask is {mask.width}x{mask.height} but the first image is {images[0].width}x{images[0].height}; they must match",
+                            )
+                        )
         return images, mask

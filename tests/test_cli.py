@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from imagebatch.cli import main
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.manifest import COLUMNS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"
@@ -45,7 +46,9 @@ def write_jobs(path: Path, rows: list[dict]) -> Path:
 
 
 def all_text(folder: Path) -> str:
-    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
+    return "\n".join(
+        p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file()
+    )
 
 
 def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
@@ -76,10 +79,13 @@ def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
 
 
 def test_key_never_written_or_printed(prefect_api, fresh_sim, tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.csv", [
-        {"prompt": "a cat", "model": "gpt-image-2"},
-        {"prompt": "forbidden thing", "model": "gpt-image-2"},
-    ])
+    jobs = write_jobs(
+        tmp_path / "jobs.csv",
+        [
+            {"prompt": "a cat", "model": "gpt-image-2"},
+            {"prompt": "forbidden thing", "model": "gpt-image-2"},
+        ],
+    )
     out = tmp_path / "out"
     result = invoke(["run", str(jobs), "--out", str(out)], env=api_env(fresh_sim))
     assert result.exit_code == 1
@@ -89,8 +95,12 @@ def test_key_never_written_or_printed(prefect_api, fresh_sim, tmp_path):
 
 
 def test_moderation_refusal_is_rejected_and_not_retried(prefect_api, fresh_sim, tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "a forbidden picture", "model": "gpt-image-2", "n": 2}])
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim))
+    jobs = write_jobs(
+        tmp_path / "jobs.csv", [{"prompt": "a forbidden picture", "model": "gpt-image-2", "n": 2}]
+    )
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim)
+    )
     assert result.exit_code == 1
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert manifest.status.tolist() == ["rejected", "rejected"]
@@ -102,7 +112,9 @@ def test_transient_errors_are_retried_until_success(prefect_api, fresh_sim, tmp_
     fresh_sim.configure(error_rate=0.3, seed=7)
     rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(30)]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim))
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q"], env=api_env(fresh_sim)
+    )
     assert result.exit_code == 0, result.output
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert (manifest.status == "succeeded").all()
@@ -115,7 +127,10 @@ def test_fatal_error_stops_the_run_quickly(prefect_api, fresh_sim, tmp_path):
     fresh_sim.configure(api_key="sk-the-right-one")
     rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(40)]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "2"], env=api_env(fresh_sim))
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "2"],
+        env=api_env(fresh_sim),
+    )
     assert result.exit_code == 2
     assert "stopped early" in result.output and "invalid_api_key" in result.output
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
@@ -127,19 +142,39 @@ def test_insufficient_quota_is_fatal_not_a_rate_limit(prefect_api, fresh_sim, tm
     fresh_sim.configure(quota_images=3)
     rows = [{"prompt": f"item {i}", "model": "gpt-image-2"} for i in range(20)]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "1"], env=api_env(fresh_sim))
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--max-in-flight", "1"],
+        env=api_env(fresh_sim),
+    )
     assert result.exit_code == 2
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     counts = manifest.status.value_counts().to_dict()
     assert counts["succeeded"] == 3 and counts["failed"] == 1 and counts["not_run"] == 16
-    assert manifest.loc[manifest.status == "failed", "error_code"].tolist() == ["insufficient_quota"]
+    assert manifest.loc[manifest.status == "failed", "error_code"].tolist() == [
+        "insufficient_quota"
+    ]
 
 
 def test_unknown_model_on_server_is_fatal(prefect_api, fresh_sim, tmp_path):
     models = tmp_path / "models.toml"
-    models.write_text('[models."my-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\nqualities = ["auto"]\nprompt_max = 100\n')
+    models.write_text(
+        '[models."my-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\nqualities = ["auto"]\nprompt_max = 100\n'
+    )
     jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x", "model": "my-model"}] * 5)
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--models", str(models), "--max-in-flight", "1"], env=api_env(fresh_sim))
+    result = invoke(
+        [
+            "run",
+            str(jobs),
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            "--models",
+            str(models),
+            "--max-in-flight",
+            "1",
+        ],
+        env=api_env(fresh_sim),
+    )
     assert result.exit_code == 2
     assert "model_not_found" in result.output
 
@@ -148,7 +183,9 @@ def test_rerun_requests_nothing_and_keeps_the_manifest(prefect_api, fresh_sim, t
     rows = [{"prompt": f"item {i}", "model": "dall-e-3", "n": 2} for i in range(5)]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
-    assert invoke(["run", str(jobs), "--out", str(out), "-q"], env=api_env(fresh_sim)).exit_code == 0
+    assert (
+        invoke(["run", str(jobs), "--out", str(out), "-q"], env=api_env(fresh_sim)).exit_code == 0
+    )
     first = pd.read_csv(out / "manifest.csv")
     fresh_sim.reset()
     result = invoke(["run", str(jobs), "--out", str(out), "-q"], env=api_env(fresh_sim))
@@ -161,7 +198,13 @@ def test_rerun_requests_nothing_and_keeps_the_manifest(prefect_api, fresh_sim, t
 
 def test_validate_command(tmp_path):
     good = write_jobs(tmp_path / "good.csv", [{"prompt": "x", "model": "gpt-image-2"}])
-    bad = write_jobs(tmp_path / "bad.csv", [{"prompt": "x", "model": "gpt-image-2", "size": "7x7"}, {"prompt": "y", "model": "gpt-image-2"}])
+    bad = write_jobs(
+        tmp_path / "bad.csv",
+        [
+            {"prompt": "x", "model": "gpt-image-2", "size": "7x7"},
+            {"prompt": "y", "model": "gpt-image-2"},
+        ],
+    )
     assert invoke(["validate", str(good)]).exit_code == 0
     result = invoke(["validate", str(bad)])
     assert result.exit_code == 1
@@ -176,7 +219,10 @@ def test_validate_command(tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x"}])
     assert invoke(["run", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]).exit_code == 2
-    assert invoke(["run", str(jobs), "--tier", "no-such-tier", "--out", str(tmp_path / "o")]).exit_code == 2
+    assert (
+        invoke(["run", str(jobs), "--tier", "no-such-tier", "--out", str(tmp_path / "o")]).exit_code
+        == 2
+    )
     blocked = tmp_path / "file"
     blocked.write_text("x")
     assert invoke(["run", str(jobs), "--out", str(blocked / "sub")]).exit_code == 2
@@ -184,11 +230,17 @@ def test_usage_errors_exit_2(tmp_path):
 
 def test_chunked_tasks_make_the_same_images(prefect_api, fresh_sim, tmp_path):
     config = tmp_path / "imagebatch.toml"
-    config.write_text("[flow]\ntask_per = \"chunk\"\nchunk_jobs = 7\n")
-    rows = [{"prompt": f"item {i}", "model": "dall-e-3" if i % 3 else "gpt-image-2", "n": 1 + i % 2} for i in range(20)]
+    config.write_text('[flow]\ntask_per = "chunk"\nchunk_jobs = 7\n')
+    rows = [
+        {"prompt": f"item {i}", "model": "dall-e-3" if i % 3 else "gpt-image-2", "n": 1 + i % 2}
+        for i in range(20)
+    ]
     rows[5]["prompt"] = "a forbidden item"
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    result = invoke(["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--config", str(config)], env=api_env(fresh_sim))
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--config", str(config)],
+        env=api_env(fresh_sim),
+    )
     assert result.exit_code == 1, result.output
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert len(manifest) == sum(r["n"] for r in rows)

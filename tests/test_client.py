@@ -7,6 +7,7 @@ import http.server
 import io
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -31,7 +32,9 @@ def sim():
 
 
 def units(rows: list[dict], base_dir: Path | None = None):
-    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False, base_dir=base_dir).check(read_jobs(pd.DataFrame(rows)))
+    checked = Validator(
+        Registry.load(), JobDefaults(), targets_openai=False, base_dir=base_dir
+    ).check(read_jobs(pd.DataFrame(rows)))
     assert not checked.invalid, checked.problems
     return [u for p in plan_jobs(checked.valid) for u in units_for(p, range(p.job.n))]
 
@@ -60,7 +63,18 @@ def test_edit_with_two_images_and_a_mask_is_multipart(sim, tmp_path):
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     Image.new("RGB", (64, 64), "blue").save(tmp_path / "b.png")
     Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(tmp_path / "m.png")
-    (unit,) = units([{"prompt": "merge", "model": "gpt-image-1.5", "operation": "edit", "image": "a.png|b.png", "mask": "m.png"}], tmp_path)
+    (unit,) = units(
+        [
+            {
+                "prompt": "merge",
+                "model": "gpt-image-1.5",
+                "operation": "edit",
+                "image": "a.png|b.png",
+                "mask": "m.png",
+            }
+        ],
+        tmp_path,
+    )
     client = ImagesClient(ApiSettings(base_url=sim.base_url, api_key=KEY))
     request = client.build_request(unit)
     body = request.read()
@@ -86,10 +100,10 @@ def test_errors_are_classified(sim):
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[dict] = []
+    seen: ClassVar[list[dict]] = []
     body = b""
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         _Recorder.seen.append(dict(self.headers))
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
@@ -116,7 +130,9 @@ def recorder():
 
 def test_url_download_sends_no_credentials_and_has_a_cap(recorder):
     async def go(cap: int):
-        async with ImagesClient(ApiSettings(base_url="http://127.0.0.1:9/v1", api_key=KEY, max_download_bytes=cap)) as client:
+        async with ImagesClient(
+            ApiSettings(base_url="http://127.0.0.1:9/v1", api_key=KEY, max_download_bytes=cap)
+        ) as client:
             return await client.download(recorder)
 
     data = asyncio.run(go(10_000))

@@ -21,12 +21,16 @@ def sim():
 
 def run(sim, jobs, out, *flags):
     env = {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": KEY}
-    return CliRunner().invoke(main, ["run", str(jobs), "--out", str(out), "-q", *flags], env=env, catch_exceptions=False)
+    return CliRunner().invoke(
+        main, ["run", str(jobs), "--out", str(out), "-q", *flags], env=env, catch_exceptions=False
+    )
 
 
 def jobs_csv(tmp_path, count: int, model: str = "gpt-image-2"):
     path = tmp_path / "jobs.csv"
-    pd.DataFrame({"prompt": [f"thing {i}" for i in range(count)], "model": model}).to_csv(path, index=False)
+    pd.DataFrame({"prompt": [f"thing {i}" for i in range(count)], "model": model}).to_csv(
+        path, index=False
+    )
     return path
 
 
@@ -55,7 +59,15 @@ def test_ambiguous_policy_fail_does_not_retry(prefect_api, sim, tmp_path):
 
 def test_stall_past_the_read_timeout_is_ambiguous(prefect_api, sim, tmp_path):
     sim.configure(stall_rate=1.0, stall_seconds=30)
-    result = run(sim, jobs_csv(tmp_path, 2), tmp_path / "out", "--read-timeout", "0.5", "--on-ambiguous", "fail")
+    result = run(
+        sim,
+        jobs_csv(tmp_path, 2),
+        tmp_path / "out",
+        "--read-timeout",
+        "0.5",
+        "--on-ambiguous",
+        "fail",
+    )
     assert result.exit_code == 1
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert manifest.error_code.tolist() == ["read_timeout", "read_timeout"]
@@ -80,16 +92,20 @@ def test_rate_limits_pause_and_every_image_arrives(prefect_api, sim, tmp_path):
 def test_notebook_api_takes_a_dataframe(prefect_api, sim, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    df = pd.DataFrame({
-        "prompt": ["a lighthouse", "a harbour", ""],
-        "model": ["gpt-image-2", "dall-e-3", "gpt-image-2"],
-        "n": [2, 2, 1],
-        "sku": ["L-1", "H-1", "E-1"],
-    })
+    df = pd.DataFrame(
+        {
+            "prompt": ["a lighthouse", "a harbour", ""],
+            "model": ["gpt-image-2", "dall-e-3", "gpt-image-2"],
+            "n": [2, 2, 1],
+            "sku": ["L-1", "H-1", "E-1"],
+        }
+    )
     manifest = imagebatch.run(df, out=tmp_path / "out", quality=None)
     assert manifest.attrs["imagebatch"]["exit_code"] == 1
     assert manifest.attrs["imagebatch"]["counts"]["succeeded"] == 4
     assert manifest.status.tolist() == ["succeeded"] * 4 + ["invalid"]
     assert manifest.sku.tolist() == ["L-1", "L-1", "H-1", "H-1", "E-1"]
     assert "prompt is empty" in manifest.error_message.iloc[-1]
-    assert [p.column for p in imagebatch.validate(df).problems if p.severity == "error"] == ["prompt"]
+    assert [p.column for p in imagebatch.validate(df).problems if p.severity == "error"] == [
+        "prompt"
+    ]

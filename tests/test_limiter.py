@@ -188,9 +188,16 @@ def test_cancelled_waiters_free_their_place(clock):
 
 
 def test_from_settings():
-    limiter = Limiter.from_settings(LimitSettings(rpm=7, ipm=50, max_in_flight=4, max_in_flight_ceiling=9, initial_latency=3))
+    limiter = Limiter.from_settings(
+        LimitSettings(rpm=7, ipm=50, max_in_flight=4, max_in_flight_ceiling=9, initial_latency=3)
+    )
     snap = limiter.snapshot()
-    assert (snap["rpm_limit"], snap["ipm_limit"], snap["in_flight_cap"], snap["latency_estimate"]) == (7, 50, 4, 3)
+    assert (
+        snap["rpm_limit"],
+        snap["ipm_limit"],
+        snap["in_flight_cap"],
+        snap["latency_estimate"],
+    ) == (7, 50, 4, 3)
 
 
 # -- in flight by Little's law ------------------------------------------------------------------
@@ -255,7 +262,9 @@ def test_exhausted_bucket_is_held(clock):
     clock.run(_take(limiter))
     # held for min(reset, one request's refill time at 60 rpm = 1 s)
     assert clock.time() - start == pytest.approx(1.0)
-    permit.record({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "250ms"}, 1.0)
+    permit.record(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "250ms"}, 1.0
+    )
     start = clock.time()
     clock.run(_take(limiter))
     assert clock.time() - start == pytest.approx(0.25)
@@ -349,7 +358,12 @@ def test_known_limits_are_not_lowered_by_a_429(clock):
     limiter = make(clock, rpm=100, ipm=100)
     limiter.rate_limited(1.0)
     snap = limiter.snapshot()
-    assert (snap["rpm_limit"], snap["ipm_limit"], snap["rpm_estimate"], snap["ipm_estimate"]) == (100, 100, None, None)
+    assert (snap["rpm_limit"], snap["ipm_limit"], snap["rpm_estimate"], snap["ipm_estimate"]) == (
+        100,
+        100,
+        None,
+        None,
+    )
 
 
 def test_a_429_without_accepted_traffic_sets_no_estimate(clock):
@@ -378,7 +392,13 @@ class FakeServer:
     """Sliding 60 s window over arrivals; refuses with 429 + retry-after once the window is full."""
 
     def __init__(self, clock, ipm=0, latency=lambda: 0.5, delay=lambda: 0.002, headers=False):
-        self.clock, self.ipm, self.latency, self.delay, self.headers = clock, ipm, latency, delay, headers
+        self.clock, self.ipm, self.latency, self.delay, self.headers = (
+            clock,
+            ipm,
+            latency,
+            delay,
+            headers,
+        )
         self.window = deque()
         self.used = 0
         self.accepted = []
@@ -430,7 +450,9 @@ def rate_between(server, start, a, b):
     return sum(n for t, n in server.accepted if start + a <= t < start + b) / ((b - a) / 60)
 
 
-@pytest.mark.parametrize("limit, latency", [(120, lambda: 0.5), (600, lambda: random.uniform(1, 5))])
+@pytest.mark.parametrize(
+    "limit, latency", [(120, lambda: 0.5), (600, lambda: random.uniform(1, 5))]
+)
 def test_aimd_converges_to_an_unknown_limit(clock, limit, latency):
     random.seed(7)
     limiter = make(clock)
@@ -448,7 +470,9 @@ def test_aimd_converges_to_an_unknown_limit(clock, limit, latency):
 def test_known_limit_is_held_exactly_with_jittery_arrivals(clock):
     random.seed(3)
     limiter = make(clock, ipm=600)
-    server = FakeServer(clock, ipm=600, latency=lambda: random.uniform(0.5, 3), delay=lambda: random.expovariate(20))
+    server = FakeServer(
+        clock, ipm=600, latency=lambda: random.uniform(0.5, 3), delay=lambda: random.expovariate(20)
+    )
     start = drive(clock, limiter, server, jobs=4000, duration=180)
     assert rate_between(server, start, 0, 180) >= 0.97 * 600
     assert server.refused <= 0.01 * len(server.accepted)
@@ -478,6 +502,18 @@ def test_unlimited_server_runs_at_the_ceiling(clock):
 
 def test_snapshot_keys(clock):
     snap = make(clock).snapshot()
-    for key in ("rpm_limit", "ipm_limit", "rpm_estimate", "ipm_estimate", "in_flight", "peak_in_flight",
-                "in_flight_cap", "queued", "pauses", "rate_limited", "latency_estimate", "paused"):
+    for key in (
+        "rpm_limit",
+        "ipm_limit",
+        "rpm_estimate",
+        "ipm_estimate",
+        "in_flight",
+        "peak_in_flight",
+        "in_flight_cap",
+        "queued",
+        "pauses",
+        "rate_limited",
+        "latency_estimate",
+        "paused",
+    ):
         assert key in snap

@@ -20,7 +20,9 @@ from imagebatch.tasks.validate import Validator
 
 
 def planned(rows: list[dict]):
-    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(read_jobs(pd.DataFrame(rows)))
+    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(
+        read_jobs(pd.DataFrame(rows))
+    )
     assert not checked.invalid, checked.problems
     return plan_jobs(checked.valid)
 
@@ -46,7 +48,10 @@ def test_keys_survive_reordering_and_appending():
         {"id": "X", "prompt": "c", "model": "gpt-image-2"},
     ]
     before = {p.job_id: p.keys for p in planned(rows)}
-    after = {p.job_id: p.keys for p in planned([{"prompt": "new", "model": "gpt-image-2"}, rows[2], rows[1], rows[0]])}
+    after = {
+        p.job_id: p.keys
+        for p in planned([{"prompt": "new", "model": "gpt-image-2"}, rows[2], rows[1], rows[0]])
+    }
     for job_id, keys in before.items():
         assert after[job_id] == keys
 
@@ -62,7 +67,9 @@ def test_keys_change_with_what_shapes_the_image():
 
 
 def test_identical_rows_are_distinct_jobs():
-    a, b = planned([{"prompt": "same", "model": "gpt-image-2"}, {"prompt": "same", "model": "gpt-image-2"}])
+    a, b = planned(
+        [{"prompt": "same", "model": "gpt-image-2"}, {"prompt": "same", "model": "gpt-image-2"}]
+    )
     assert a.job_id != b.job_id
     assert set(a.keys).isdisjoint(b.keys)
 

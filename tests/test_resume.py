@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -72,20 +73,36 @@ def invoke(args: list[str], sim: SimulatorServer):
     return CliRunner().invoke(main, ["run", *args], env=api_env(sim), catch_exceptions=False)
 
 
-def start_cli(procs: list, jobs: Path, out: Path, args: list[str], sim: SimulatorServer, prefect_api: str,
-              log: Path) -> subprocess.Popen:
+def start_cli(
+    procs: list,
+    jobs: Path,
+    out: Path,
+    args: list[str],
+    sim: SimulatorServer,
+    prefect_api: str,
+    log: Path,
+) -> subprocess.Popen:
     env = {**os.environ, **api_env(sim), "PREFECT_API_URL": prefect_api}
     f = log.open("ab")
     p = subprocess.Popen(
         [sys.executable, "-m", "imagebatch.cli", "run", str(jobs), "--out", str(out), "-q", *args],
-        env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        env=env,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
     )
     f.close()
     procs.append(p)
     return p
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> Any:
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -93,7 +110,9 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, proc: subproces
             return value
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}:\n{tail}")
+            raise AssertionError(
+                f"process exited ({proc.returncode}) while waiting for {what}:\n{tail}"
+            )
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -129,7 +148,9 @@ def assert_journal_truthful(out: Path) -> int:
         if rec["status"] == "succeeded":
             path = out / rec["file"]
             assert path.is_file(), f"journal says {rec['file']} succeeded but it is not on disk"
-            assert sha256_of(path) == rec["sha256"], f"journal sha256 of {rec['file']} does not match the bytes"
+            assert sha256_of(path) == rec["sha256"], (
+                f"journal sha256 of {rec['file']} does not match the bytes"
+            )
             ok += 1
     return ok
 
@@ -140,17 +161,23 @@ def read_manifest(out: Path) -> pd.DataFrame:
 
 def image_files(out: Path) -> set[str]:
     images = out / "images"
-    return {f"images/{p.name}" for p in images.iterdir() if p.is_file()} if images.is_dir() else set()
+    return (
+        {f"images/{p.name}" for p in images.iterdir() if p.is_file()} if images.is_dir() else set()
+    )
 
 
 def tmp_leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "images").glob(".tmp-*")) if (out / "images").is_dir() else []
+    return (
+        sorted(p.name for p in (out / "images").glob(".tmp-*")) if (out / "images").is_dir() else []
+    )
 
 
 def assert_manifest_verifies(out: Path, *, all_succeeded: bool) -> pd.DataFrame:
     """Succeeded rows name files whose bytes match; images/ holds exactly those files."""
     m = read_manifest(out)
-    assert m.key.notna().all() and m.key.is_unique, "one manifest row per requested image, keys unique"
+    assert m.key.notna().all() and m.key.is_unique, (
+        "one manifest row per requested image, keys unique"
+    )
     if all_succeeded:
         assert m.status.value_counts().to_dict() == {"succeeded": len(m)}
     done = m[m.status == "succeeded"]
@@ -158,8 +185,12 @@ def assert_manifest_verifies(out: Path, *, all_succeeded: bool) -> pd.DataFrame:
     for row in done.itertuples():
         path = out / row.file
         assert path.is_file(), f"{row.file} missing"
-        assert sha256_of(path) == row.sha256, f"{row.file}: sha256 in the manifest does not match the bytes"
-    assert image_files(out) == set(done.file), "images/ must hold exactly the files of succeeded rows"
+        assert sha256_of(path) == row.sha256, (
+            f"{row.file}: sha256 in the manifest does not match the bytes"
+        )
+    assert image_files(out) == set(done.file), (
+        "images/ must hold exactly the files of succeeded rows"
+    )
     assert m[m.status != "succeeded"].file.isna().all()
     return m
 
@@ -170,9 +201,23 @@ def mixed_jobs(n_jobs: int, seed: int) -> list[dict]:
     rows = []
     for i in range(n_jobs):
         if rng.random() < 0.55:
-            rows.append({"id": f"g{i:03d}", "prompt": f"a red kite number {i}", "model": "gpt-image-2", "n": rng.randint(1, 3)})
+            rows.append(
+                {
+                    "id": f"g{i:03d}",
+                    "prompt": f"a red kite number {i}",
+                    "model": "gpt-image-2",
+                    "n": rng.randint(1, 3),
+                }
+            )
         else:
-            rows.append({"id": f"d{i:03d}", "prompt": f"a blue boat number {i}", "model": "dall-e-3", "n": rng.randint(1, 2)})
+            rows.append(
+                {
+                    "id": f"d{i:03d}",
+                    "prompt": f"a blue boat number {i}",
+                    "model": "dall-e-3",
+                    "n": rng.randint(1, 2),
+                }
+            )
     return rows
 
 
@@ -192,8 +237,11 @@ def test_sigkill_at_random_points_never_pays_twice(prefect_api, make_sim, procs,
     args = ["--max-in-flight", str(max_in_flight)]
 
     # Kill when the journal reaches a (seeded) random share of the images: early, middle, late.
-    targets = [rng.randint(3, requested // 8), rng.randint(requested * 2 // 5, requested * 3 // 5),
-               rng.randint(requested * 3 // 4, requested * 9 // 10)]
+    targets = [
+        rng.randint(3, requested // 8),
+        rng.randint(requested * 2 // 5, requested * 3 // 5),
+        rng.randint(requested * 3 // 4, requested * 9 // 10),
+    ]
     kills = 0
     for target in targets:
         p = start_cli(procs, jobs, out, args, sim, prefect_api, log)
@@ -222,7 +270,9 @@ def test_sigkill_at_random_points_never_pays_twice(prefect_api, make_sim, procs,
     assert sorted(m.job_id + "_" + m.image_index.astype(str)) == sorted(expected)
 
     # Finished work is never requested again: one succeeded journal line per key.
-    succeeded_lines = Counter(rec["key"] for rec in journal_lines(out) if rec["status"] == "succeeded")
+    succeeded_lines = Counter(
+        rec["key"] for rec in journal_lines(out) if rec["status"] == "succeeded"
+    )
     assert set(succeeded_lines) == set(m.key)
     assert max(succeeded_lines.values()) == 1, [k for k, c in succeeded_lines.items() if c > 1][:5]
 
@@ -251,11 +301,23 @@ def test_rejected_rows_are_kept_until_retry_failed_or_changed(prefect_api, make_
     assert r.exit_code == 1, r.output
     m1 = read_manifest(out)
     assert m1.groupby("job_id").status.agg(lambda s: sorted(set(s))).to_dict() == {
-        "ok1": ["succeeded"], "ok2": ["succeeded"], "ok3": ["succeeded"],
-        "bad1": ["rejected"], "bad2": ["rejected"], "bad3": ["rejected"],
+        "ok1": ["succeeded"],
+        "ok2": ["succeeded"],
+        "ok3": ["succeeded"],
+        "bad1": ["rejected"],
+        "bad2": ["rejected"],
+        "bad3": ["rejected"],
     }
-    codes = m1.loc[m1.status == "rejected"].groupby("model").error_code.agg(lambda s: sorted(set(s))).to_dict()
-    assert codes == {"gpt-image-2": ["moderation_blocked"], "dall-e-3": ["content_policy_violation"]}
+    codes = (
+        m1.loc[m1.status == "rejected"]
+        .groupby("model")
+        .error_code.agg(lambda s: sorted(set(s)))
+        .to_dict()
+    )
+    assert codes == {
+        "gpt-image-2": ["moderation_blocked"],
+        "dall-e-3": ["content_policy_violation"],
+    }
     rejected_calls = 1 + 2 + 1  # gpt-image-2 n=2 is one call, dall-e-3 n=2 is two
     assert sim.stats()["moderated"] == rejected_calls
 
@@ -277,7 +339,9 @@ def test_rejected_rows_are_kept_until_retry_failed_or_changed(prefect_api, make_
     assert (m2.status == m1.status).all() and (m2.key == m1.key).all()
     assert (m2.attempts.fillna(0) >= 1).all()
     ok_cols = ["key", "file", "sha256", "request_id"]
-    pd.testing.assert_frame_equal(m2.loc[m2.status == "succeeded", ok_cols], m1.loc[m1.status == "succeeded", ok_cols])
+    pd.testing.assert_frame_equal(
+        m2.loc[m2.status == "succeeded", ok_cols], m1.loc[m1.status == "succeeded", ok_cols]
+    )
 
     # Edit the CSV: the changed rows get new keys, and only they are requested.
     edited = [{**row, "prompt": row["prompt"].replace("forbidden ", "")} for row in rows]
@@ -301,8 +365,15 @@ def test_rejected_rows_are_kept_until_retry_failed_or_changed(prefect_api, make_
 # --------------------------------------------------------------------------- 3. --force
 def test_force_redoes_every_image(prefect_api, make_sim, tmp_path):
     sim = make_sim(latency=0.01)
-    rows = [{"id": f"f{i}", "prompt": f"a cup {i}", "model": "dall-e-3" if i % 3 == 0 else "gpt-image-2",
-             "n": 2 if i % 3 == 0 else 1} for i in range(12)]
+    rows = [
+        {
+            "id": f"f{i}",
+            "prompt": f"a cup {i}",
+            "model": "dall-e-3" if i % 3 == 0 else "gpt-image-2",
+            "n": 2 if i % 3 == 0 else 1,
+        }
+        for i in range(12)
+    ]
     images = sum(r["n"] for r in rows)
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
@@ -318,7 +389,9 @@ def test_force_redoes_every_image(prefect_api, make_sim, tmp_path):
     assert stats["images_billed"] == images
     second = assert_manifest_verifies(out, all_succeeded=True)
     assert list(second.key) == list(first.key)
-    assert set(second.request_id).isdisjoint(set(first.request_id)), "every image must come from a new request"
+    assert set(second.request_id).isdisjoint(set(first.request_id)), (
+        "every image must come from a new request"
+    )
     assert len(second) == images and tmp_leftovers(out) == []
 
 
@@ -338,7 +411,9 @@ def test_changed_default_settings_refuse_unless_allowed(prefect_api, make_sim, t
     run_json = (out / "run.json").read_bytes()
 
     sim.reset()
-    r = invoke([str(jobs), "--out", str(out), "-q", "--model", "gpt-image-2", "--size", "1536x1024"], sim)
+    r = invoke(
+        [str(jobs), "--out", str(out), "-q", "--model", "gpt-image-2", "--size", "1536x1024"], sim
+    )
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
     assert "other settings" in text and "size" in text and "1536x1024" in text
@@ -347,12 +422,26 @@ def test_changed_default_settings_refuse_unless_allowed(prefect_api, make_sim, t
     pd.testing.assert_frame_equal(read_manifest(out), first)
     assert (out / "run.json").read_bytes() == run_json
 
-    r = invoke([str(jobs), "--out", str(out), "-q", "--model", "gpt-image-2", "--size", "1536x1024",
-                "--allow-changed-settings"], sim)
+    r = invoke(
+        [
+            str(jobs),
+            "--out",
+            str(out),
+            "-q",
+            "--model",
+            "gpt-image-2",
+            "--size",
+            "1536x1024",
+            "--allow-changed-settings",
+        ],
+        sim,
+    )
     assert r.exit_code == 0, r.output
     second = assert_manifest_verifies(out, all_succeeded=True)
     stats = sim.stats()
-    assert stats["images_billed"] == 3 and stats["requests_seen"] == 2  # only the rows with an empty size
+    assert (
+        stats["images_billed"] == 3 and stats["requests_seen"] == 2
+    )  # only the rows with an empty size
     by_id = second.set_index(second.job_id + "/" + second.image_index.astype(str))
     old = first.set_index(first.job_id + "/" + first.image_index.astype(str))
     assert by_id.loc["fixed/0", "key"] == old.loc["fixed/0", "key"]
@@ -370,20 +459,26 @@ def test_changed_settings_refused_after_a_killed_first_run(prefect_api, make_sim
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
     log = tmp_path / "cli.log"
-    p = start_cli(procs, jobs, out, ["--max-in-flight", "2", "--model", "gpt-image-2"], sim, prefect_api, log)
+    p = start_cli(
+        procs, jobs, out, ["--max-in-flight", "2", "--model", "gpt-image-2"], sim, prefect_api, log
+    )
     wait_for(lambda: len(journal_lines(out)) >= 2, 60, "2 journal lines", p, log)
     p.send_signal(signal.SIGKILL)
     assert p.wait(10) == -signal.SIGKILL
     assert assert_journal_truthful(out) >= 2
     sim.configure(latency=0.01)
     sim.reset()
-    r = invoke([str(jobs), "--out", str(out), "-q", "--model", "gpt-image-2", "--size", "1536x1024"], sim)
+    r = invoke(
+        [str(jobs), "--out", str(out), "-q", "--model", "gpt-image-2", "--size", "1536x1024"], sim
+    )
     assert r.exit_code == 2, r.output
     assert sim.stats()["requests_seen"] == 0
 
 
 # --------------------------------------------------------------------------- 5. lock
-def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(prefect_api, make_sim, procs, tmp_path):
+def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(
+    prefect_api, make_sim, procs, tmp_path
+):
     sim = make_sim(latency=1.0)
     rows = [{"id": f"l{i}", "prompt": f"a lock {i}", "model": "gpt-image-2"} for i in range(20)]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
@@ -391,7 +486,13 @@ def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(prefect_api, 
     log = tmp_path / "cli.log"
     p = start_cli(procs, jobs, out, ["--max-in-flight", "2"], sim, prefect_api, log)
     lock = out / ".imagebatch.lock"
-    wait_for(lambda: lock.exists() and f"pid {p.pid} " in lock.read_text(errors="replace"), 60, "the lock", p, log)
+    wait_for(
+        lambda: lock.exists() and f"pid {p.pid} " in lock.read_text(errors="replace"),
+        60,
+        "the lock",
+        p,
+        log,
+    )
     wait_for(lambda: sim.stats()["requests_seen"] >= 1, 30, "the first request", p, log)
 
     t0 = time.monotonic()
@@ -420,9 +521,14 @@ def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(prefect_api, 
 
 # --------------------------------------------------------------------------- 6. Ctrl-C
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(prefect_api, make_sim, procs, tmp_path, sig):
+def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(
+    prefect_api, make_sim, procs, tmp_path, sig
+):
     sim = make_sim(latency=1.0)
-    rows = [{"id": f"c{i:02d}", "prompt": f"a clock {i}", "model": "gpt-image-2", "n": 1 + i % 2} for i in range(40)]
+    rows = [
+        {"id": f"c{i:02d}", "prompt": f"a clock {i}", "model": "gpt-image-2", "n": 1 + i % 2}
+        for i in range(40)
+    ]
     total = sum(r["n"] for r in rows)
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
@@ -462,7 +568,9 @@ def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(prefect_api, m
 
 def test_second_sigint_abandons_requests_in_flight(prefect_api, make_sim, procs, tmp_path):
     sim = make_sim(latency=8.0)
-    rows = [{"id": f"a{i:02d}", "prompt": f"an anchor {i}", "model": "gpt-image-2"} for i in range(10)]
+    rows = [
+        {"id": f"a{i:02d}", "prompt": f"an anchor {i}", "model": "gpt-image-2"} for i in range(10)
+    ]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
     log = tmp_path / "cli.log"
@@ -485,7 +593,10 @@ def test_second_sigint_abandons_requests_in_flight(prefect_api, make_sim, procs,
 # --------------------------------------------------------------------------- 7. corrupt files
 def test_truncated_and_deleted_images_are_requested_again(prefect_api, make_sim, tmp_path):
     sim = make_sim(latency=0.01)
-    rows = [{"id": f"t{i}", "prompt": f"a tree {i}", "model": "gpt-image-2", "n": 3 if i == 0 else 1} for i in range(8)]
+    rows = [
+        {"id": f"t{i}", "prompt": f"a tree {i}", "model": "gpt-image-2", "n": 3 if i == 0 else 1}
+        for i in range(8)
+    ]
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
     assert invoke([str(jobs), "--out", str(out), "-q"], sim).exit_code == 0
@@ -525,7 +636,10 @@ class _OsProxy:
 
 
 def _disk_full_jobs(tmp_path: Path) -> tuple[Path, int]:
-    rows = [{"id": f"s{i:02d}", "prompt": f"a stone {i}", "model": "gpt-image-2", "n": 1 + i % 3} for i in range(24)]
+    rows = [
+        {"id": f"s{i:02d}", "prompt": f"a stone {i}", "model": "gpt-image-2", "n": 1 + i % 3}
+        for i in range(24)
+    ]
     return write_jobs(tmp_path / "jobs.csv", rows), sum(r["n"] for r in rows)
 
 
@@ -623,7 +737,9 @@ def test_short_journal_write_is_not_taken_as_durable(prefect_api, make_sim, tmp_
     # Whatever the run reports as succeeded must be in the journal, its durable memory.
     journal_done = {k for k, rec in latest_records(out).items() if rec["status"] == "succeeded"}
     manifest_done = set(m.loc[m.status == "succeeded", "key"])
-    assert manifest_done <= journal_done, f"{len(manifest_done - journal_done)} succeeded image(s) not in the journal"
+    assert manifest_done <= journal_done, (
+        f"{len(manifest_done - journal_done)} succeeded image(s) not in the journal"
+    )
     sim.reset()
     r = invoke([str(jobs), "--out", str(out), "-q"], sim)
     assert r.exit_code == 0, r.output

@@ -101,14 +101,44 @@ def test_parse_retry_after_httpx_headers_and_default_now():
 
 CASES = [
     # status, body, headers, class, code
-    (400, body("moderation_blocked", "image_generation_user_error"), {}, RejectedError, "moderation_blocked"),
-    (400, body("content_policy_violation", "invalid_request_error"), {}, RejectedError, "content_policy_violation"),
+    (
+        400,
+        body("moderation_blocked", "image_generation_user_error"),
+        {},
+        RejectedError,
+        "moderation_blocked",
+    ),
+    (
+        400,
+        body("content_policy_violation", "invalid_request_error"),
+        {},
+        RejectedError,
+        "content_policy_violation",
+    ),
     (400, body("contentFilter"), {}, RejectedError, "contentFilter"),
     (400, body("content_filter"), {}, RejectedError, "content_filter"),
-    (400, body("BadRequest", inner_error={"code": "ResponsibleAIPolicyViolation"}), {}, RejectedError, "BadRequest"),
-    (400, body(None, innererror={"code": "ResponsibleAIPolicyViolation"}), {}, RejectedError, "http_400"),
+    (
+        400,
+        body("BadRequest", inner_error={"code": "ResponsibleAIPolicyViolation"}),
+        {},
+        RejectedError,
+        "BadRequest",
+    ),
+    (
+        400,
+        body(None, innererror={"code": "ResponsibleAIPolicyViolation"}),
+        {},
+        RejectedError,
+        "http_400",
+    ),
     (422, body("moderation_blocked"), {}, RejectedError, "moderation_blocked"),
-    (400, body("invalid_value", "invalid_request_error", param="size"), {}, RequestError, "invalid_value"),
+    (
+        400,
+        body("invalid_value", "invalid_request_error", param="size"),
+        {},
+        RequestError,
+        "invalid_value",
+    ),
     (422, body("unprocessable"), {}, RequestError, "unprocessable"),
     (413, b"too big", {}, RequestError, "http_413"),
     (415, body(None, "invalid_request_error"), {}, RequestError, "invalid_request_error"),
@@ -121,18 +151,36 @@ CASES = [
     (429, body("insufficient_quota", "insufficient_quota"), {}, FatalError, "insufficient_quota"),
     (429, body(None, "insufficient_quota"), {}, FatalError, "insufficient_quota"),
     (401, body("invalid_api_key"), {}, FatalError, "invalid_api_key"),
-    (403, body("unsupported_country_region_territory"), {}, FatalError, "unsupported_country_region_territory"),
+    (
+        403,
+        body("unsupported_country_region_territory"),
+        {},
+        FatalError,
+        "unsupported_country_region_territory",
+    ),
     (404, body("model_not_found", "invalid_request_error"), {}, FatalError, "model_not_found"),
     (404, b"Not Found", {}, FatalError, "http_404"),
     (302, b"", {}, RequestError, "http_302"),
     # x-should-retry
     (400, body("invalid_value"), {"x-should-retry": "true"}, TransientError, "invalid_value"),
-    (400, body("moderation_blocked"), {"x-should-retry": "true"}, RejectedError, "moderation_blocked"),
+    (
+        400,
+        body("moderation_blocked"),
+        {"x-should-retry": "true"},
+        RejectedError,
+        "moderation_blocked",
+    ),
     (401, body("invalid_api_key"), {"X-Should-Retry": "true"}, FatalError, "invalid_api_key"),
     (429, body("insufficient_quota"), {"x-should-retry": "true"}, FatalError, "insufficient_quota"),
     (503, b"", {"x-should-retry": "false"}, RequestError, "http_503"),
     (409, body("conflict"), {"x-should-retry": "false"}, RequestError, "conflict"),
-    (429, body("rate_limit_exceeded"), {"x-should-retry": "false"}, RateLimited, "rate_limit_exceeded"),
+    (
+        429,
+        body("rate_limit_exceeded"),
+        {"x-should-retry": "false"},
+        RateLimited,
+        "rate_limit_exceeded",
+    ),
 ]
 
 
@@ -146,8 +194,15 @@ def test_classification(status, payload, headers, cls, code):
 
 def test_response_fields():
     headers = httpx.Headers({"X-Request-Id": "req_123", "Retry-After": "7"})
-    err = error_from_response(429, headers, body("rate_limit_exceeded", "images", "slow down", param="n"))
-    assert (err.message, err.code, err.type, err.param) == ("slow down", "rate_limit_exceeded", "images", "n")
+    err = error_from_response(
+        429, headers, body("rate_limit_exceeded", "images", "slow down", param="n")
+    )
+    assert (err.message, err.code, err.type, err.param) == (
+        "slow down",
+        "rate_limit_exceeded",
+        "images",
+        "n",
+    )
     assert err.request_id == "req_123"
     assert err.retry_after == 7.0
     assert err.should_retry is None
@@ -162,12 +217,21 @@ def test_should_retry_recorded():
 
 def test_rate_limit_hint_from_message():
     msg = "Rate limit reached for gpt-image-2 on input-images per min: Limit 250, Used 250, Requested 1. Please try again in 240ms."
-    assert error_from_response(429, {}, body("rate_limit_exceeded", message=msg)).retry_after == pytest.approx(0.24)
+    assert error_from_response(
+        429, {}, body("rate_limit_exceeded", message=msg)
+    ).retry_after == pytest.approx(0.24)
     msg2 = "Please try again in 1m30s. Visit ..."
-    assert error_from_response(429, {}, body("rate_limit_exceeded", message=msg2)).retry_after == pytest.approx(90)
+    assert error_from_response(
+        429, {}, body("rate_limit_exceeded", message=msg2)
+    ).retry_after == pytest.approx(90)
     # a header beats the message
-    assert error_from_response(429, {"retry-after-ms": "500"}, body(message=msg)).retry_after == pytest.approx(0.5)
-    assert error_from_response(429, {}, body("rate_limit_exceeded", message="no hint")).retry_after is None
+    assert error_from_response(
+        429, {"retry-after-ms": "500"}, body(message=msg)
+    ).retry_after == pytest.approx(0.5)
+    assert (
+        error_from_response(429, {}, body("rate_limit_exceeded", message="no hint")).retry_after
+        is None
+    )
 
 
 def test_unparseable_bodies():
@@ -183,7 +247,13 @@ def test_unparseable_bodies():
 
 
 def test_messages_never_carry_a_key():
-    err = error_from_response(401, {}, body("invalid_api_key", message="Incorrect API key provided: sk-proj-abcdefghijklmnop1234."))
+    err = error_from_response(
+        401,
+        {},
+        body(
+            "invalid_api_key", message="Incorrect API key provided: sk-proj-abcdefghijklmnop1234."
+        ),
+    )
     assert "abcdefghijklmnop" not in str(err)
     exc = httpx.ConnectError("failed for sk-abcdefghijklmnopqrstuv")
     assert "abcdefghijklmnop" not in str(error_from_transport(exc))
@@ -198,15 +268,45 @@ REQ = httpx.Request("POST", "https://api.openai.com/v1/images/generations")
     "exc, cls, code, words",
     [
         (httpx.ConnectError("refused", request=REQ), TransientError, "connect_error", "not sent"),
-        (httpx.ConnectTimeout("slow", request=REQ), TransientError, "connect_timeout", "connect timeout"),
+        (
+            httpx.ConnectTimeout("slow", request=REQ),
+            TransientError,
+            "connect_timeout",
+            "connect timeout",
+        ),
         (httpx.PoolTimeout("busy", request=REQ), TransientError, "pool_timeout", "not sent"),
-        (httpx.WriteError("pipe", request=REQ), TransientError, "write_error", "sending the request body"),
+        (
+            httpx.WriteError("pipe", request=REQ),
+            TransientError,
+            "write_error",
+            "sending the request body",
+        ),
         (httpx.WriteTimeout("slow", request=REQ), TransientError, "write_timeout", "write timeout"),
-        (httpx.ReadTimeout("slow", request=REQ), AmbiguousError, "read_timeout", "read timeout after the request was sent"),
-        (httpx.ReadError("reset", request=REQ), AmbiguousError, "read_error", "after the request was sent"),
-        (httpx.RemoteProtocolError("Server disconnected", request=REQ), AmbiguousError, "remote_protocol_error", "after the request was sent"),
-        (httpx.UnsupportedProtocol("ftp", request=REQ), FatalError, "unsupported_protocol", "scheme"),
-        (asyncio.TimeoutError(), AmbiguousError, "timeout", "timed out"),
+        (
+            httpx.ReadTimeout("slow", request=REQ),
+            AmbiguousError,
+            "read_timeout",
+            "read timeout after the request was sent",
+        ),
+        (
+            httpx.ReadError("reset", request=REQ),
+            AmbiguousError,
+            "read_error",
+            "after the request was sent",
+        ),
+        (
+            httpx.RemoteProtocolError("Server disconnected", request=REQ),
+            AmbiguousError,
+            "remote_protocol_error",
+            "after the request was sent",
+        ),
+        (
+            httpx.UnsupportedProtocol("ftp", request=REQ),
+            FatalError,
+            "unsupported_protocol",
+            "scheme",
+        ),
+        (TimeoutError(), AmbiguousError, "timeout", "timed out"),
         (ValueError("bug"), RequestError, "client_error", "ValueError"),
     ],
 )
@@ -232,7 +332,9 @@ def test_malformed_response():
 
 # -- retry_wait ----------------------------------------------------------------------------------
 
-S = RetrySettings(max_attempts=5, max_total_seconds=900, backoff_initial=0.5, backoff_max=30, max_server_hint=120)
+S = RetrySettings(
+    max_attempts=5, max_total_seconds=900, backoff_initial=0.5, backoff_max=30, max_server_hint=120
+)
 
 
 def never():
@@ -253,7 +355,10 @@ def test_zero_hint_falls_back_to_backoff():
     assert retry_wait(TransientError("x", retry_after=0.0), 0, S, lambda: 1.0) == 0.5
 
 
-@pytest.mark.parametrize("k, ceiling", [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0), (10_000, 30.0)])
+@pytest.mark.parametrize(
+    "k, ceiling",
+    [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0), (10_000, 30.0)],
+)
 def test_full_jitter_bounds(k, ceiling):
     err = TransientError("x")
     assert retry_wait(err, k, S, lambda: 1.0) == pytest.approx(ceiling)
@@ -262,8 +367,16 @@ def test_full_jitter_bounds(k, ceiling):
 
 
 @pytest.mark.parametrize(
-    "err", [RejectedError("x"), RequestError("x"), FatalError("x"), ApiError("x"), ValueError("x"),
-            TransientError("x", should_retry=False), RateLimited("x", should_retry=False)]
+    "err",
+    [
+        RejectedError("x"),
+        RequestError("x"),
+        FatalError("x"),
+        ApiError("x"),
+        ValueError("x"),
+        TransientError("x", should_retry=False),
+        RateLimited("x", should_retry=False),
+    ],
 )
 def test_not_retryable(err):
     assert retry_wait(err, 0, S, lambda: 0.5) is None
@@ -293,7 +406,12 @@ def run_policy(settings, outcomes, rand=lambda: 1.0):
     attempts = []
 
     async def main():
-        async for attempt in retrying(settings, on_retry=lambda e, n, w: retries.append((type(e), n, w)), sleep=sleep, rand=rand):
+        async for attempt in retrying(
+            settings,
+            on_retry=lambda e, n, w: retries.append((type(e), n, w)),
+            sleep=sleep,
+            rand=rand,
+        ):
             with attempt:
                 attempts.append(1)
                 outcome = outcomes[len(attempts) - 1]
@@ -303,20 +421,24 @@ def run_policy(settings, outcomes, rand=lambda: 1.0):
 
     try:
         result = asyncio.run(main())
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         result = exc
     return result, len(attempts), sleep.calls, retries
 
 
 def test_policy_retries_transient_until_success():
-    result, attempts, sleeps, retries = run_policy(S, [TransientError("a"), RateLimited("b", retry_after=3), "ok"])
+    result, attempts, sleeps, retries = run_policy(
+        S, [TransientError("a"), RateLimited("b", retry_after=3), "ok"]
+    )
     assert result == "ok"
     assert attempts == 3
     assert sleeps == [0.5, 3]
     assert retries == [(TransientError, 1, 0.5), (RateLimited, 2, 3)]
 
 
-@pytest.mark.parametrize("err", [RejectedError("r"), RequestError("q"), FatalError("f"), KeyError("bug")])
+@pytest.mark.parametrize(
+    "err", [RejectedError("r"), RequestError("q"), FatalError("f"), KeyError("bug")]
+)
 def test_policy_never_retries_final_errors(err):
     result, attempts, sleeps, retries = run_policy(S, [err, "ok"])
     assert result is err
@@ -324,7 +446,9 @@ def test_policy_never_retries_final_errors(err):
 
 
 def test_policy_ambiguous_depends_on_setting():
-    ok, attempts, _, _ = run_policy(RetrySettings(on_ambiguous="retry"), [AmbiguousError("lost"), "ok"])
+    ok, attempts, _, _ = run_policy(
+        RetrySettings(on_ambiguous="retry"), [AmbiguousError("lost"), "ok"]
+    )
     assert (ok, attempts) == ("ok", 2)
     err = AmbiguousError("lost")
     result, attempts, sleeps, _ = run_policy(RetrySettings(on_ambiguous="fail"), [err, "ok"])
@@ -356,7 +480,9 @@ def test_policy_gives_up_on_a_hint_over_the_cap():
 
 def test_policy_jitter_uses_rand():
     values = iter([0.1, 0.9])
-    result, _, sleeps, _ = run_policy(S, [TransientError("a"), TransientError("b"), "ok"], rand=lambda: next(values))
+    result, _, sleeps, _ = run_policy(
+        S, [TransientError("a"), TransientError("b"), "ok"], rand=lambda: next(values)
+    )
     assert result == "ok"
     assert sleeps == [pytest.approx(0.05), pytest.approx(0.9)]
 
@@ -364,7 +490,9 @@ def test_policy_jitter_uses_rand():
 def test_rate_limit_answers_do_not_use_up_attempts():
     # 5 attempts allowed; 429s between transient errors do not count, so the 4 transient
     # failures plus 6 rate limits still end in success on the 11th call.
-    outcomes = [RateLimited("r", retry_after=1)] * 6 + [TransientError(f"t{i}") for i in range(4)] + ["ok"]
+    outcomes = (
+        [RateLimited("r", retry_after=1)] * 6 + [TransientError(f"t{i}") for i in range(4)] + ["ok"]
+    )
     result, attempts, _, _ = run_policy(S, outcomes)
     assert result == "ok" and attempts == 11
     errors = [TransientError(f"t{i}") for i in range(5)]

@@ -56,7 +56,9 @@ def client(sim):
 
 @pytest.fixture(scope="module")
 def http(sim):
-    with httpx.Client(base_url=sim.url, headers={"Authorization": "Bearer sk-test"}, timeout=10) as c:
+    with httpx.Client(
+        base_url=sim.url, headers={"Authorization": "Bearer sk-test"}, timeout=10
+    ) as c:
         yield c
 
 
@@ -84,7 +86,12 @@ def test_gpt_image_generation_b64_with_usage_and_echo(client):
     assert int(raw.headers["openai-processing-ms"]) >= 0
     assert "x-ratelimit-limit-requests" not in raw.headers  # no limits set
     r = raw.parse()
-    assert r.size == "1536x1024" and r.quality == "high" and r.output_format == "png" and r.background == "opaque"
+    assert (
+        r.size == "1536x1024"
+        and r.quality == "high"
+        and r.output_format == "png"
+        and r.background == "opaque"
+    )
     assert r.usage.output_tokens > r.usage.input_tokens > 0
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     assert len(r.data) == 2 and all(d.url is None and d.revised_prompt is None for d in r.data)
@@ -131,17 +138,33 @@ def test_images_are_deterministic_and_prompt_dependent(client):
 
 
 def test_dalle3_url_revised_prompt_and_download(client, sim):
-    r = client.images.generate(model="dall-e-3", prompt="a lighthouse at dawn", size="1792x1024", quality="hd", style="natural")
+    r = client.images.generate(
+        model="dall-e-3",
+        prompt="a lighthouse at dawn",
+        size="1792x1024",
+        quality="hd",
+        style="natural",
+    )
     item = r.data[0]
     assert item.b64_json is None and item.url.startswith(sim.base_url + "/_sim/files/")
-    assert item.revised_prompt and "lighthouse at dawn" in item.revised_prompt and item.revised_prompt != "a lighthouse at dawn"
+    assert (
+        item.revised_prompt
+        and "lighthouse at dawn" in item.revised_prompt
+        and item.revised_prompt != "a lighthouse at dawn"
+    )
     assert r.usage is None and r.output_format is None
     got = httpx.get(item.url)
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
     im = Image.open(io.BytesIO(got.content))
     assert im.format == "PNG" and im.size == (1792, 1024)
     # deterministic rewrite
-    again = client.images.generate(model="dall-e-3", prompt="a lighthouse at dawn", size="1792x1024", quality="hd", style="natural")
+    again = client.images.generate(
+        model="dall-e-3",
+        prompt="a lighthouse at dawn",
+        size="1792x1024",
+        quality="hd",
+        style="natural",
+    )
     assert again.data[0].revised_prompt == item.revised_prompt
 
 
@@ -155,7 +178,9 @@ def test_url_expiry(client, sim):
 
 
 def test_dalle_b64_json_on_request(client):
-    r = client.images.generate(model="dall-e-2", prompt="a cube", size="512x512", response_format="b64_json", n=3)
+    r = client.images.generate(
+        model="dall-e-2", prompt="a cube", size="512x512", response_format="b64_json", n=3
+    )
     assert len(r.data) == 3 and all(d.url is None for d in r.data)
     assert decode(r.data[2].b64_json).size == (512, 512)
 
@@ -178,7 +203,10 @@ def test_edit_with_mask_and_several_images(client):
     Image.new("RGB", (900, 600), "navy").save(jpeg, "JPEG")
     r = client.images.edit(
         model="gpt-image-2",
-        image=[("a.jpg", jpeg.getvalue(), "image/jpeg"), ("b.png", png_bytes((300, 300)), "image/png")],
+        image=[
+            ("a.jpg", jpeg.getvalue(), "image/jpeg"),
+            ("b.png", png_bytes((300, 300)), "image/png"),
+        ],
         prompt="combine them",
         size="auto",
         output_format="webp",
@@ -196,7 +224,12 @@ def test_edit_with_mask_and_several_images(client):
 )
 def test_edit_mask_rules(client, mask, why):
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model="gpt-image-1", image=("i.png", png_bytes(), "image/png"), mask=("m.png", mask, "image/png"), prompt="x")
+        client.images.edit(
+            model="gpt-image-1",
+            image=("i.png", png_bytes(), "image/png"),
+            mask=("m.png", mask, "image/png"),
+            prompt="x",
+        )
     assert err.value.param == "mask" and why in err.value.message
 
 
@@ -204,16 +237,27 @@ def test_edit_image_rules(client):
     gif = io.BytesIO()
     Image.new("RGB", (64, 64)).save(gif, "GIF")
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model="gpt-image-1", image=("a.gif", gif.getvalue(), "image/gif"), prompt="x")
+        client.images.edit(
+            model="gpt-image-1", image=("a.gif", gif.getvalue(), "image/gif"), prompt="x"
+        )
     assert err.value.param == "image" and err.value.code == "invalid_image_format"
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model="gpt-image-1", image=("a.png", b"not an image", "image/png"), prompt="x")
+        client.images.edit(
+            model="gpt-image-1", image=("a.png", b"not an image", "image/png"), prompt="x"
+        )
     assert err.value.code == "invalid_image"
     # dall-e-2: exactly one square PNG
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model="dall-e-2", image=("a.png", png_bytes((512, 256)), "image/png"), prompt="x")
+        client.images.edit(
+            model="dall-e-2", image=("a.png", png_bytes((512, 256)), "image/png"), prompt="x"
+        )
     assert err.value.param == "image" and "square" in err.value.message
-    r = client.images.edit(model="dall-e-2", image=("a.png", png_bytes((256, 256)), "image/png"), prompt="x", size="256x256")
+    r = client.images.edit(
+        model="dall-e-2",
+        image=("a.png", png_bytes((256, 256)), "image/png"),
+        prompt="x",
+        size="256x256",
+    )
     assert r.data[0].url and httpx.get(r.data[0].url).status_code == 200
     with pytest.raises(openai.BadRequestError) as err:
         client.images.edit(model="dall-e-3", image=("a.png", png_bytes(), "image/png"), prompt="x")
@@ -222,35 +266,79 @@ def test_edit_image_rules(client):
 
 def test_edit_json_form(http):
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes((400, 600))).decode()
-    r = http.post("/v1/images/edits", json={"model": "gpt-image-1.5", "prompt": "recolour", "images": [{"image_url": data_url}]})
+    r = http.post(
+        "/v1/images/edits",
+        json={"model": "gpt-image-1.5", "prompt": "recolour", "images": [{"image_url": data_url}]},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["size"] == "1024x1536" and decode(body["data"][0]["b64_json"]).size == (1024, 1536)
     mask_url = "data:image/png;base64," + base64.b64encode(png_bytes((400, 600))).decode()
-    r = http.post("/v1/images/edits", json={"model": "gpt-image-1", "prompt": "hat", "size": "1024x1024",
-                                            "images": [{"image_url": data_url}], "mask": {"image_url": mask_url}})
+    r = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "gpt-image-1",
+            "prompt": "hat",
+            "size": "1024x1024",
+            "images": [{"image_url": data_url}],
+            "mask": {"image_url": mask_url},
+        },
+    )
     assert r.status_code == 200, r.text
     bad_mask = "data:image/png;base64," + base64.b64encode(png_bytes((600, 400))).decode()
-    r = http.post("/v1/images/edits", json={"model": "gpt-image-1", "prompt": "hat",
-                                            "images": [{"image_url": data_url}], "mask": {"image_url": bad_mask}})
+    r = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "gpt-image-1",
+            "prompt": "hat",
+            "images": [{"image_url": data_url}],
+            "mask": {"image_url": bad_mask},
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
-    r = http.post("/v1/images/edits", json={"model": "dall-e-2", "prompt": "x", "images": [{"image_url": data_url}]})
+    r = http.post(
+        "/v1/images/edits",
+        json={"model": "dall-e-2", "prompt": "x", "images": [{"image_url": data_url}]},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
-    r = http.post("/v1/images/edits", json={"model": "gpt-image-1.5", "prompt": "x", "images": [{"image_url": "https://example.com/a.png"}]})
+    r = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "gpt-image-1.5",
+            "prompt": "x",
+            "images": [{"image_url": "https://example.com/a.png"}],
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "images[0].image_url"
-    r = http.post("/v1/images/edits", json={"model": "gpt-image-1.5", "prompt": "x", "images": [{"image_url": data_url}], "response_format": "url"})
+    r = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "gpt-image-1.5",
+            "prompt": "x",
+            "images": [{"image_url": data_url}],
+            "response_format": "url",
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter"
 
 
 def test_variations(client):
-    r = client.images.create_variation(model="dall-e-2", image=("v.png", png_bytes((256, 256)), "image/png"), n=2, size="512x512")
+    r = client.images.create_variation(
+        model="dall-e-2", image=("v.png", png_bytes((256, 256)), "image/png"), n=2, size="512x512"
+    )
     assert len(r.data) == 2 and all(d.url for d in r.data)
     a, b = (Image.open(io.BytesIO(httpx.get(d.url).content)) for d in r.data)
     assert a.size == b.size == (512, 512) and a.tobytes() != b.tobytes()
-    r = client.images.create_variation(model="dall-e-2", image=("v.png", png_bytes((256, 256)), "image/png"), response_format="b64_json")
+    r = client.images.create_variation(
+        model="dall-e-2",
+        image=("v.png", png_bytes((256, 256)), "image/png"),
+        response_format="b64_json",
+    )
     assert decode(r.data[0].b64_json).size == (1024, 1024)
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.create_variation(model="gpt-image-2", image=("v.png", png_bytes((256, 256)), "image/png"))
+        client.images.create_variation(
+            model="gpt-image-2", image=("v.png", png_bytes((256, 256)), "image/png")
+        )
     assert err.value.param == "model"
 
 
@@ -266,14 +354,26 @@ def test_variations(client):
         ({"model": "gpt-image-2", "size": "3840x800"}, "size", "invalid_value"),
         ({"model": "gpt-image-2", "quality": "hd"}, "quality", "invalid_value"),
         ({"model": "dall-e-3", "quality": "high"}, "quality", "invalid_value"),
-        ({"model": "gpt-image-2", "response_format": "b64_json"}, "response_format", "unknown_parameter"),
+        (
+            {"model": "gpt-image-2", "response_format": "b64_json"},
+            "response_format",
+            "unknown_parameter",
+        ),
         ({"model": "gpt-image-2", "style": "vivid"}, "style", "unknown_parameter"),
         ({"model": "dall-e-2", "style": "vivid"}, "style", "unknown_parameter"),
         ({"model": "dall-e-3", "output_format": "png"}, "output_format", "unknown_parameter"),
         ({"model": "dall-e-3", "background": "opaque"}, "background", "unknown_parameter"),
-        ({"model": "gpt-image-1", "output_format": "jpeg", "output_compression": 150}, "output_compression", "invalid_value"),
+        (
+            {"model": "gpt-image-1", "output_format": "jpeg", "output_compression": 150},
+            "output_compression",
+            "invalid_value",
+        ),
         ({"model": "gpt-image-1", "output_compression": 50}, "output_compression", "invalid_value"),
-        ({"model": "gpt-image-1", "output_format": "jpeg", "background": "transparent"}, "background", "invalid_value"),
+        (
+            {"model": "gpt-image-1", "output_format": "jpeg", "background": "transparent"},
+            "background",
+            "invalid_value",
+        ),
         ({"model": "gpt-image-2", "background": "transparent"}, "background", "unsupported_value"),
         ({"model": "gpt-image-2", "prompt": ""}, "prompt", "string_below_min_length"),
         ({"model": "dall-e-3", "prompt": "x" * 4001}, "prompt", "string_above_max_length"),
@@ -294,9 +394,15 @@ def test_unknown_model_and_wrong_content_type(client, http):
     with pytest.raises(openai.NotFoundError) as err:
         client.images.generate(model="gpt-image-9", prompt="x")
     assert err.value.code == "model_not_found"
-    r = http.post("/v1/images/generations", data={"model": "gpt-image-2", "prompt": "x"}, files={"f": ("a", b"1")})
+    r = http.post(
+        "/v1/images/generations",
+        data={"model": "gpt-image-2", "prompt": "x"},
+        files={"f": ("a", b"1")},
+    )
     assert r.status_code == 400 and "Unsupported content type" in r.json()["error"]["message"]
-    r = http.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
     r = http.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
@@ -310,22 +416,32 @@ def test_refuse_retired(client, sim):
 
 
 def test_auth(sim, client):
-    r = httpx.post(sim.base_url + "/images/generations", json={"model": "gpt-image-2", "prompt": "x"})
+    r = httpx.post(
+        sim.base_url + "/images/generations", json={"model": "gpt-image-2", "prompt": "x"}
+    )
     assert r.status_code == 401
-    assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
+    assert (
+        r.json()["error"]["code"] == "invalid_api_key"
+        and r.json()["error"]["type"] == "invalid_request_error"
+    )
     sim.configure(api_key="sk-right")
     with pytest.raises(openai.AuthenticationError) as err:
         client.images.generate(model="gpt-image-2", prompt="x")
     assert err.value.code == "invalid_api_key"
     with OpenAI(base_url=sim.base_url, api_key="sk-right", max_retries=0) as good:
         assert good.images.generate(model="gpt-image-2", prompt="x").data
-    r = httpx.post(sim.base_url + "/images/generations", json={"model": "gpt-image-2", "prompt": "x"}, headers={"api-key": "sk-right"})
+    r = httpx.post(
+        sim.base_url + "/images/generations",
+        json={"model": "gpt-image-2", "prompt": "x"},
+        headers={"api-key": "sk-right"},
+    )
     assert r.status_code == 200  # Azure-style header
 
 
 def test_azure_deployment_route(sim):
     r = httpx.post(
-        sim.url + "/openai/deployments/gpt-image-1/images/generations?api-version=2025-04-01-preview",
+        sim.url
+        + "/openai/deployments/gpt-image-1/images/generations?api-version=2025-04-01-preview",
         json={"prompt": "azure"},
         headers={"api-key": "k"},
     )
@@ -350,14 +466,18 @@ def test_ipm_limit_429_and_headers(client, sim):
         e.body["message"],
     )
     retry_ms = int(e.response.headers["retry-after-ms"])
-    assert 0 < retry_ms <= 500 and e.response.headers["retry-after"] == "1"  # seconds header: ceil, >= 1
+    assert (
+        0 < retry_ms <= 500 and e.response.headers["retry-after"] == "1"
+    )  # seconds header: ceil, >= 1
     assert e.response.headers["x-ratelimit-remaining-images"] == "1"
     # one image still fits
     client.images.generate(model="gpt-image-2", prompt="three")
     time.sleep(retry_ms / 1000 + 0.05)
     assert client.images.generate(model="gpt-image-2", prompt="four", n=2).data
     stats = sim.stats()
-    assert stats["rate_limited"] == 1 and stats["images_billed"] == 5 and stats["status"]["429"] == 1
+    assert (
+        stats["rate_limited"] == 1 and stats["images_billed"] == 5 and stats["status"]["429"] == 1
+    )
 
 
 def test_rpm_limit_and_rejections_do_not_count(client, sim):
@@ -403,9 +523,13 @@ def test_moderation(client, sim):
     assert e.body["moderation_details"]["moderation_stage"] == "input"
     with pytest.raises(openai.BadRequestError) as err:
         client.images.generate(model="dall-e-3", prompt="forbidden")
-    assert err.value.code == "content_policy_violation" and err.value.type == "invalid_request_error"
+    assert (
+        err.value.code == "content_policy_violation" and err.value.type == "invalid_request_error"
+    )
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model="gpt-image-1", image=("a.png", png_bytes(), "image/png"), prompt="forbidden edit")
+        client.images.edit(
+            model="gpt-image-1", image=("a.png", png_bytes(), "image/png"), prompt="forbidden edit"
+        )
     assert err.value.code == "moderation_blocked"
     sim.configure(moderation_word="")
     assert client.images.generate(model="gpt-image-2", prompt="forbidden").data
@@ -434,9 +558,16 @@ def test_drop_is_billed_then_transport_error(client, sim, http):
     with pytest.raises(openai.APIConnectionError):
         client.images.generate(model="gpt-image-2", prompt="y")
     stats = sim.stats()
-    assert stats["faults"]["drop"] == 2 and stats["images_billed"] == 3 and stats["requests_ok"] == 0
+    assert (
+        stats["faults"]["drop"] == 2 and stats["images_billed"] == 3 and stats["requests_ok"] == 0
+    )
     sim.configure(drop_rate=0.0)
-    assert http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "z"}).status_code == 200
+    assert (
+        http.post(
+            "/v1/images/generations", json={"model": "gpt-image-2", "prompt": "z"}
+        ).status_code
+        == 200
+    )
 
 
 def test_malformed_bodies(http, sim):
@@ -459,12 +590,16 @@ def test_malformed_bodies(http, sim):
 def test_stall_times_out_client_and_is_not_billed(sim, http):
     sim.configure(stall_rate=1.0, stall_seconds=30)
     with pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"}, timeout=0.3)
+        http.post(
+            "/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"}, timeout=0.3
+        )
     deadline = time.monotonic() + 3
     while sim.stats()["client_disconnects"] < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     stats = sim.stats()
-    assert stats["client_disconnects"] == 1 and stats["in_flight"] == 0 and stats["images_billed"] == 0
+    assert (
+        stats["client_disconnects"] == 1 and stats["in_flight"] == 0 and stats["images_billed"] == 0
+    )
     assert stats["faults"]["stall"] == 1
 
 
@@ -472,7 +607,11 @@ def test_latency_concurrency_and_peak_in_flight(sim, client):
     sim.configure(latency=0.3)
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: client.images.generate(model="gpt-image-2", prompt=f"p{i}"), range(8)))
+        results = list(
+            pool.map(
+                lambda i: client.images.generate(model="gpt-image-2", prompt=f"p{i}"), range(8)
+            )
+        )
     elapsed = time.monotonic() - start
     assert len(results) == 8 and 0.3 <= elapsed < 1.5  # slept concurrently, not one after another
     stats = sim.stats()
@@ -485,8 +624,12 @@ def test_seeded_faults_are_reproducible(http, sim):
     def run() -> list[int | str]:
         out: list[int | str] = []
         for i in range(15):
-            r = http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": f"p{i}"})
-            out.append(r.status_code if r.status_code != 200 or "data" in r.text[:40] else "malformed")
+            r = http.post(
+                "/v1/images/generations", json={"model": "gpt-image-2", "prompt": f"p{i}"}
+            )
+            out.append(
+                r.status_code if r.status_code != 200 or "data" in r.text[:40] else "malformed"
+            )
         return out
 
     first = run()
@@ -507,7 +650,9 @@ def test_stats_reset_and_runtime_config(http, sim):
     assert r.status_code == 200 and r.json()["ipm"] == 50
     h = http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"}).headers
     assert h["x-ratelimit-limit-requests"] == "100" and h["x-ratelimit-limit-images"] == "50"
-    assert h["x-ratelimit-remaining-images"] == "46"  # windows count traffic even while no limit was set
+    assert (
+        h["x-ratelimit-remaining-images"] == "46"
+    )  # windows count traffic even while no limit was set
     bad = http.post("/v1/_sim/config", json={"no_such_knob": 1})
     assert bad.status_code == 400 and sim.config.ipm == 50
     bad = http.post("/v1/_sim/config", json={"error_rate": 0.8, "drop_rate": 0.5})
@@ -524,15 +669,33 @@ def test_models_listing(http):
 def test_subprocess_cli():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imagebatch.simulator", "--port", "0", "--ipm", "5", "--latency", "uniform:0,0.01"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "imagebatch.simulator",
+            "--port",
+            "0",
+            "--ipm",
+            "5",
+            "--latency",
+            "uniform:0,0.01",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     try:
         line = proc.stdout.readline()
         m = re.search(r"listening on (http://\S+/v1)", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         base = m.group(1)
-        r = httpx.post(base + "/images/generations", json={"model": "gpt-image-2", "prompt": "x"}, headers={"Authorization": "Bearer k"})
+        r = httpx.post(
+            base + "/images/generations",
+            json={"model": "gpt-image-2", "prompt": "x"},
+            headers={"Authorization": "Bearer k"},
+        )
         assert r.status_code == 200 and r.headers["x-ratelimit-limit-images"] == "5"
     finally:
         proc.terminate()
@@ -542,7 +705,14 @@ def test_subprocess_cli():
 # --------------------------------------------------------------------------- units
 def test_go_duration():
     assert [go_duration(s) for s in (0, 0.2401, 0.24, 1, 1.5, 60, 360, 3725.5)] == [
-        "0s", "241ms", "240ms", "1s", "1.5s", "1m0s", "6m0s", "1h2m5.5s"
+        "0s",
+        "241ms",
+        "240ms",
+        "1s",
+        "1.5s",
+        "1m0s",
+        "6m0s",
+        "1h2m5.5s",
     ]
 
 
@@ -550,7 +720,9 @@ def test_sliding_window_exact():
     w = SlidingWindow()
     w.add(2, now=0.0)
     w.add(1, now=10.0)
-    assert w.wait_for(1, 3, now=20.0, window=60) == pytest.approx(40.0)  # first event frees 2 at t=60
+    assert w.wait_for(1, 3, now=20.0, window=60) == pytest.approx(
+        40.0
+    )  # first event frees 2 at t=60
     assert w.wait_for(3, 3, now=20.0, window=60) == pytest.approx(50.0)  # needs both gone
     assert w.wait_for(4, 3, now=20.0, window=60) is None
     assert w.wait_for(1, 3, now=60.0, window=60) == 0.0
@@ -572,7 +744,9 @@ def test_config_parsing():
     assert max(samples) <= 30 and 1.5 < sorted(samples)[1000] < 2.6
     with pytest.raises(ValueError):
         parse_latency("uniform:3,1")
-    cfg = SimConfig.from_dict({"ipm": "5", "refuse_retired": "true", "latency": {"kind": "uniform", "min": 0, "max": 1}})
+    cfg = SimConfig.from_dict(
+        {"ipm": "5", "refuse_retired": "true", "latency": {"kind": "uniform", "min": 0, "max": 1}}
+    )
     assert cfg.ipm == 5 and cfg.refuse_retired is True and cfg.latency == "uniform:0,1"
     with pytest.raises(ValueError):
         cfg.update(ipm=-1)
@@ -588,4 +762,6 @@ def test_render_cost_and_cache():
     assert per_image_ms < 40  # ~3 ms on a quiet core; generous for loaded CI machines
     assert len(cache) == 8
     again = render_image("benchmark prompt 19", 0, "1024x1024", "png", cache=cache)
-    assert cache.hits == 1 and again == render_image("benchmark prompt 19", 0, "1024x1024", "png", cache=None)
+    assert cache.hits == 1 and again == render_image(
+        "benchmark prompt 19", 0, "1024x1024", "png", cache=None
+    )

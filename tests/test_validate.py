@@ -18,7 +18,13 @@ TODAY = dt.date(2026, 11, 28)
 
 
 def check(rows: list[dict], *, openai: bool = False, base_dir: Path | None = None, **defaults):
-    validator = Validator(Registry.load(), JobDefaults(**defaults), targets_openai=openai, base_dir=base_dir, today=TODAY)
+    validator = Validator(
+        Registry.load(),
+        JobDefaults(**defaults),
+        targets_openai=openai,
+        base_dir=base_dir,
+        today=TODAY,
+    )
     return validator.check(read_jobs(pd.DataFrame(rows)))
 
 
@@ -34,14 +40,36 @@ def one_error(row: dict, column: str, fragment: str, **kw) -> None:
 
 
 def test_valid_rows_pass_with_the_params_to_send():
-    checked = check([
-        {"prompt": "a cat", "model": "gpt-image-2", "size": "1536x1024", "quality": "high", "n": "3", "output_format": "webp", "output_compression": "80"},
-        {"prompt": "a dog", "model": "dall-e-3", "size": "1792x1024", "quality": "hd", "style": "natural"},
-    ])
+    checked = check(
+        [
+            {
+                "prompt": "a cat",
+                "model": "gpt-image-2",
+                "size": "1536x1024",
+                "quality": "high",
+                "n": "3",
+                "output_format": "webp",
+                "output_compression": "80",
+            },
+            {
+                "prompt": "a dog",
+                "model": "dall-e-3",
+                "size": "1792x1024",
+                "quality": "hd",
+                "style": "natural",
+            },
+        ]
+    )
     assert not checked.invalid
     gpt, dalle = checked.valid
-    assert gpt.params == {"model": "gpt-image-2", "prompt": "a cat", "size": "1536x1024", "quality": "high",
-                          "output_format": "webp", "output_compression": 80}
+    assert gpt.params == {
+        "model": "gpt-image-2",
+        "prompt": "a cat",
+        "size": "1536x1024",
+        "quality": "high",
+        "output_format": "webp",
+        "output_compression": 80,
+    }
     assert gpt.n == 3
     assert dalle.params["response_format"] == "b64_json"
     assert dalle.params["style"] == "natural"
@@ -77,25 +105,112 @@ def test_empty_cells_take_defaults_and_model_defaults():
         ({"prompt": "x", "model": "gpt-image-2", "n": "11"}, "n", "at most 10"),
         ({"prompt": "x", "model": "gpt-image-2", "n": "2.5"}, "n", "whole number"),
         ({"prompt": "x", "model": "gpt-image-2", "n": "many"}, "n", "whole number"),
-        ({"prompt": "x", "model": "gpt-image-2", "style": "vivid"}, "style", "does not accept 'style'"),
-        ({"prompt": "x", "model": "dall-e-3", "output_format": "png"}, "output_format", "does not accept"),
-        ({"prompt": "x", "model": "dall-e-3", "background": "opaque"}, "background", "does not accept"),
-        ({"prompt": "x", "model": "dall-e-3", "moderation": "low"}, "moderation", "does not accept"),
-        ({"prompt": "x", "model": "gpt-image-2", "response_format": "url"}, "response_format", "does not accept"),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "style": "vivid"},
+            "style",
+            "does not accept 'style'",
+        ),
+        (
+            {"prompt": "x", "model": "dall-e-3", "output_format": "png"},
+            "output_format",
+            "does not accept",
+        ),
+        (
+            {"prompt": "x", "model": "dall-e-3", "background": "opaque"},
+            "background",
+            "does not accept",
+        ),
+        (
+            {"prompt": "x", "model": "dall-e-3", "moderation": "low"},
+            "moderation",
+            "does not accept",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "response_format": "url"},
+            "response_format",
+            "does not accept",
+        ),
         ({"prompt": "x", "model": "dall-e-3", "style": "loud"}, "style", "must be one of"),
-        ({"prompt": "x", "model": "gpt-image-2", "output_format": "gif"}, "output_format", "must be one of"),
-        ({"prompt": "x", "model": "gpt-image-2", "output_compression": "101", "output_format": "jpeg"}, "output_compression", "0 to 100"),
-        ({"prompt": "x", "model": "gpt-image-2", "output_compression": "50"}, "output_compression", "only with output_format jpeg or webp"),
-        ({"prompt": "x", "model": "gpt-image-1", "background": "transparent", "output_format": "jpeg"}, "background", "png or webp"),
-        ({"prompt": "x", "model": "gpt-image-2", "background": "transparent"}, "background", "not confirmed"),
-        ({"prompt": "x", "model": "gpt-image-1", "input_fidelity": "high"}, "input_fidelity", "edits only"),
-        ({"prompt": "x", "model": "gpt-image-2", "operation": "paint"}, "operation", "unknown operation"),
-        ({"prompt": "x", "model": "dall-e-3", "operation": "edit", "image": "a.png"}, "operation", "does not serve 'edit'"),
-        ({"prompt": "x", "model": "gpt-image-2", "operation": "variation", "image": "a.png"}, "operation", "does not serve 'variation'"),
-        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit"}, "image", "needs a source image"),
-        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "missing.png"}, "image", "file not found"),
-        ({"prompt": "x", "model": "gpt-image-2", "image": "a.png"}, "image", "only used by edit and variation"),
-        ({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "https://example.com/a.png"}, "image", "only local file paths"),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "output_format": "gif"},
+            "output_format",
+            "must be one of",
+        ),
+        (
+            {
+                "prompt": "x",
+                "model": "gpt-image-2",
+                "output_compression": "101",
+                "output_format": "jpeg",
+            },
+            "output_compression",
+            "0 to 100",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "output_compression": "50"},
+            "output_compression",
+            "only with output_format jpeg or webp",
+        ),
+        (
+            {
+                "prompt": "x",
+                "model": "gpt-image-1",
+                "background": "transparent",
+                "output_format": "jpeg",
+            },
+            "background",
+            "png or webp",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "background": "transparent"},
+            "background",
+            "not confirmed",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-1", "input_fidelity": "high"},
+            "input_fidelity",
+            "edits only",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "operation": "paint"},
+            "operation",
+            "unknown operation",
+        ),
+        (
+            {"prompt": "x", "model": "dall-e-3", "operation": "edit", "image": "a.png"},
+            "operation",
+            "does not serve 'edit'",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "operation": "variation", "image": "a.png"},
+            "operation",
+            "does not serve 'variation'",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "operation": "edit"},
+            "image",
+            "needs a source image",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "missing.png"},
+            "image",
+            "file not found",
+        ),
+        (
+            {"prompt": "x", "model": "gpt-image-2", "image": "a.png"},
+            "image",
+            "only used by edit and variation",
+        ),
+        (
+            {
+                "prompt": "x",
+                "model": "gpt-image-2",
+                "operation": "edit",
+                "image": "https://example.com/a.png",
+            },
+            "image",
+            "only local file paths",
+        ),
     ],
 )
 def test_rule(row, column, fragment):
@@ -121,22 +236,26 @@ def test_per_job_cap_is_configurable():
 
 
 def test_duplicate_ids_are_refused_and_others_run():
-    checked = check([
-        {"id": "A", "prompt": "x", "model": "gpt-image-2"},
-        {"id": "A", "prompt": "y", "model": "gpt-image-2"},
-        {"id": "B", "prompt": "z", "model": "gpt-image-2"},
-    ])
+    checked = check(
+        [
+            {"id": "A", "prompt": "x", "model": "gpt-image-2"},
+            {"id": "A", "prompt": "y", "model": "gpt-image-2"},
+            {"id": "B", "prompt": "z", "model": "gpt-image-2"},
+        ]
+    )
     assert sorted(checked.invalid) == [2]
     assert "already used by row 1" in checked.invalid[2][0].message
     assert [j.job_id for j in checked.valid] == ["A", "B"]
 
 
 def test_a_bad_row_does_not_stop_the_others():
-    checked = check([
-        {"prompt": "ok", "model": "gpt-image-2"},
-        {"prompt": "bad", "model": "nope"},
-        {"prompt": "ok too", "model": "gpt-image-2"},
-    ])
+    checked = check(
+        [
+            {"prompt": "ok", "model": "gpt-image-2"},
+            {"prompt": "bad", "model": "nope"},
+            {"prompt": "ok too", "model": "gpt-image-2"},
+        ]
+    )
     assert [j.job.row for j in checked.valid] == [1, 3]
     assert list(checked.invalid) == [2]
     assert str(checked.invalid[2][0]).startswith("row 2, column 'model'")
@@ -164,7 +283,18 @@ def test_edit_sources_and_masks(tmp_path):
     _png(tmp_path / "mask.png", (64, 64), mode="RGBA")
     _png(tmp_path / "flat_mask.png", (64, 64))
     _png(tmp_path / "small_mask.png", (32, 32), mode="RGBA")
-    ok = check([{"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "src.png|photo.jpg", "mask": "mask.png"}], base_dir=tmp_path)
+    ok = check(
+        [
+            {
+                "prompt": "x",
+                "model": "gpt-image-2",
+                "operation": "edit",
+                "image": "src.png|photo.jpg",
+                "mask": "mask.png",
+            }
+        ],
+        base_dir=tmp_path,
+    )
     assert ok.valid and [s.format for s in ok.valid[0].images] == ["png", "jpeg"]
     cases = [
         ({"mask": "flat_mask.png"}, "mask", "alpha channel"),
@@ -172,21 +302,56 @@ def test_edit_sources_and_masks(tmp_path):
         ({"mask": "photo.jpg"}, "mask", "must be a PNG"),
     ]
     for extra, column, fragment in cases:
-        row = {"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "src.png", **extra}
+        row = {
+            "prompt": "x",
+            "model": "gpt-image-2",
+            "operation": "edit",
+            "image": "src.png",
+            **extra,
+        }
         one_error(row, column, fragment, base_dir=tmp_path)
-    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "wide.png"}, "image", "square PNG", base_dir=tmp_path)
-    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "photo.jpg"}, "image", "takes png", base_dir=tmp_path)
-    one_error({"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "src.png|src.png"}, "image", "at most 1", base_dir=tmp_path)
-    one_error({"model": "dall-e-2", "operation": "variation", "image": "wide.png"}, "image", "square PNG", base_dir=tmp_path)
+    one_error(
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "wide.png"},
+        "image",
+        "square PNG",
+        base_dir=tmp_path,
+    )
+    one_error(
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "photo.jpg"},
+        "image",
+        "takes png",
+        base_dir=tmp_path,
+    )
+    one_error(
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "src.png|src.png"},
+        "image",
+        "at most 1",
+        base_dir=tmp_path,
+    )
+    one_error(
+        {"model": "dall-e-2", "operation": "variation", "image": "wide.png"},
+        "image",
+        "square PNG",
+        base_dir=tmp_path,
+    )
     too_many = "|".join(["src.png"] * 17)
-    one_error({"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": too_many}, "image", "at most 16", base_dir=tmp_path)
-    var = check([{"model": "dall-e-2", "operation": "variation", "image": "src.png"}], base_dir=tmp_path)
+    one_error(
+        {"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": too_many},
+        "image",
+        "at most 16",
+        base_dir=tmp_path,
+    )
+    var = check(
+        [{"model": "dall-e-2", "operation": "variation", "image": "src.png"}], base_dir=tmp_path
+    )
     assert var.valid and "prompt" not in var.valid[0].params
 
 
 def test_reader_handles_bom_quoted_newlines_and_carries_unknown_columns(tmp_path):
     path = tmp_path / "jobs.csv"
-    path.write_bytes('\ufeffsku,prompt,model,n\n007,"a cat\non two lines",gpt-image-2,2\n'.encode("utf-8"))
+    path.write_bytes(
+        '\ufeffsku,prompt,model,n\n007,"a cat\non two lines",gpt-image-2,2\n'.encode("utf-8")
+    )
     (job,) = read_jobs(path)
     assert job.get("prompt") == "a cat\non two lines"
     assert job.extra == {"sku": "007"}

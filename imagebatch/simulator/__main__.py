@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from imagebatch.configs.registry import Registry
 
@@ -17,19 +17,34 @@ from .server import serve_forever
 
 # flag -> SimConfig field
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--latency", "latency", str, "SECONDS, fixed:S, uniform:MIN,MAX or longtail:MEDIAN,CAP[,SIGMA]"),
+    (
+        "--latency",
+        "latency",
+        str,
+        "SECONDS, fixed:S, uniform:MIN,MAX or longtail:MEDIAN,CAP[,SIGMA]",
+    ),
     ("--latency-per-image", "latency_per_image", float, "extra seconds per image after the first"),
     ("--seed", "seed", int, "seed for latency and fault draws"),
     ("--rpm", "rpm", int, "requests per window (0 = unlimited)"),
     ("--ipm", "ipm", int, "images per window (0 = unlimited)"),
     ("--window", "window_seconds", float, "rate-limit window in seconds (default 60)"),
     ("--quota", "quota_images", int, "images billed before 429 insufficient_quota (0 = unlimited)"),
-    ("--moderation-word", "moderation_word", str, "prompts containing it are refused ('' disables)"),
+    (
+        "--moderation-word",
+        "moderation_word",
+        str,
+        "prompts containing it are refused ('' disables)",
+    ),
     ("--error-rate", "error_rate", float, "share of requests answered 500/503"),
     ("--stall-rate", "stall_rate", float, "share of requests stalled for --stall-seconds"),
     ("--stall-seconds", "stall_seconds", float, "length of a stall"),
     ("--drop-rate", "drop_rate", float, "share of requests billed then dropped"),
-    ("--malformed-rate", "malformed_rate", float, "share of requests billed then answered with a broken body"),
+    (
+        "--malformed-rate",
+        "malformed_rate",
+        float,
+        "share of requests billed then answered with a broken body",
+    ),
     ("--url-ttl", "url_ttl", float, "seconds a DALL-E image URL stays valid"),
     ("--api-key", "api_key", str, "only accept this key (default: any)"),
     ("--organization", "organization", str, "organization named in rate-limit messages"),
@@ -38,16 +53,38 @@ _FLAGS: list[tuple[str, str, type, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m imagebatch.simulator", description="OpenAI-compatible Images API simulator")
+    ap = argparse.ArgumentParser(
+        prog="python -m imagebatch.simulator", description="OpenAI-compatible Images API simulator"
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     for flag, dest, typ, help_ in _FLAGS:
         ap.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
-    ap.add_argument("--refuse-retired", action="store_true", default=None, help="404 for models past their retired date")
-    ap.add_argument("--bill-on-disconnect", action="store_true", default=None, help="bill requests whose client went away")
-    ap.add_argument("--no-text", dest="render_text", action="store_false", default=None, help="don't draw the prompt")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any SimConfig knob")
-    ap.add_argument("--models", action="append", default=[], metavar="TOML", help="extra model registry file(s)")
+    ap.add_argument(
+        "--refuse-retired",
+        action="store_true",
+        default=None,
+        help="404 for models past their retired date",
+    )
+    ap.add_argument(
+        "--bill-on-disconnect",
+        action="store_true",
+        default=None,
+        help="bill requests whose client went away",
+    )
+    ap.add_argument(
+        "--no-text",
+        dest="render_text",
+        action="store_false",
+        default=None,
+        help="don't draw the prompt",
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any SimConfig knob"
+    )
+    ap.add_argument(
+        "--models", action="append", default=[], metavar="TOML", help="extra model registry file(s)"
+    )
     ap.add_argument("--log-level", default="warning")
     return ap
 

@@ -47,8 +47,18 @@ from .render import CONTENT_TYPES, RenderCache, render_image
 log = logging.getLogger("imagebatch.simulator")
 
 # --------------------------------------------------------------------------- request rules
-DEFAULT_MODEL = {"generate": "dall-e-2", "edit": "gpt-image-1.5", "edit_json": "gpt-image-1.5", "variation": "dall-e-2"}
-ENDPOINT_OF = {"generate": "generate", "edit": "edit", "edit_json": "edit", "variation": "variation"}
+DEFAULT_MODEL = {
+    "generate": "dall-e-2",
+    "edit": "gpt-image-1.5",
+    "edit_json": "gpt-image-1.5",
+    "variation": "dall-e-2",
+}
+ENDPOINT_OF = {
+    "generate": "generate",
+    "edit": "edit",
+    "edit_json": "edit",
+    "variation": "variation",
+}
 LABEL = {"generate": "generations", "edit": "edits", "variation": "variations"}
 # parameters every model takes on an operation (GPT_ONLY ones need a GPT image model)
 CORE = {
@@ -105,7 +115,15 @@ class ApiFailure(Exception):
         self.extra = extra or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+                **self.extra,
+            }
+        }
 
 
 def _bad(param: str | None, message: str, code: str | None = "invalid_value") -> ApiFailure:
@@ -113,7 +131,11 @@ def _bad(param: str | None, message: str, code: str | None = "invalid_value") ->
 
 
 def _unknown(param: str, model: str) -> ApiFailure:
-    return _bad(param, f"Unknown parameter: '{param}'. (Not accepted by model '{model}'.)", "unknown_parameter")
+    return _bad(
+        param,
+        f"Unknown parameter: '{param}'. (Not accepted by model '{model}'.)",
+        "unknown_parameter",
+    )
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -171,7 +193,11 @@ class _Params:
             return None
         value = self.raw[name]
         if not isinstance(value, str):
-            raise _bad(name, f"Invalid type for '{name}': expected a string, but got {_type_name(value)} instead.", "invalid_type")
+            raise _bad(
+                name,
+                f"Invalid type for '{name}': expected a string, but got {_type_name(value)} instead.",
+                "invalid_type",
+            )
         return value
 
     def int(self, name: str) -> int | None:
@@ -187,7 +213,11 @@ class _Params:
             return value
         elif isinstance(value, float) and value.is_integer():
             return int(value)
-        raise _bad(name, f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.", "invalid_type")
+        raise _bad(
+            name,
+            f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.",
+            "invalid_type",
+        )
 
     def bool(self, name: str) -> bool | None:
         if name not in self.raw:
@@ -197,7 +227,11 @@ class _Params:
             return value
         if self.form and isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise _bad(name, f"Invalid type for '{name}': expected a boolean, but got {_type_name(value)} instead.", "invalid_type")
+        raise _bad(
+            name,
+            f"Invalid type for '{name}': expected a boolean, but got {_type_name(value)} instead.",
+            "invalid_type",
+        )
 
     def enum(self, name: str, allowed: tuple[str, ...] | list[str]) -> str | None:
         value = self.str(name)
@@ -208,9 +242,14 @@ class _Params:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string", list: "an array", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a decimal",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def _inspect_image(data: bytes, param: str) -> InputImage:
@@ -221,7 +260,11 @@ def _inspect_image(data: bytes, param: str) -> InputImage:
             has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
             width, height = im.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise _bad(param, f"Invalid image file for '{param}': the data is not a readable image.", "invalid_image") from None
+        raise _bad(
+            param,
+            f"Invalid image file for '{param}': the data is not a readable image.",
+            "invalid_image",
+        ) from None
     return InputImage(data, "jpeg" if fmt == "jpg" else fmt, width, height, has_alpha)
 
 
@@ -230,16 +273,30 @@ _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[^,;]*)*?);base64,(.*)$"
 
 def _decode_data_url(value: Any, param: str) -> bytes:
     if not isinstance(value, str):
-        raise _bad(param, f"Invalid type for '{param}': expected a string, but got {_type_name(value)} instead.", "invalid_type")
+        raise _bad(
+            param,
+            f"Invalid type for '{param}': expected a string, but got {_type_name(value)} instead.",
+            "invalid_type",
+        )
     if len(value) > DATA_URL_MAX:
-        raise _bad(param, f"Invalid '{param}': string too long. Expected a string with maximum length {DATA_URL_MAX}, but got a string with length {len(value)} instead.", "string_above_max_length")
+        raise _bad(
+            param,
+            f"Invalid '{param}': string too long. Expected a string with maximum length {DATA_URL_MAX}, but got a string with length {len(value)} instead.",
+            "string_above_max_length",
+        )
     m = _DATA_URL.match(value)
     if not m:
-        raise _bad(param, f"Invalid '{param}': the simulator only accepts base64 data URLs (data:image/png;base64,...), not remote URLs.", "invalid_image_url")
+        raise _bad(
+            param,
+            f"Invalid '{param}': the simulator only accepts base64 data URLs (data:image/png;base64,...), not remote URLs.",
+            "invalid_image_url",
+        )
     try:
         return base64.b64decode(re.sub(r"\s+", "", m.group(3)), validate=True)
     except (binascii.Error, ValueError):
-        raise _bad(param, f"Invalid '{param}': the data URL is not valid base64.", "invalid_image_url") from None
+        raise _bad(
+            param, f"Invalid '{param}': the data URL is not valid base64.", "invalid_image_url"
+        ) from None
 
 
 def _edit_auto_size(first: InputImage | None) -> tuple[int, int]:
@@ -263,7 +320,7 @@ def _image_tokens(width: int, height: int) -> int:
 
 
 def _revised_prompt(prompt: str, style: str | None) -> str:
-    words = ("vivid, dramatic" if style != "natural" else "natural, true-to-life")
+    words = "vivid, dramatic" if style != "natural" else "natural, true-to-life"
     text = prompt.strip().rstrip(".!? ")
     return (
         f"A {words} image depicting {text[:1].lower() + text[1:]}, with a balanced composition, "
@@ -343,7 +400,7 @@ class FileStore:
     def purge(self, now: float) -> None:
         items = self._items
         while items:
-            token, (_, _, expires) = next(iter(items.items()))
+            _token, (_, _, expires) = next(iter(items.items()))
             if expires + URL_GRACE > now:
                 break
             items.popitem(last=False)
@@ -407,8 +464,13 @@ class _Drop(Response):
                     break
             return
         # Unknown server: start a response and break it off mid-body.
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"created":', "more_body": True})
         raise ConnectionAbortedError("simulated connection drop")
 
@@ -433,12 +495,16 @@ class Simulator:
         return await self._images(request, "variation")
 
     async def azure(self, request: Request) -> Response:
-        op = {"generations": "generate", "edits": "edit", "variations": "variation"}.get(request.path_params["op"])
+        op = {"generations": "generate", "edits": "edit", "variations": "variation"}.get(
+            request.path_params["op"]
+        )
         if op is None:
             raise HTTPException(404)
         return await self._images(request, op, default_model=request.path_params.get("deployment"))
 
-    async def _images(self, request: Request, operation: str, default_model: str | None = None) -> Response:
+    async def _images(
+        self, request: Request, operation: str, default_model: str | None = None
+    ) -> Response:
         t0 = time.perf_counter()
         st = self.state.stats
         st.requests_seen += 1
@@ -450,11 +516,15 @@ class Simulator:
             try:
                 response = await self._process(request, operation, default_model)
             except ApiFailure as exc:
-                response = Response(_json_bytes(exc.body()), exc.status, media_type="application/json")
+                response = Response(
+                    _json_bytes(exc.body()), exc.status, media_type="application/json"
+                )
                 extra_headers = exc.headers
             except Exception:
                 log.exception("simulator bug while handling %s", request.url.path)
-                failure = ApiFailure(500, "The simulator failed while processing your request.", "server_error")
+                failure = ApiFailure(
+                    500, "The simulator failed while processing your request.", "server_error"
+                )
                 response = Response(_json_bytes(failure.body()), 500, media_type="application/json")
         finally:
             self.state.stats.in_flight -= 1
@@ -473,7 +543,9 @@ class Simulator:
             headers[k] = v
         return response
 
-    async def _process(self, request: Request, operation: str, default_model: str | None) -> Response:
+    async def _process(
+        self, request: Request, operation: str, default_model: str | None
+    ) -> Response:
         state = self.state
         state.sync()
         cfg = self.config
@@ -534,8 +606,18 @@ class Simulator:
             if fault == "error":
                 st.faults["error"] += 1
                 if u2 < 0.5:
-                    raise ApiFailure(500, "The server had an error while processing your request. Sorry about that!", "server_error")
-                raise ApiFailure(503, "The engine is currently overloaded, please try again later.", "server_error", None, "server_overloaded")
+                    raise ApiFailure(
+                        500,
+                        "The server had an error while processing your request. Sorry about that!",
+                        "server_error",
+                    )
+                raise ApiFailure(
+                    503,
+                    "The engine is currently overloaded, please try again later.",
+                    "server_error",
+                    None,
+                    "server_overloaded",
+                )
             if fault == "drop":
                 st.faults["drop"] += 1
                 bill()
@@ -545,7 +627,9 @@ class Simulator:
                 bill()
                 created = int(time.time())
                 if u2 < 0.5:
-                    body = _json_bytes({"created": created, "data": [{"b64_json": "iVBORw0KGgoAAAANSUhEUgAA"}]})
+                    body = _json_bytes(
+                        {"created": created, "data": [{"b64_json": "iVBORw0KGgoAAAANSUhEUgAA"}]}
+                    )
                     body = body[: len(body) // 2]  # truncated JSON
                 else:
                     body = _json_bytes({"created": created})  # valid JSON without data
@@ -581,7 +665,9 @@ class Simulator:
             )
         expected = self.config.api_key
         if expected and not secrets.compare_digest(key.encode(), expected.encode()):
-            masked = key[:3] + "*" * max(0, min(20, len(key) - 7)) + key[-4:] if len(key) > 7 else "***"
+            masked = (
+                key[:3] + "*" * max(0, min(20, len(key) - 7)) + key[-4:] if len(key) > 7 else "***"
+            )
             raise ApiFailure(
                 401,
                 f"Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -612,7 +698,10 @@ class Simulator:
             rej.bucket,
             None,
             "rate_limit_exceeded",
-            headers={"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(wait_ms)},
+            headers={
+                "retry-after": str(max(1, math.ceil(wait_ms / 1000))),
+                "retry-after-ms": str(wait_ms),
+            },
         )
 
     @staticmethod
@@ -625,7 +714,9 @@ class Simulator:
                 "image_generation_user_error",
                 None,
                 "moderation_blocked",
-                extra={"moderation_details": {"moderation_stage": "input", "categories": ["simulated"]}},
+                extra={
+                    "moderation_details": {"moderation_stage": "input", "categories": ["simulated"]}
+                },
             )
         return ApiFailure(
             400,
@@ -646,15 +737,31 @@ class Simulator:
 
         def render_all() -> list[bytes]:
             return [
-                render_image(key, i, (parsed.width, parsed.height), fmt, parsed.compression,
-                             transparent=transparent, text=cfg.render_text, cache=cache)
+                render_image(
+                    key,
+                    i,
+                    (parsed.width, parsed.height),
+                    fmt,
+                    parsed.compression,
+                    transparent=transparent,
+                    text=cfg.render_text,
+                    cache=cache,
+                )
                 for i in range(parsed.n)
             ]
 
-        images = render_all() if parsed.width * parsed.height * parsed.n <= 2_500_000 else await asyncio.to_thread(render_all)
+        images = (
+            render_all()
+            if parsed.width * parsed.height * parsed.n <= 2_500_000
+            else await asyncio.to_thread(render_all)
+        )
         created = int(time.time())
         data: list[dict[str, Any]] = []
-        revised = _revised_prompt(parsed.prompt, parsed.style) if spec.revised_prompt and parsed.op == "generate" else None
+        revised = (
+            _revised_prompt(parsed.prompt, parsed.style)
+            if spec.revised_prompt and parsed.op == "generate"
+            else None
+        )
         base = str(request.base_url).rstrip("/")
         now = time.monotonic()
         for blob in images:
@@ -702,7 +809,11 @@ class Simulator:
             raw, files = await _form_body(request)
             form, op = True, operation
         else:
-            accepted = "'multipart/form-data' or 'application/json'" if operation == "edit" else "'multipart/form-data'"
+            accepted = (
+                "'multipart/form-data' or 'application/json'"
+                if operation == "edit"
+                else "'multipart/form-data'"
+            )
             raise _unsupported_ctype(ctype, accepted)
         p = _Params(raw, form)
 
@@ -710,14 +821,26 @@ class Simulator:
         model = p.str("model") or default_model or DEFAULT_MODEL[op]
         spec = self.state.registry.get(model)
         if spec is None or (self.config.refuse_retired and spec.is_retired()):
-            why = "has been deprecated" if spec is not None else "does not exist or you do not have access to it"
-            raise ApiFailure(404, f"The model `{model}` {why}.", "invalid_request_error", None, "model_not_found")
+            why = (
+                "has been deprecated"
+                if spec is not None
+                else "does not exist or you do not have access to it"
+            )
+            raise ApiFailure(
+                404, f"The model `{model}` {why}.", "invalid_request_error", None, "model_not_found"
+            )
         endpoint = ENDPOINT_OF[op]
         if endpoint not in spec.endpoints:
-            raise _bad("model", f"The model '{model}' does not support image {LABEL[endpoint]}. "
-                                f"It serves: {', '.join(spec.endpoints)}.")
+            raise _bad(
+                "model",
+                f"The model '{model}' does not support image {LABEL[endpoint]}. "
+                f"It serves: {', '.join(spec.endpoints)}.",
+            )
         if op == "edit_json" and not spec.is_gpt_image:
-            raise _bad("model", f"JSON image edits are only supported for GPT image models; send {model} edits as multipart/form-data.")
+            raise _bad(
+                "model",
+                f"JSON image edits are only supported for GPT image models; send {model} edits as multipart/form-data.",
+            )
 
         # parameter names
         for name in list(raw) + list(files):
@@ -730,14 +853,25 @@ class Simulator:
             raise _unknown(name, model)
         for name in ("image", "image[]", "mask") if form else ():
             if name in raw:
-                raise _bad(name, f"Invalid type for '{name}': expected a file, but got a string instead.", "invalid_type")
+                raise _bad(
+                    name,
+                    f"Invalid type for '{name}': expected a file, but got a string instead.",
+                    "invalid_type",
+                )
         if "quality" in raw and not spec.qualities:
             raise _unknown("quality", model)
         if p.bool("stream"):
-            raise _bad("stream", "Streaming is not implemented by the imagebatch simulator; send stream=false.", "unsupported_value")
+            raise _bad(
+                "stream",
+                "Streaming is not implemented by the imagebatch simulator; send stream=false.",
+                "unsupported_value",
+            )
         partial = p.int("partial_images")
         if partial is not None and not 0 <= partial <= 3:
-            raise _bad("partial_images", f"Invalid 'partial_images': expected a value between 0 and 3, but got {partial} instead.")
+            raise _bad(
+                "partial_images",
+                f"Invalid 'partial_images': expected a value between 0 and 3, but got {partial} instead.",
+            )
         for name in ("user", "safety_identifier"):
             p.str(name)
 
@@ -746,27 +880,49 @@ class Simulator:
         if op != "variation":
             value = p.str("prompt")
             if value is None:
-                raise _bad("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+                raise _bad(
+                    "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
+                )
             if not value.strip():
-                raise _bad("prompt", "Invalid 'prompt': empty string. Expected a string with minimum length 1.", "string_below_min_length")
+                raise _bad(
+                    "prompt",
+                    "Invalid 'prompt': empty string. Expected a string with minimum length 1.",
+                    "string_below_min_length",
+                )
             if len(value) > spec.prompt_max:
-                raise _bad("prompt", f"Invalid 'prompt': string too long. Expected a string with maximum length "
-                                     f"{spec.prompt_max}, but got a string with length {len(value)} instead.", "string_above_max_length")
+                raise _bad(
+                    "prompt",
+                    f"Invalid 'prompt': string too long. Expected a string with maximum length "
+                    f"{spec.prompt_max}, but got a string with length {len(value)} instead.",
+                    "string_above_max_length",
+                )
             prompt = value
 
         # n
         n = p.int("n")
         n = 1 if n is None else n
         if n < 1:
-            raise _bad("n", f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.", "integer_below_min_value")
+            raise _bad(
+                "n",
+                f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+                "integer_below_min_value",
+            )
         top = min(10, spec.max_n_per_call)
         if n > top:
-            raise _bad("n", f"Invalid 'n': integer above maximum value. Expected a value <= {top}, but got {n} instead.", "integer_above_max_value")
+            raise _bad(
+                "n",
+                f"Invalid 'n': integer above maximum value. Expected a value <= {top}, but got {n} instead.",
+                "integer_above_max_value",
+            )
 
         # quality
         quality = p.enum("quality", spec.qualities) if spec.qualities else None
         if quality is None and spec.qualities:
-            quality = spec.default_quality if spec.default_quality in spec.qualities else spec.qualities[0]
+            quality = (
+                spec.default_quality
+                if spec.default_quality in spec.qualities
+                else spec.qualities[0]
+            )
         if quality == "auto":
             quality = "medium"
 
@@ -780,15 +936,28 @@ class Simulator:
         compression = p.int("output_compression")
         if compression is not None:
             if not 0 <= compression <= 100:
-                raise _bad("output_compression", f"Invalid 'output_compression': expected a value between 0 and 100, but got {compression} instead.")
+                raise _bad(
+                    "output_compression",
+                    f"Invalid 'output_compression': expected a value between 0 and 100, but got {compression} instead.",
+                )
             if output_format == "png":
-                raise _bad("output_compression", "The 'output_compression' parameter is only supported for the 'jpeg' and 'webp' output formats.")
+                raise _bad(
+                    "output_compression",
+                    "The 'output_compression' parameter is only supported for the 'jpeg' and 'webp' output formats.",
+                )
         background = p.enum("background", ENUMS["background"]) or "auto"
         if background == "transparent":
             if output_format == "jpeg":
-                raise _bad("background", "Transparent background requires output_format 'png' or 'webp', not 'jpeg'.")
+                raise _bad(
+                    "background",
+                    "Transparent background requires output_format 'png' or 'webp', not 'jpeg'.",
+                )
             if not spec.transparent_background:
-                raise _bad("background", f"Transparent background is not supported for {model}.", "unsupported_value")
+                raise _bad(
+                    "background",
+                    f"Transparent background is not supported for {model}.",
+                    "unsupported_value",
+                )
         background = "transparent" if background == "transparent" else "opaque"
         p.enum("moderation", ENUMS["moderation"])
         p.enum("input_fidelity", ENUMS["input_fidelity"])
@@ -806,10 +975,19 @@ class Simulator:
         elif op == "edit_json":
             refs = raw.get("images")
             if refs is None:
-                raise _bad("images", "Missing required parameter: 'images'.", "missing_required_parameter")
+                raise _bad(
+                    "images", "Missing required parameter: 'images'.", "missing_required_parameter"
+                )
             if not isinstance(refs, list):
-                raise _bad("images", f"Invalid type for 'images': expected an array, but got {_type_name(refs)} instead.", "invalid_type")
-            inputs = [_inspect_image(_image_ref(ref, f"images[{i}]"), f"images[{i}]") for i, ref in enumerate(refs)]
+                raise _bad(
+                    "images",
+                    f"Invalid type for 'images': expected an array, but got {_type_name(refs)} instead.",
+                    "invalid_type",
+                )
+            inputs = [
+                _inspect_image(_image_ref(ref, f"images[{i}]"), f"images[{i}]")
+                for i, ref in enumerate(refs)
+            ]
             if "mask" in raw:
                 mask = _inspect_image(_image_ref(raw["mask"], "mask"), "mask")
         if op != "generate":
@@ -817,52 +995,117 @@ class Simulator:
 
         # size
         size = p.str("size")
-        if size is None:  # SPEC: JSON edits default to auto, everything else to the model's default size
-            size = "auto" if op == "edit_json" and "auto" in spec.allowed_sizes("edit") else spec.default_size
+        if (
+            size is None
+        ):  # SPEC: JSON edits default to auto, everything else to the model's default size
+            size = (
+                "auto"
+                if op == "edit_json" and "auto" in spec.allowed_sizes("edit")
+                else spec.default_size
+            )
         if op == "edit_json" and size not in JSON_EDIT_SIZES:
-            raise _bad("size", f"Invalid value: '{size}'. Supported values are: {', '.join(repr(s) for s in JSON_EDIT_SIZES)}.")
+            raise _bad(
+                "size",
+                f"Invalid value: '{size}'. Supported values are: {', '.join(repr(s) for s in JSON_EDIT_SIZES)}.",
+            )
         why = spec.size_error(size, "generate" if op == "generate" else "edit")
         if why:
             raise _bad("size", f"Invalid value for 'size': {why}.")
         if size == "auto":
-            width, height = _edit_auto_size(inputs[0] if inputs else None) if op in ("edit", "edit_json") else (1024, 1024)
+            width, height = (
+                _edit_auto_size(inputs[0] if inputs else None)
+                if op in ("edit", "edit_json")
+                else (1024, 1024)
+            )
         else:
             w, _, h = size.partition("x")
             width, height = int(w), int(h)
 
-        return Parsed(op, model, spec, prompt, n, width, height, quality, output_format if spec.is_gpt_image else "png",
-                      compression, background, response_format, style, inputs)
+        return Parsed(
+            op,
+            model,
+            spec,
+            prompt,
+            n,
+            width,
+            height,
+            quality,
+            output_format if spec.is_gpt_image else "png",
+            compression,
+            background,
+            response_format,
+            style,
+            inputs,
+        )
 
     @staticmethod
-    def _check_inputs(op: str, spec: ModelSpec, model: str, inputs: list[InputImage], mask: InputImage | None) -> None:
+    def _check_inputs(
+        op: str, spec: ModelSpec, model: str, inputs: list[InputImage], mask: InputImage | None
+    ) -> None:
         param = "images" if op == "edit_json" else "image"
         if not inputs:
-            raise _bad(param, f"Missing required parameter: '{param}'.", "missing_required_parameter")
+            raise _bad(
+                param, f"Missing required parameter: '{param}'.", "missing_required_parameter"
+            )
         limit = 1 if op == "variation" else spec.edit_images_max
         if len(inputs) > limit:
-            raise _bad(param, f"Invalid '{param}': {model} accepts at most {limit} input image(s), got {len(inputs)}.")
+            raise _bad(
+                param,
+                f"Invalid '{param}': {model} accepts at most {limit} input image(s), got {len(inputs)}.",
+            )
         square_png = op == "variation" or spec.edit_square_png
-        allowed = ("png",) if square_png else tuple("jpeg" if f == "jpg" else f for f in spec.edit_image_formats)
+        allowed = (
+            ("png",)
+            if square_png
+            else tuple("jpeg" if f == "jpg" else f for f in spec.edit_image_formats)
+        )
         for img in inputs:
             if len(img.data) > spec.edit_image_max_bytes:
-                raise _bad(param, f"Invalid '{param}': image is {len(img.data):,} bytes; {model} accepts at most "
-                                  f"{spec.edit_image_max_bytes:,} bytes per image.", "image_too_large")
+                raise _bad(
+                    param,
+                    f"Invalid '{param}': image is {len(img.data):,} bytes; {model} accepts at most "
+                    f"{spec.edit_image_max_bytes:,} bytes per image.",
+                    "image_too_large",
+                )
             if img.format not in allowed:
-                raise _bad(param, f"Invalid image format '{img.format}' for '{param}'. Supported formats: {', '.join(allowed)}.",
-                           "invalid_image_format")
+                raise _bad(
+                    param,
+                    f"Invalid image format '{img.format}' for '{param}'. Supported formats: {', '.join(allowed)}.",
+                    "invalid_image_format",
+                )
             if square_png and img.width != img.height:
-                raise _bad(param, f"Invalid '{param}': {model} needs a square PNG, got {img.width}x{img.height}.", "invalid_image")
+                raise _bad(
+                    param,
+                    f"Invalid '{param}': {model} needs a square PNG, got {img.width}x{img.height}.",
+                    "invalid_image",
+                )
         if mask is not None:
             if len(mask.data) > spec.mask_max_bytes:
-                raise _bad("mask", f"Invalid 'mask': {len(mask.data):,} bytes; at most {spec.mask_max_bytes:,}.", "image_too_large")
+                raise _bad(
+                    "mask",
+                    f"Invalid 'mask': {len(mask.data):,} bytes; at most {spec.mask_max_bytes:,}.",
+                    "image_too_large",
+                )
             if mask.format != "png":
-                raise _bad("mask", f"Invalid 'mask': must be a PNG, got '{mask.format}'.", "invalid_image_format")
+                raise _bad(
+                    "mask",
+                    f"Invalid 'mask': must be a PNG, got '{mask.format}'.",
+                    "invalid_image_format",
+                )
             if not mask.has_alpha:
-                raise _bad("mask", "Invalid 'mask': the mask PNG must have an alpha channel.", "invalid_image")
+                raise _bad(
+                    "mask",
+                    "Invalid 'mask': the mask PNG must have an alpha channel.",
+                    "invalid_image",
+                )
             first = inputs[0]
             if (mask.width, mask.height) != (first.width, first.height):
-                raise _bad("mask", f"Invalid 'mask': mask is {mask.width}x{mask.height} but the image is "
-                                   f"{first.width}x{first.height}; they must have the same dimensions.", "invalid_image")
+                raise _bad(
+                    "mask",
+                    f"Invalid 'mask': mask is {mask.width}x{mask.height} but the image is "
+                    f"{first.width}x{first.height}; they must have the same dimensions.",
+                    "invalid_image",
+                )
 
     # ---------------------------------------------------------------- other endpoints
     async def file(self, request: Request) -> Response:
@@ -871,11 +1114,23 @@ class Simulator:
         found = self.state.files.get(token, now)
         headers = {"x-request-id": "req_" + secrets.token_hex(16)}
         if found is None:
-            failure = ApiFailure(404, "No such file (unknown or long-expired URL).", "invalid_request_error", None, "not_found")
-            return Response(_json_bytes(failure.body()), 404, media_type="application/json", headers=headers)
+            failure = ApiFailure(
+                404,
+                "No such file (unknown or long-expired URL).",
+                "invalid_request_error",
+                None,
+                "not_found",
+            )
+            return Response(
+                _json_bytes(failure.body()), 404, media_type="application/json", headers=headers
+            )
         if found == "expired":
-            failure = ApiFailure(410, "This URL has expired.", "invalid_request_error", None, "url_expired")
-            return Response(_json_bytes(failure.body()), 410, media_type="application/json", headers=headers)
+            failure = ApiFailure(
+                410, "This URL has expired.", "invalid_request_error", None, "url_expired"
+            )
+            return Response(
+                _json_bytes(failure.body()), 410, media_type="application/json", headers=headers
+            )
         data, ctype = found  # type: ignore[misc]
         self.state.stats.files_served += 1
         return Response(data, 200, media_type=ctype, headers=headers)
@@ -892,9 +1147,16 @@ class Simulator:
             return {"id": m, "object": "model", "created": 0, "owned_by": "imagebatch-simulator"}
 
         if name is None:
-            return Response(_json_bytes({"object": "list", "data": [entry(m) for m in reg.names()]}), media_type="application/json")
+            return Response(
+                _json_bytes({"object": "list", "data": [entry(m) for m in reg.names()]}),
+                media_type="application/json",
+            )
         if reg.get(name) is None:
-            failure = ApiFailure(404, f"The model `{name}` does not exist or you do not have access to it.", code="model_not_found")
+            failure = ApiFailure(
+                404,
+                f"The model `{name}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
             return Response(_json_bytes(failure.body()), 404, media_type="application/json")
         return Response(_json_bytes(entry(name)), media_type="application/json")
 
@@ -925,9 +1187,12 @@ class Simulator:
 # --------------------------------------------------------------------------- request bodies
 def _unsupported_ctype(ctype: str, accepted: str) -> ApiFailure:
     shown = ctype or "(none)"
-    return _bad(None, f"Unsupported content type: '{shown}'. This API method only accepts {accepted} requests, "
-                      f"but you specified the header 'Content-Type: {shown}'. Please try again with a supported content type.",
-                "unsupported_content_type")
+    return _bad(
+        None,
+        f"Unsupported content type: '{shown}'. This API method only accepts {accepted} requests, "
+        f"but you specified the header 'Content-Type: {shown}'. Please try again with a supported content type.",
+        "unsupported_content_type",
+    )
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -937,9 +1202,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict):
-        raise _bad(None, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
-                         "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
-                         "valid JSON.)", None)
+        raise _bad(
+            None,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
+            "valid JSON.)",
+            None,
+        )
     return {k: v for k, v in data.items() if v is not None}
 
 
@@ -966,15 +1235,26 @@ async def _form_body(request: Request) -> tuple[dict[str, Any], dict[str, list[b
 
 def _image_ref(ref: Any, param: str) -> bytes:
     if not isinstance(ref, dict):
-        raise _bad(param, f"Invalid type for '{param}': expected an object, but got {_type_name(ref)} instead.", "invalid_type")
+        raise _bad(
+            param,
+            f"Invalid type for '{param}': expected an object, but got {_type_name(ref)} instead.",
+            "invalid_type",
+        )
     extra = set(ref) - {"image_url", "file_id"}
     if extra:
-        raise _bad(f"{param}.{sorted(extra)[0]}", f"Unknown parameter: '{param}.{sorted(extra)[0]}'.", "unknown_parameter")
+        raise _bad(
+            f"{param}.{sorted(extra)[0]}",
+            f"Unknown parameter: '{param}.{sorted(extra)[0]}'.",
+            "unknown_parameter",
+        )
     given = [k for k in ("image_url", "file_id") if ref.get(k) is not None]
     if len(given) != 1:
         raise _bad(param, f"Invalid '{param}': give exactly one of 'image_url' or 'file_id'.")
     if given[0] == "file_id":
-        raise _bad(f"{param}.file_id", "The simulator has no Files API; send the image as an image_url data URL.")
+        raise _bad(
+            f"{param}.file_id",
+            "The simulator has no Files API; send the image as an image_url data URL.",
+        )
     return _decode_data_url(ref["image_url"], f"{param}.image_url")
 
 
@@ -1009,8 +1289,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         message = str(getattr(exc, "detail", "") or exc)
     failure = ApiFailure(status, message, "invalid_request_error")
-    return Response(_json_bytes(failure.body()), status, media_type="application/json",
-                    headers={"x-request-id": "req_" + secrets.token_hex(16)})
+    return Response(
+        _json_bytes(failure.body()),
+        status,
+        media_type="application/json",
+        headers={"x-request-id": "req_" + secrets.token_hex(16)},
+    )
 
 
 def create_app(config: SimConfig | None = None, registry: Registry | None = None) -> Starlette:

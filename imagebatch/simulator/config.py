@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 LATENCY_KINDS = ("fixed", "uniform", "longtail")
 
@@ -59,7 +60,10 @@ def parse_latency(value: Any) -> LatencyModel:
             model = LatencyModel("uniform", float(value["min"]), float(value["max"]))
         elif kind == "longtail":
             model = LatencyModel(
-                "longtail", float(value["median"]), float(value["cap"]), float(value.get("sigma", 0.8))
+                "longtail",
+                float(value["median"]),
+                float(value["cap"]),
+                float(value.get("sigma", 0.8)),
             )
         else:
             raise ValueError(f"latency kind must be one of {LATENCY_KINDS}, got {kind!r}")
@@ -135,12 +139,12 @@ class SimConfig:
 
     # ----------------------------------------------------------------- helpers
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None = None, **kwargs: Any) -> "SimConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None = None, **kwargs: Any) -> SimConfig:
         merged = {**(data or {}), **kwargs}
         _check_keys(merged)
         return cls(**{k: _coerce(k, v) for k, v in merged.items()})
 
-    def update(self, data: Mapping[str, Any] | None = None, **kwargs: Any) -> "SimConfig":
+    def update(self, data: Mapping[str, Any] | None = None, **kwargs: Any) -> SimConfig:
         """Change knobs in place; all-or-nothing. Returns self."""
         merged = {**(data or {}), **kwargs}
         _check_keys(merged)

@@ -79,7 +79,9 @@ class RateLimits:
         self.requests = SlidingWindow()
         self.images = SlidingWindow()
 
-    def admit(self, images: int, rpm: int, ipm: int, window: float, now: float | None = None) -> Rejection | None:
+    def admit(
+        self, images: int, rpm: int, ipm: int, window: float, now: float | None = None
+    ) -> Rejection | None:
         """Count the request (1 request, `images` images) or say why not. A rejected request counts nothing."""
         now = time.monotonic() if now is None else now
         if rpm > 0:
@@ -98,7 +100,9 @@ class RateLimits:
         self.images.add(images, now)
         return None
 
-    def headers(self, rpm: int, ipm: int, window: float, now: float | None = None) -> dict[str, str]:
+    def headers(
+        self, rpm: int, ipm: int, window: float, now: float | None = None
+    ) -> dict[str, str]:
         """x-ratelimit-* headers for the limits that are set."""
         now = time.monotonic() if now is None else now
         out: dict[str, str] = {}

@@ -70,7 +70,15 @@ def _ascii(text: str) -> str:
     return " ".join(cleaned.split())
 
 
-def draw(prompt: str, index: int, width: int, height: int, *, transparent: bool = False, text: bool = True) -> Image.Image:
+def draw(
+    prompt: str,
+    index: int,
+    width: int,
+    height: int,
+    *,
+    transparent: bool = False,
+    text: bool = True,
+) -> Image.Image:
     """The low-resolution "P" canvas for one image (not yet upscaled)."""
     digest = hashlib.sha256(f"{prompt}\x00{index}".encode("utf-8", "surrogatepass")).digest()
     scale = DRAW_EDGE / max(width, height)
@@ -83,6 +91,7 @@ def draw(prompt: str, index: int, width: int, height: int, *, transparent: bool 
     bottom = _rgb(hue + spread, 0.55 + digest[4] / 800, 0.75 + digest[5] / 1200)
 
     palette = [0] * 768
+
     def put(i: int, rgb: tuple[int, int, int]) -> None:
         palette[3 * i : 3 * i + 3] = rgb
 
@@ -91,7 +100,14 @@ def draw(prompt: str, index: int, width: int, height: int, *, transparent: bool 
         t = i / (_RAMP_N - 1)
         put(_RAMP + i, tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))  # type: ignore[arg-type]
     for j in range(8):
-        put(_SHAPES + j, _rgb(hue + spread * (j % 3) + digest[6 + j] / 1024, 0.6 + (digest[14 + j] % 40) / 100, 0.55 + (digest[22 + j] % 45) / 100))
+        put(
+            _SHAPES + j,
+            _rgb(
+                hue + spread * (j % 3) + digest[6 + j] / 1024,
+                0.6 + (digest[14 + j] % 40) / 100,
+                0.55 + (digest[22 + j] % 45) / 100,
+            ),
+        )
     put(_TEXT_BG, (16, 16, 20))
     put(_TEXT_FG, (250, 250, 245))
     put(_LABEL_FG, (255, 255, 255))
@@ -151,7 +167,7 @@ def _png_nearest(img: Image.Image, width: int, height: int, transparent: bool) -
     directly halves that: each canvas row is stretched once (filter None) and its
     vertical repeats become PNG "Up"-filtered rows of zeros, which zlib level 1 eats fast.
     """
-    lw, lh = img.size
+    _lw, lh = img.size
     raw = img.resize((width, lh), Image.NEAREST).tobytes()
     repeat = b"\x02" + bytes(width)  # filter Up: same as the row above
     rows: list[bytes] = []
@@ -176,7 +192,9 @@ def _png_nearest(img: Image.Image, width: int, height: int, transparent: bool) -
     return b"".join(parts)
 
 
-def encode(img: Image.Image, width: int, height: int, fmt: str, compression: int | None, transparent: bool) -> bytes:
+def encode(
+    img: Image.Image, width: int, height: int, fmt: str, compression: int | None, transparent: bool
+) -> bytes:
     """Upscale the canvas with NEAREST and encode it."""
     if fmt == "png":
         return _png_nearest(img, width, height, transparent)
@@ -263,7 +281,14 @@ def render_image(
         hit = cache.get(key)
         if hit is not None:
             return hit
-    data = encode(draw(prompt, index, width, height, transparent=transparent, text=text), width, height, fmt, compression, transparent)
+    data = encode(
+        draw(prompt, index, width, height, transparent=transparent, text=text),
+        width,
+        height,
+        fmt,
+        compression,
+        transparent,
+    )
     if cache is not None:
         cache.put(key, data)
     return data

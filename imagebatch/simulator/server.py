@@ -6,7 +6,8 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -103,9 +104,13 @@ class SimulatorServer:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and bool(self._server and self._server.started)
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and bool(self._server and self._server.started)
+        )
 
-    def start(self, timeout: float = 15.0) -> "SimulatorServer":
+    def start(self, timeout: float = 15.0) -> SimulatorServer:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
         self._sock = _bind(self.host, self.port)
@@ -118,7 +123,7 @@ class SimulatorServer:
                 self._loop = asyncio.get_running_loop()
                 assert self._server is not None
                 task = asyncio.ensure_future(self._server.serve(sockets=[self._sock]))  # type: ignore[list-item]
-                while not self._server.started and not task.done():
+                while not self._server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no started event)
                     await asyncio.sleep(0.005)
                 ready.set()
                 await task
@@ -130,7 +135,9 @@ class SimulatorServer:
             finally:
                 ready.set()
 
-        self._thread = threading.Thread(target=run, name=f"imagebatch-simulator:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=run, name=f"imagebatch-simulator:{self.port}", daemon=True
+        )
         self._thread.start()
         if not ready.wait(timeout) or not self._server.started:
             self.stop()
@@ -169,7 +176,7 @@ class SimulatorServer:
         for _ in range(3):  # let handlers see the disconnect and return
             await asyncio.sleep(0)
 
-    def __enter__(self) -> "SimulatorServer":
+    def __enter__(self) -> SimulatorServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -225,11 +232,13 @@ def serve_forever(
     base_url = f"http://{_url_host(host)}:{real_port}/v1"
     server = uvicorn.Server(_uvicorn_config(app, log_level))
     if logging.getLogger().handlers == [] and log_level:
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
 
     async def main() -> None:
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
+        while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no started event)
             await asyncio.sleep(0.005)
         if server.started and announce is not None:
             if announce is print:
