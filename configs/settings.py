@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ def load_settings(
     config_file: str | Path | None = None, env: dict[str, str] | None = None
 ) -> Settings:
     """Defaults, then `config_file`, then the OpenAI environment variables the official SDK reads."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     raw = tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))
     if config_file:
         path = Path(config_file)
@@ -145,11 +146,11 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     api = dict(raw.get("api", {}))
-    if env.get("OPENAI_BASE_URL"):
-        api["base_url"] = env["OPENAI_BASE_URL"]
-    api["api_key"] = env.get("OPENAI_API_KEY") or None
-    api["organization"] = env.get("OPENAI_ORG_ID") or None
-    api["project"] = env.get("OPENAI_PROJECT_ID") or None
+    if environ.get("OPENAI_BASE_URL"):
+        api["base_url"] = environ["OPENAI_BASE_URL"]
+    api["api_key"] = environ.get("OPENAI_API_KEY") or None
+    api["organization"] = environ.get("OPENAI_ORG_ID") or None
+    api["project"] = environ.get("OPENAI_PROJECT_ID") or None
     output = raw.get("output", {})
     settings = Settings(
         job=_section(JobDefaults, raw.get("job", {}), "job"),

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 from prefect import flow
@@ -48,8 +48,18 @@ current_reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextV
 )
 
 
-class Reporter:
+class Reporter(Protocol):
     """What the run tells a person. The CLI draws a progress bar; notebooks stay quiet."""
+
+    def notice(self, message: str) -> None: ...
+    def problems(self, problems: list[Problem]) -> None: ...
+    def start(self, total: int, skipped: int) -> None: ...
+    def image(self, record: ImageRecord) -> None: ...
+    def finish(self) -> None: ...
+
+
+class LogReporter:
+    """The default reporter: notices and problems go to the log, nothing else is drawn."""
 
     def notice(self, message: str) -> None:
         log.warning(message)
@@ -277,7 +287,7 @@ async def _execute(
     allow_changed: bool,
     models: str | None,
 ) -> RunReport:
-    reporter = current_reporter.get() or Reporter()
+    reporter = current_reporter.get() or LogReporter()
     started = time.time()
     settings = load_settings(config)
     for section, values in overrides.items():
@@ -407,7 +417,9 @@ def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
     from imagebatch.simulator import SimConfig, SimulatorServer
 
     sim = settings.simulator
-    simulator = SimulatorServer(SimConfig(latency=sim.latency, rpm=sim.rpm, ipm=sim.ipm)).start()
+    simulator = SimulatorServer(
+        SimConfig(latency=sim.latency, rpm=round(sim.rpm), ipm=round(sim.ipm))
+    ).start()
     reporter.notice(
         f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
         "Images are synthetic and nothing is billed."

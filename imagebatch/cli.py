@@ -32,8 +32,8 @@ class ConsoleReporter:
     def __init__(self, quiet: bool = False) -> None:
         self.console = _console()
         self.quiet = quiet
-        self.progress = None
-        self.task = None
+        self.progress: Any = None
+        self.task: Any = None
 
     def notice(self, message: str) -> None:
         self.console.print(f"[yellow]{message}[/]")
@@ -316,7 +316,9 @@ def simulate(
     from imagebatch.simulator.server import serve_forever
 
     _console().print(f"Simulator on http://{host}:{port}/v1 (Ctrl-C to stop)")
-    serve_forever(SimConfig(latency=latency, rpm=rpm, ipm=ipm, api_key=api_key), host, port)
+    serve_forever(
+        SimConfig(latency=latency, rpm=round(rpm), ipm=round(ipm), api_key=api_key), host, port
+    )
 
 
 @main.command()
@@ -339,6 +341,7 @@ def models(models_file: Path | None) -> None:
         table.add_column(col)
     for name in registry.names():
         m = registry.get(name)
+        assert m is not None  # names() lists only registered models
         sizes = ", ".join(s if s != "flexible" else "WxH (rule)" for s in m.sizes)
         table.add_row(
             name,

@@ -408,7 +408,7 @@ def retry_wait(
     """
     if not is_retryable(error, settings):
         return None
-    hint = error.retry_after  # type: ignore[union-attr]
+    hint = getattr(error, "retry_after", None)
     if hint is not None and 0 < hint <= settings.max_server_hint:
         return float(hint)
     ceiling = min(
@@ -456,7 +456,8 @@ def retrying(
     def should_retry(state: tenacity.RetryCallState) -> bool:
         if state.outcome is None or not state.outcome.failed:
             return False
-        return is_retryable(state.outcome.exception(), settings)
+        error = state.outcome.exception()
+        return error is not None and is_retryable(error, settings)
 
     def should_stop(state: tenacity.RetryCallState) -> bool:
         # A 429 rate_limit_exceeded is the limiter's business and costs nothing, so it does not
@@ -473,9 +474,11 @@ def retrying(
         return elapsed + wait_for(state) > settings.max_total_seconds
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        if on_retry is None:
+        if on_retry is None or state.outcome is None:
             return
         error = state.outcome.exception()
+        if not isinstance(error, ApiError):
+            return
         seconds = state.next_action.sleep if state.next_action is not None else wait_for(state)
         on_retry(error, state.attempt_number, seconds)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import hashlib
 import io
 import json
@@ -181,14 +182,14 @@ class Parsed:
 class _Params:
     """Typed access to request fields from JSON (typed) or multipart (all strings)."""
 
-    def __init__(self, raw: dict[str, Any], form: bool) -> None:
+    def __init__(self, raw: dict[builtins.str, Any], form: bool) -> None:
         self.raw = raw
         self.form = form
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> bool:
         return name in self.raw
 
-    def str(self, name: str) -> str | None:
+    def str(self, name: builtins.str) -> builtins.str | None:
         if name not in self.raw:
             return None
         value = self.raw[name]
@@ -200,7 +201,7 @@ class _Params:
             )
         return value
 
-    def int(self, name: str) -> int | None:
+    def int(self, name: builtins.str) -> int | None:
         if name not in self.raw:
             return None
         value = self.raw[name]
@@ -219,7 +220,7 @@ class _Params:
             "invalid_type",
         )
 
-    def bool(self, name: str) -> bool | None:
+    def bool(self, name: builtins.str) -> bool | None:
         if name not in self.raw:
             return None
         value = self.raw[name]
@@ -233,7 +234,9 @@ class _Params:
             "invalid_type",
         )
 
-    def enum(self, name: str, allowed: tuple[str, ...] | list[str]) -> str | None:
+    def enum(
+        self, name: builtins.str, allowed: tuple[builtins.str, ...] | list[builtins.str]
+    ) -> builtins.str | None:
         value = self.str(name)
         if value is not None and value not in allowed:
             listed = ", ".join(f"'{a}'" for a in allowed)
@@ -635,11 +638,11 @@ class Simulator:
                     body = _json_bytes({"created": created})  # valid JSON without data
                 return Response(body, 200, media_type="application/json")
 
-            body = await self._build(request, parsed)
+            payload = await self._build(request, parsed)
             bill()
             st.requests_ok += 1
             st.model(parsed.model)["ok"] += 1
-            return Response(_json_bytes(body), 200, media_type="application/json")
+            return Response(_json_bytes(payload), 200, media_type="application/json")
         finally:
             if reserved[0]:
                 state.quota.release(reserved[0])
@@ -994,23 +997,19 @@ class Simulator:
             self._check_inputs(op, spec, model, inputs, mask)
 
         # size
+        # SPEC: JSON edits default to auto, everything else to the model's default size.
         size = p.str("size")
-        if (
-            size is None
-        ):  # SPEC: JSON edits default to auto, everything else to the model's default size
-            size = (
-                "auto"
-                if op == "edit_json" and "auto" in spec.allowed_sizes("edit")
-                else spec.default_size
-            )
+        if size is None:
+            edit_auto = op == "edit_json" and "auto" in spec.allowed_sizes("edit")
+            size = "auto" if edit_auto else spec.default_size
         if op == "edit_json" and size not in JSON_EDIT_SIZES:
             raise _bad(
                 "size",
                 f"Invalid value: '{size}'. Supported values are: {', '.join(repr(s) for s in JSON_EDIT_SIZES)}.",
             )
-        why = spec.size_error(size, "generate" if op == "generate" else "edit")
-        if why:
-            raise _bad("size", f"Invalid value for 'size': {why}.")
+        size_why = spec.size_error(size, "generate" if op == "generate" else "edit")
+        if size_why:
+            raise _bad("size", f"Invalid value for 'size': {size_why}.")
         if size == "auto":
             width, height = (
                 _edit_auto_size(inputs[0] if inputs else None)
@@ -1131,7 +1130,8 @@ class Simulator:
             return Response(
                 _json_bytes(failure.body()), 410, media_type="application/json", headers=headers
             )
-        data, ctype = found  # type: ignore[misc]
+        assert isinstance(found, tuple)
+        data, ctype = found
         self.state.stats.files_served += 1
         return Response(data, 200, media_type=ctype, headers=headers)
 

@@ -168,7 +168,7 @@ def _png_nearest(img: Image.Image, width: int, height: int, transparent: bool) -
     vertical repeats become PNG "Up"-filtered rows of zeros, which zlib level 1 eats fast.
     """
     _lw, lh = img.size
-    raw = img.resize((width, lh), Image.NEAREST).tobytes()
+    raw = img.resize((width, lh), Image.Resampling.NEAREST).tobytes()
     repeat = b"\x02" + bytes(width)  # filter Up: same as the row above
     rows: list[bytes] = []
     prev = -1
@@ -200,7 +200,7 @@ def encode(
         return _png_nearest(img, width, height, transparent)
     buf = io.BytesIO()
     if fmt == "jpeg":
-        big = img.convert("RGB").resize((width, height), Image.NEAREST)
+        big = img.convert("RGB").resize((width, height), Image.Resampling.NEAREST)
         quality = 90 if compression is None else max(1, min(95, compression))
         big.save(buf, "JPEG", quality=quality)
     elif fmt == "webp":
@@ -210,7 +210,7 @@ def encode(
             small = img.convert("RGBA")
         else:
             small = img.convert("RGB")
-        big = small.resize((width, height), Image.NEAREST)
+        big = small.resize((width, height), Image.Resampling.NEAREST)
         if compression is None or compression >= 100:
             big.save(buf, "WEBP", lossless=True, quality=0, method=0)
         else:
