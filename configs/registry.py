@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class ModelSpec:
     mask_max_bytes: int = 4_000_000
     default_size: str = "1024x1024"
     default_quality: str = "auto"
-    prices: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_gpt_image(self) -> bool:
@@ -106,9 +105,6 @@ class ModelSpec:
 
     def is_retired(self, on: dt.date | None = None) -> bool:
         return self.retired is not None and (on or dt.date.today()) >= self.retired
-
-    def price(self, quality: str, size: str) -> float | None:
-        return self.prices.get(f"{quality}/{size}")
 
 
 def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
@@ -147,7 +143,6 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
             mask_max_bytes=int(raw.get("mask_max_bytes", 4_000_000)),
             default_size=raw.get("default_size", "1024x1024"),
             default_quality=raw.get("default_quality", "auto"),
-            prices=dict(raw.get("prices", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model {name} in the registry is malformed: {exc!r}") from None

@@ -14,6 +14,7 @@ for _key in (
     "OPENAI_ORG_ID",
     "OPENAI_PROJECT_ID",
     "IMAGEBATCH_MODELS",
+    "IMAGEBATCH_PRICES",
 ):
     os.environ.pop(_key, None)
 
