@@ -86,6 +86,12 @@ class FlowSettings:
 
 
 @dataclass(frozen=True)
+class CostSettings:
+    # A TOML file overlaying configs/prices.toml (empty: the bundled prices only).
+    prices: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     job: JobDefaults = field(default_factory=JobDefaults)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -93,6 +99,7 @@ class Settings:
     retry: RetrySettings = field(default_factory=RetrySettings)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    cost: CostSettings = field(default_factory=CostSettings)
     output_dir: str = "out"
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -159,6 +166,7 @@ def load_settings(
         retry=_section(RetrySettings, raw.get("retry", {}), "retry"),
         simulator=_section(SimulatorSettings, raw.get("simulator", {}), "simulator"),
         flow=_section(FlowSettings, raw.get("flow", {}), "flow"),
+        cost=_section(CostSettings, raw.get("cost", {}), "cost"),
         output_dir=output.get("dir", "out"),
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
@@ -177,6 +185,7 @@ SECTIONS = {
     "retry": RetrySettings,
     "simulator": SimulatorSettings,
     "flow": FlowSettings,
+    "cost": CostSettings,
 }
 # Never a run argument: keys come from the environment only, so they cannot land in a
 # Prefect flow run's parameters.

@@ -8,13 +8,19 @@ checked = imagebatch.validate(df)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
-from imagebatch.configs.settings import load_settings
+from imagebatch.configs.settings import load_settings, route_overrides
+from imagebatch.tasks.cost import CostPlan, cost_plan
+from imagebatch.tasks.journal import Journal
+from imagebatch.tasks.plan import RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import read_jobs
 from imagebatch.tasks.validate import Checked, Validator
 
@@ -79,3 +85,71 @@ def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, *
     from imagebatch.flows.run_jobs import run_jobs
 
     return run_jobs(jobs, out, **kwargs)
+
+
+@dataclass
+class CostEstimate:
+    """What a run would send, and what it would cost (`imagebatch run --dry-run`)."""
+
+    checked: Checked
+    rows: int
+    plan: CostPlan
+    skipped: int  # images already done in the output folder, not counted
+    prices: PriceBook
+    max_cost: Decimal | None
+    max_cost_total: Decimal | None
+
+
+def estimate(
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    models: str | Path | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    **overrides: Any,
+) -> CostEstimate:
+    """Plan a run and price it, sending nothing and writing nothing.
+
+    With `out`, images its journal lists as succeeded are left out (as a run would skip
+    them; their files are not re-verified here). Settings by name as for `run`, plus
+    `prices` (a TOML file overlaying configs/prices.toml) and `max_cost`/`max_cost_total`.
+    """
+    settings = load_settings(config)
+    for section, values in route_overrides(overrides).items():
+        settings = settings.with_overrides(section, **values)
+    rows = read_jobs(jobs)
+    targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
+    base_dir = (
+        Path(jobs).expanduser().resolve().parent
+        if not isinstance(jobs, pd.DataFrame)
+        else Path.cwd()
+    )
+    validator = Validator(
+        Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir
+    )
+    checked = validator.check(rows)
+    done: dict[str, Any] = {}
+    if out is not None and not force:
+        done = {
+            key: rec
+            for key, rec in Journal(Path(out).expanduser()).load().items()
+            if rec.status == "succeeded" or not retry_failed
+        }
+    units: list[RequestUnit] = []
+    skipped = 0
+    for planned in plan_jobs(checked.valid):
+        todo = [i for i, key in enumerate(planned.keys) if key not in done]
+        skipped += planned.job.n - len(todo)
+        units.extend(units_for(planned, todo))
+    book = PriceBook.load(settings.cost.prices or None)
+    return CostEstimate(
+        checked,
+        len(rows),
+        cost_plan(book, units),
+        skipped,
+        book,
+        None,
+        None,
+    )

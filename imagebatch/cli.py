@@ -121,6 +121,49 @@ def _summary(report: Any) -> None:
         console.print(f"[red]The run stopped early: {report.stopped}[/]")
 
 
+def _usd(amount: Any) -> str:
+    return "unknown" if amount is None else f"${amount:,.4f}"
+
+
+def _print_plan(est: Any) -> None:
+    """The plan of a dry run or `validate`: requests, images and their estimated cost."""
+    from rich.markup import escape
+
+    console = _console()
+    plan = est.plan
+    console.print(
+        f"Plan: {plan.jobs} jobs, {plan.requests} requests, {plan.images} images (nothing sent)"
+    )
+    for line in plan.lines:
+        what = " ".join(v for v in (line.model, line.operation, line.size, line.quality) if v)
+        console.print(
+            f"  {escape(what)}: {line.requests} request(s), {line.images} image(s), "
+            f"{_usd(line.usd)} ({escape(line.basis)})"
+        )
+    if est.skipped:
+        console.print(f"{est.skipped} image(s) already done in the output folder: not counted")
+    unknown = (
+        f"; {plan.unknown_images} image(s) with no price: unknown" if plan.unknown_images else ""
+    )
+    console.print(
+        f"Estimated cost: {_usd(plan.usd)} (worst case {_usd(plan.worst_usd)}){unknown}. "
+        "Billing follows the response's usage; prices from configs/prices.toml "
+        "(checked dates and sources there; override with --prices)."
+    )
+    for flag, cap in (("--max-cost", est.max_cost), ("--max-cost-total", est.max_cost_total)):
+        if cap is None:
+            continue
+        if plan.unknown_images:
+            console.print(f"[yellow]{flag} {_usd(cap)}: unpriced images will not be sent[/]")
+        if plan.worst_usd <= cap:
+            console.print(f"Worst case {_usd(plan.worst_usd)} fits under {flag} {_usd(cap)}")
+        else:
+            console.print(
+                f"[yellow]Worst case {_usd(plan.worst_usd)} exceeds {flag} {_usd(cap)}: "
+                "dispatching would stop before the end[/]"
+            )
+
+
 def _fail(message: str, code: int = 2) -> None:
     _console().print(f"[red]Error:[/] {message}")
     sys.exit(code)
@@ -201,6 +244,16 @@ def main() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML file adding or overriding models in the registry.",
 )
+@click.option(
+    "--prices",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A TOML file overlaying configs/prices.toml (prices change; no code needed).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (requests, images, estimated cost) and exit; nothing is sent.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
     jobs: Path,
@@ -210,6 +263,7 @@ def run(
     retry_failed: bool,
     force: bool,
     allow_changed_settings: bool,
+    dry_run: bool,
     quiet: bool,
     **overrides: Any,
 ) -> None:
@@ -225,8 +279,11 @@ def run(
     Exit status: 0 every image succeeded; 1 some did not (see the manifest);
     2 usage error, or the run stopped early (bad key, quota, Ctrl-C, disk full).
     """
-    from imagebatch.flows.run_jobs import run_jobs
     from imagebatch.tasks.errors import ImagebatchError
+
+    if dry_run:
+        _dry_run(jobs, out, config, models_file, retry_failed, force, overrides)
+    from imagebatch.flows.run_jobs import run_jobs
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
@@ -251,6 +308,36 @@ def run(
     sys.exit(report.exit_code)
 
 
+def _dry_run(
+    jobs: Path,
+    out: Path | None,
+    config: Path | None,
+    models_file: Path | None,
+    retry_failed: bool,
+    force: bool,
+    overrides: dict[str, Any],
+) -> None:
+    """`run --dry-run`: validate and price the jobs as the run would, then exit."""
+    from imagebatch.api import estimate
+    from imagebatch.tasks.errors import ImagebatchError
+
+    try:
+        est = estimate(
+            jobs,
+            out,
+            config=config,
+            models=models_file,
+            retry_failed=retry_failed,
+            force=force,
+            **overrides,
+        )
+    except ImagebatchError as exc:
+        _fail(str(exc))
+    ConsoleReporter().problems(est.checked.problems)
+    _print_plan(est)
+    sys.exit(1 if est.checked.invalid else 0)
+
+
 @main.command()
 @click.argument("jobs", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", help="Default model for rows that leave it empty.")
@@ -271,21 +358,28 @@ def run(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML file adding or overriding models.",
 )
+@click.option(
+    "--prices",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A TOML file overlaying configs/prices.toml.",
+)
 def validate(jobs: Path, config: Path | None, models_file: Path | None, **overrides: Any) -> None:
-    """Check every row of JOBS against its model's rules; send nothing.
+    """Check every row of JOBS against its model's rules and print the plan with its
+    estimated cost; send nothing.
 
     Exit status 0 when every row is valid, 1 when any row is not, 2 when JOBS cannot be read.
     """
-    from imagebatch.api import check_jobs
+    from imagebatch.api import estimate
     from imagebatch.tasks.errors import ImagebatchError
 
     try:
-        checked, total = check_jobs(jobs, config=config, models=models_file, **overrides)
+        est = estimate(jobs, config=config, models=models_file, **overrides)
     except ImagebatchError as exc:
         _fail(str(exc))
-    ConsoleReporter().problems(checked.problems)
-    bad = len(checked.invalid)
-    _console().print(f"{total} rows: {total - bad} valid, {bad} invalid")
+    ConsoleReporter().problems(est.checked.problems)
+    bad = len(est.checked.invalid)
+    _console().print(f"{est.rows} rows: {est.rows - bad} valid, {bad} invalid")
+    _print_plan(est)
     sys.exit(1 if bad else 0)
 
 

@@ -131,13 +131,18 @@ def _basis(
 ) -> str:
     q = _choices(quality, prices.auto_qualities)[0]
     s = _choices(size, prices.auto_sizes)[0]
-    shown = f"{q} {s}" if (q, s) == (quality, size) else f"{quality} {size} as {q} {s}"
+    assumed = [
+        f"{what} auto as {v}"
+        for what, a, v in (("quality", quality, q), ("size", size, s))
+        if a != v
+    ]
+    shown = f" ({', '.join(assumed)})" if assumed else ""
     if first is None:
-        return f"no price for {job.model.name} {shown}"
+        return f"no price for {job.model.name} {q} {s}".rstrip()
     tokens, rate = prices.tokens_out(q, s), prices.rates.get("image_output")
     if job.model.usage and tokens is not None and rate is not None:
-        return f"{tokens} output tokens/image ({shown}) at ${rate:f}/1M"
-    return f"{_fmt(first)}/image ({shown})"
+        return f"{tokens} output tokens/image{shown} at ${rate.normalize():f}/1M"
+    return f"{_fmt(first)}/image{shown}"
 
 
 def _count(value: Any) -> int | None:

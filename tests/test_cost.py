@@ -140,7 +140,7 @@ def test_auto_quality_estimates_medium_and_reserves_high(book):
     est = estimate_unit(book, job, 1)
     assert est.usd == 1756 * D(30) / M + D(5) / M
     assert est.worst_usd == 7024 * D(30) / M + D(5) / M
-    assert "auto 1024x1024 as medium 1024x1024" in est.basis
+    assert "(quality auto as medium)" in est.basis
 
 
 def test_auto_size_reserves_the_dearest_it_may_become(book):

@@ -1,0 +1,131 @@
+"""The ledger and the cap: reservations, settlement, the boundary, and the dry-run plan."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from imagebatch.cli import main
+from imagebatch.tasks.budget import Budget, CapReached
+
+D = Decimal
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_cap_admits_exactly_what_fits_in_decimal():
+    budget = Budget(max_cost=D("1.00"))
+    held = [budget.reserve(D("0.02"), "x") for _ in range(50)]  # float sums would miss one
+    with pytest.raises(CapReached) as info:
+        budget.reserve(D("0.02"), "x")
+    assert info.value.stops and "would exceed --max-cost $1.00" in info.value.reason
+    for r in held:
+        budget.settle(r, D("0.02"))
+    assert budget.spent == D("1.00") and budget.in_flight == 0
+
+
+def test_in_flight_counts_at_worst_and_settles_at_actual():
+    budget = Budget(max_cost=D("1.00"))
+    a = budget.reserve(D("0.60"), "a")
+    with pytest.raises(CapReached):
+        budget.reserve(D("0.50"), "b")  # 0.60 in flight + 0.50 > 1.00
+    budget.settle(a, D("0.10"))
+    # Dispatching stopped for good: even a request that would now fit is refused.
+    with pytest.raises(CapReached, match="cost cap"):
+        budget.reserve(D("0.01"), "c")
+    assert budget.spent == D("0.10")
+
+
+def test_lost_and_unpriced_calls_count_at_their_worst_case():
+    budget = Budget(max_cost=D("1.00"))
+    budget.settle(budget.reserve(D("0.30"), "lost"), lost=True)
+    budget.settle(budget.reserve(D("0.30"), "unpriced"), None)
+    budget.settle(budget.reserve(D("0.30"), "error answer"))  # an error costs nothing
+    assert (budget.possibly_paid, budget.unpriced, budget.spent) == (D("0.30"), D("0.30"), 0)
+    assert budget.committed == D("0.60")
+    budget.reserve(D("0.40"), "fits exactly")
+    with pytest.raises(CapReached):
+        budget.reserve(D("0.000001"), "one more")
+
+
+def test_settling_twice_changes_nothing():
+    budget = Budget(max_cost=D("1"))
+    r = budget.reserve(D("0.5"), "x")
+    budget.settle(r, D("0.2"))
+    budget.settle(r, D("0.2"))
+    assert budget.spent == D("0.2") and budget.in_flight == 0 and budget.requests_in_flight == 0
+
+
+def test_an_unpriced_request_is_refused_under_a_cap_without_stopping_the_rest():
+    budget = Budget(max_cost=D("1"))
+    with pytest.raises(CapReached) as info:
+        budget.reserve(None, "acme-image high 1024x1024")
+    assert not info.value.stops and "no price for acme-image" in info.value.reason
+    budget.reserve(D("0.5"), "priced")  # still dispatching
+    assert Budget().reserve(None, "uncapped runs send it").worst == 0
+
+
+def test_total_cap_counts_what_the_folder_already_spent():
+    budget = Budget(max_cost_total=D("5"), folder_spent=D("4.50"))
+    budget.reserve(D("0.5"), "x")
+    with pytest.raises(CapReached, match=re.escape("this folder had spent $4.50")):
+        budget.reserve(D("0.01"), "y")
+    both = Budget(max_cost=D("0.3"), max_cost_total=D("100"), folder_spent=D("1"))
+    with pytest.raises(CapReached, match=re.escape("--max-cost $0.3")):
+        both.reserve(D("0.31"), "z")
+
+
+# ---------------------------------------------------------------- the plan on the command line
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(main, args, env={}, catch_exceptions=False)
+
+
+def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
+    out = tmp_path / "out"
+    catalog = str(ROOT / "data" / "catalog.csv")
+    result = invoke(["run", catalog, "--out", str(out), "--dry-run"])
+    assert result.exit_code == 1, result.output  # row 11 is invalid, as in a real run
+    text = result.output
+    assert "Plan: 11 jobs, 14 requests, 19 images (nothing sent)" in text
+    assert "dall-e-3 generate 1792x1024 hd: 3 request(s), 3 image(s), $0.3600 ($0.12/image)" in text
+    assert "gpt-image-2 generate 1024x1024 high: 1 request(s), 1 image(s), $0.2108" in text
+    assert "7024 output tokens/image at $30/1M" in text
+    assert "Estimated cost: $1.3139 (worst case $1.3155)" in text
+    assert not out.exists()  # nothing written, no simulator started
+
+
+def test_validate_prints_the_plan_and_unpriced_models_as_unknown(tmp_path):
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models."acme-image"]\nendpoints = ["generate"]\nmax_n_per_call = 4\n'
+        'sizes = ["1024x1024"]\nqualities = ["high"]\nusage = true\n',
+        encoding="utf-8",
+    )
+    jobs = tmp_path / "jobs.csv"
+    pd.DataFrame(
+        [
+            {"prompt": "[bold]x[/]", "model": "acme-image", "quality": "high", "n": 2},
+            {"prompt": "y", "model": "gpt-image-2", "quality": "low", "n": 1},
+        ]
+    ).to_csv(jobs, index=False)
+    result = invoke(["validate", str(jobs), "--models", str(models)])
+    assert result.exit_code == 0, result.output
+    assert "acme-image generate 1024x1024 high: 1 request(s), 2 image(s), unknown" in result.output
+    assert "no prices for acme-image" in result.output
+    assert "2 image(s) with no price: unknown" in result.output
+
+
+def test_a_prices_file_changes_the_estimate(tmp_path):
+    prices = tmp_path / "p.toml"
+    prices.write_text('[prices."dall-e-3"]\nper_image = { "hd/1024x1024" = 1.5 }\n', "utf-8")
+    jobs = tmp_path / "jobs.csv"
+    pd.DataFrame([{"prompt": "x", "model": "dall-e-3", "quality": "hd"}]).to_csv(jobs, index=False)
+    result = invoke(["run", str(jobs), "--dry-run", "--prices", str(prices)])
+    assert result.exit_code == 0, result.output
+    assert "Estimated cost: $1.5000" in result.output
