@@ -2,7 +2,9 @@
 
 Code never names a model; it asks the registry. A user adds or overrides a model by
 pointing `IMAGEBATCH_MODELS` (or `--models`) at a TOML file of the same shape; its
-entries are merged over the bundled ones.
+entries are merged over the bundled ones. A dated snapshot (`<model>-YYYY-MM-DD`) has its
+base entry's rules under its own name, since providers pin snapshots faster than any
+registry is edited.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import datetime as dt
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,10 @@ OPTIONAL_PARAMS = (
     "user",
 )
 _SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SNAPSHOT_RE = re.compile(r"^(?P<base>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
+# Optional parameters the multipart edit form has no field for (published schema); a model
+# takes one there only when its entry lists it in `edit_params`.
+NOT_ON_EDIT_FORM = frozenset({"moderation", "style"})
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,27 @@ class ModelSpec:
     mask_max_bytes: int = 4_000_000
     default_size: str = "1024x1024"
     default_quality: str = "auto"
+    released: dt.date | None = None
+    # Optional parameters the model takes on the edit form; None means `params` minus
+    # NOT_ON_EDIT_FORM.
+    edit_params: frozenset[str] | None = None
+    # For a dated snapshot: the registry entry whose rules it has.
+    base: str | None = None
+    # False for a model the registry does not know (see `unchecked`): nothing above is true of it.
+    checked: bool = True
 
     @property
     def is_gpt_image(self) -> bool:
         """Base64-only models with output_format and usage; the DALL·E family answers with URLs."""
         return self.response_format == "b64_json"
+
+    def params_for(self, operation: str) -> frozenset[str]:
+        """Optional parameters the model takes on `operation` (edits use the multipart form)."""
+        if operation == "generate":
+            return self.params
+        if self.edit_params is not None:
+            return self.edit_params & self.params
+        return self.params - NOT_ON_EDIT_FORM
 
     def allowed_sizes(self, operation: str) -> tuple[str, ...]:
         return self.sizes if operation == "generate" else self.edit_sizes
@@ -107,6 +129,15 @@ class ModelSpec:
         return self.retired is not None and (on or dt.date.today()) >= self.retired
 
 
+def _date(value: Any) -> dt.date | None:
+    """TOML gives a date or a string; both are accepted."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value))
+
+
 def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
     try:
         endpoints = tuple(raw["endpoints"])
@@ -117,10 +148,11 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
         if unknown:
             raise ConfigError(f"model {name}: unknown params {sorted(unknown)}")
         rule = raw.get("size_rule")
-        retired = raw.get("retired")
-        if isinstance(retired, str):
-            retired = dt.date.fromisoformat(retired)
         sizes = tuple(raw["sizes"])
+        edit_params = raw.get("edit_params")
+        if edit_params is not None and set(edit_params) - set(OPTIONAL_PARAMS):
+            bad_edit = sorted(set(edit_params) - set(OPTIONAL_PARAMS))
+            raise ConfigError(f"model {name}: unknown edit_params {bad_edit}")
         return ModelSpec(
             name=name,
             endpoints=endpoints,
@@ -131,7 +163,7 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
             params=frozenset(raw.get("params", [])),
             response_format=raw.get("response_format", "b64_json"),
             prompt_max=int(raw.get("prompt_max", 32000)),
-            retired=retired,
+            retired=_date(raw.get("retired")),
             revised_prompt=bool(raw.get("revised_prompt", False)),
             usage=bool(raw.get("usage", False)),
             transparent_background=bool(raw.get("transparent_background", False)),
@@ -143,9 +175,31 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
             mask_max_bytes=int(raw.get("mask_max_bytes", 4_000_000)),
             default_size=raw.get("default_size", "1024x1024"),
             default_quality=raw.get("default_quality", "auto"),
+            released=_date(raw.get("released")),
+            edit_params=frozenset(edit_params) if edit_params is not None else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model {name} in the registry is malformed: {exc!r}") from None
+
+
+def unchecked(name: str) -> ModelSpec:
+    """A stand-in for a model the registry does not know: every operation and parameter is
+    let through for the server to judge, one image per call (the only count every model takes)."""
+    return ModelSpec(
+        name=name,
+        endpoints=OPERATIONS,
+        max_n_per_call=1,
+        sizes=(),
+        edit_sizes=(),
+        qualities=(),
+        params=frozenset(OPTIONAL_PARAMS),
+        response_format="",
+        prompt_max=0,
+        edit_images_max=0,
+        default_size="",
+        default_quality="",
+        checked=False,
+    )
 
 
 class Registry:
@@ -153,7 +207,30 @@ class Registry:
         self.models = models
 
     def get(self, name: str) -> ModelSpec | None:
-        return self.models.get(name)
+        """The entry for `name`, or for a dated snapshot of an entry (named as asked)."""
+        spec = self.models.get(name)
+        if spec is not None:
+            return spec
+        match = _SNAPSHOT_RE.match(name)
+        if match is None:
+            return None
+        base = self.models.get(match.group("base"))
+        if base is None:
+            return None
+        try:
+            dt.date.fromisoformat(match.group("date"))
+        except ValueError:
+            return None
+        return replace(base, name=name, base=base.name)
+
+    def newest(self, prefix: str) -> ModelSpec | None:
+        """The most recently released model whose name starts with `prefix` (ties: by name)."""
+        candidates = [
+            m for m in self.models.values() if m.name.startswith(prefix) and m.released is not None
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda m: (m.released, m.name))
 
     def names(self) -> list[str]:
         return sorted(self.models)

@@ -8,11 +8,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from imagebatch.tasks.errors import ConfigError
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Hosts that speak Azure OpenAI: `api-key` header, /openai/deployments/<name>/..., api-version.
+AZURE_HOST_SUFFIXES = (
+    ".openai.azure.com",
+    ".cognitiveservices.azure.com",
+    ".services.ai.azure.com",
+)
+API_TYPES = ("auto", "openai", "azure")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,19 @@ class ApiSettings:
     write_timeout: float = 120.0
     pool_timeout: float = 600.0
     max_download_bytes: int = 60_000_000
+    # "auto": Azure when the host is an Azure OpenAI host, OpenAI otherwise.
+    api_type: str = "auto"
+    api_version: str = "2025-04-01-preview"
+    # Azure deployment name per model; a model without one is sent to a deployment of its name.
+    deployments: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_azure(self) -> bool:
+        """Azure's request shape (see AZURE_HOST_SUFFIXES), chosen or detected from the host."""
+        if self.api_type != "auto":
+            return self.api_type == "azure"
+        host = (urlsplit(self.base_url).hostname or "").lower()
+        return host.endswith(AZURE_HOST_SUFFIXES)
 
     @property
     def uses_simulator(self) -> bool:
@@ -77,6 +98,12 @@ class SimulatorSettings:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    # Refuse rows whose model the registry does not know, instead of sending them unchecked.
+    strict_models: bool = False
+
+
+@dataclass(frozen=True)
 class FlowSettings:
     # "job": one Prefect task per job, so the UI shows each job's state (default).
     # "chunk": one task per `chunk_jobs` jobs, for runs where Prefect's per-task cost
@@ -100,6 +127,7 @@ class Settings:
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
     cost: CostSettings = field(default_factory=CostSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     output_dir: str = "out"
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -158,6 +186,8 @@ def load_settings(
     api["api_key"] = environ.get("OPENAI_API_KEY") or None
     api["organization"] = environ.get("OPENAI_ORG_ID") or None
     api["project"] = environ.get("OPENAI_PROJECT_ID") or None
+    if environ.get("OPENAI_API_VERSION"):
+        api["api_version"] = environ["OPENAI_API_VERSION"]
     output = raw.get("output", {})
     settings = Settings(
         job=_section(JobDefaults, raw.get("job", {}), "job"),
@@ -167,6 +197,7 @@ def load_settings(
         simulator=_section(SimulatorSettings, raw.get("simulator", {}), "simulator"),
         flow=_section(FlowSettings, raw.get("flow", {}), "flow"),
         cost=_section(CostSettings, raw.get("cost", {}), "cost"),
+        registry=_section(RegistrySettings, raw.get("registry", {}), "registry"),
         output_dir=output.get("dir", "out"),
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
@@ -175,6 +206,15 @@ def load_settings(
         raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
     if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
         raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
+    if settings.api.api_type not in API_TYPES:
+        raise ConfigError(f"[api] api_type must be one of {', '.join(API_TYPES)}")
+    deployments = settings.api.deployments
+    if not isinstance(deployments, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in deployments.items()
+    ):
+        raise ConfigError(
+            '[api.deployments] maps model names to deployment names: "model" = "name"'
+        )
     return settings
 
 
@@ -186,6 +226,7 @@ SECTIONS = {
     "simulator": SimulatorSettings,
     "flow": FlowSettings,
     "cost": CostSettings,
+    "registry": RegistrySettings,
 }
 # Never a run argument: keys come from the environment only, so they cannot land in a
 # Prefect flow run's parameters.

@@ -314,8 +314,8 @@ async def _execute(
         api = settings.api
         used_simulator = simulator is not None
 
-        validator = Validator(
-            registry, settings.job, targets_openai=api.targets_openai, base_dir=base_dir
+        validator = Validator.from_settings(
+            registry, settings, targets_openai=api.targets_openai, base_dir=base_dir
         )
         checked = validator.check(jobs)
         reporter.problems(checked.problems)

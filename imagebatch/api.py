@@ -34,10 +34,12 @@ def check_jobs(
     size: str | None = None,
     quality: str | None = None,
     base_url: str | None = None,
+    strict_models: bool | None = None,
 ) -> tuple[Checked, int]:
     """Validate every row as `run` would, sending nothing. Returns the result and the row count."""
     settings = load_settings(config).with_overrides("job", model=model, size=size, quality=quality)
     settings = settings.with_overrides("api", base_url=base_url)
+    settings = settings.with_overrides("registry", strict_models=strict_models)
     rows = read_jobs(jobs)
     # With no key and no base URL a run goes to the simulator, so retired models are only warnings.
     targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
@@ -46,8 +48,8 @@ def check_jobs(
         if not isinstance(jobs, pd.DataFrame)
         else Path.cwd()
     )
-    validator = Validator(
-        Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir
+    validator = Validator.from_settings(
+        Registry.load(models), settings, targets_openai=targets_openai, base_dir=base_dir
     )
     return validator.check(rows), len(rows)
 
@@ -126,8 +128,8 @@ def estimate(
         if not isinstance(jobs, pd.DataFrame)
         else Path.cwd()
     )
-    validator = Validator(
-        Registry.load(models), settings.job, targets_openai=targets_openai, base_dir=base_dir
+    validator = Validator.from_settings(
+        Registry.load(models), settings, targets_openai=targets_openai, base_dir=base_dir
     )
     checked = validator.check(rows)
     done: dict[str, Any] = {}

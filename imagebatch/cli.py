@@ -254,6 +254,11 @@ def main() -> None:
     is_flag=True,
     help="Print the plan (requests, images, estimated cost) and exit; nothing is sent.",
 )
+@click.option(
+    "--strict-models/--no-strict-models",
+    default=None,
+    help="Refuse rows whose model is not in the registry (default: send them unchecked, with a warning).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
     jobs: Path,
@@ -362,6 +367,11 @@ def _dry_run(
     "--prices",
     type=click.Path(exists=True, dir_okay=False),
     help="A TOML file overlaying configs/prices.toml.",
+)
+@click.option(
+    "--strict-models/--no-strict-models",
+    default=None,
+    help="Refuse rows whose model is not in the registry (default: send them unchecked, with a warning).",
 )
 def validate(jobs: Path, config: Path | None, models_file: Path | None, **overrides: Any) -> None:
     """Check every row of JOBS against its model's rules and print the plan with its

@@ -12,11 +12,10 @@ import asyncio
 import base64
 import binascii
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -54,13 +53,37 @@ class ApiResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _is_azure_deployments(base_url: str) -> bool:
-    parts = urlsplit(base_url)
-    return (
-        parts.hostname is not None
-        and parts.hostname.endswith(".openai.azure.com")
-        and "/v1" not in parts.path
-    )
+def azure_root(base_url: str) -> tuple[str, bool]:
+    """For an Azure base URL: (the URL up to and including `/openai`, whether it is the v1 shape).
+
+    `https://r.openai.azure.com`, `.../openai` and `.../openai/deployments` all mean the
+    deployments shape; `.../openai/v1` is Azure's OpenAI-style shape, where the deployment
+    name goes in `model`.
+    """
+    parts = urlsplit(base_url.rstrip("/"))
+    path = parts.path.rstrip("/")
+    if path.endswith("/openai/v1"):
+        return base_url.rstrip("/"), True
+    for tail in ("/openai/deployments", "/openai"):
+        if path.endswith(tail):
+            path = path[: -len(tail)]
+            break
+    return parts._replace(path=path + "/openai", query="", fragment="").geturl(), False
+
+
+def auth_headers(api: ApiSettings) -> dict[str, str]:
+    """Credentials and account headers for `api`: Azure takes `api-key`, everyone else Bearer."""
+    headers = {"User-Agent": "imagebatch/0.1"}
+    if api.api_key:
+        if api.is_azure:
+            headers["api-key"] = api.api_key
+        else:
+            headers["Authorization"] = f"Bearer {api.api_key}"
+    if api.organization:
+        headers["OpenAI-Organization"] = api.organization
+    if api.project:
+        headers["OpenAI-Project"] = api.project
+    return headers
 
 
 class ImagesClient:
@@ -74,17 +97,12 @@ class ImagesClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.api = api
-        self.azure = _is_azure_deployments(api.base_url)
-        headers = {"User-Agent": "imagebatch/0.1"}
-        if api.api_key:
-            if self.azure:
-                headers["api-key"] = api.api_key
-            else:
-                headers["Authorization"] = f"Bearer {api.api_key}"
-        if api.organization:
-            headers["OpenAI-Organization"] = api.organization
-        if api.project:
-            headers["OpenAI-Project"] = api.project
+        self.azure = api.is_azure
+        base_url = api.base_url
+        self.azure_v1 = False
+        if self.azure:
+            base_url, self.azure_v1 = azure_root(api.base_url)
+        headers = auth_headers(api)
         self.timeout = httpx.Timeout(
             connect=api.connect_timeout,
             read=api.read_timeout,
@@ -98,7 +116,7 @@ class ImagesClient:
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         self._pools = [
             httpx.AsyncClient(
-                base_url=api.base_url.rstrip("/") + "/",
+                base_url=base_url.rstrip("/") + "/",
                 headers=headers,
                 timeout=self.timeout,
                 limits=limits,
@@ -134,16 +152,23 @@ class ImagesClient:
         await self.aclose()
 
     def _path(self, unit: RequestUnit) -> tuple[str, dict[str, str]]:
-        path = ENDPOINTS[unit.planned.job.operation]
+        """Path (relative to the base URL) and query: Azure names the deployment in the path."""
+        job = unit.planned.job
+        path = ENDPOINTS[job.operation]
         if not self.azure:
             return path, {}
-        version = os.environ.get("OPENAI_API_VERSION", "2025-04-01-preview")
-        return f"openai/deployments/{unit.planned.job.model.name}/{path}", {"api-version": version}
+        query = {"api-version": self.api.api_version}
+        if self.azure_v1:
+            return path, query
+        deployment = quote(job.deployment or job.model.name, safe="")
+        return f"deployments/{deployment}/{path}", query
 
     def build_request(self, unit: RequestUnit) -> httpx.Request:
         job = unit.planned.job
         path, query = self._path(unit)
         params: dict[str, Any] = {**job.params, "n": unit.n}
+        if self.azure_v1:  # Azure's v1 shape names the deployment in `model`
+            params["model"] = job.deployment or job.model.name
         if job.operation == "generate":
             return self._http.build_request("POST", path, params=query, json=params)
         # Multipart: never send nulls; numbers as decimal strings, as the official SDK does.

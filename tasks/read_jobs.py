@@ -34,6 +34,7 @@ JOB_COLUMNS = (
     "input_fidelity",
     "response_format",
     "user",
+    "deployment",
 )
 IMAGE_SEPARATOR = "|"
 

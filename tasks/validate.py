@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from imagebatch.configs.registry import ModelSpec, Registry
-from imagebatch.configs.settings import JobDefaults
+from imagebatch.configs.registry import ModelSpec, Registry, unchecked
+from imagebatch.configs.settings import JobDefaults, Settings
 from imagebatch.tasks.read_jobs import IMAGE_SEPARATOR, Job
 
 OPERATIONS = ("generate", "edit", "variation")
@@ -75,6 +75,8 @@ class ValidJob:
     params: dict[str, Any]
     images: list[SourceImage] = field(default_factory=list)
     mask: SourceImage | None = None
+    # Azure deployment to send to: the row's `deployment`, the config map, or the model name.
+    deployment: str = ""
 
 
 @dataclass
@@ -137,18 +139,39 @@ class Validator:
         targets_openai: bool,
         base_dir: Path | None = None,
         today: dt.date | None = None,
+        strict_models: bool = False,
+        deployments: dict[str, str] | None = None,
     ) -> None:
         self.registry = registry
         self.defaults = defaults
         self.targets_openai = targets_openai
         self.base_dir = base_dir or Path.cwd()
         self.today = today or dt.date.today()
+        self.strict_models = strict_models
+        self.deployments = deployments or {}
+        self._unknown: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_settings(
+        cls, registry: Registry, settings: Settings, *, targets_openai: bool, base_dir: Path
+    ) -> Validator:
+        """The validator a run with `settings` uses (one place, so run, validate and
+        --dry-run judge rows alike)."""
+        return cls(
+            registry,
+            settings.job,
+            targets_openai=targets_openai,
+            base_dir=base_dir,
+            strict_models=settings.registry.strict_models,
+            deployments=settings.api.deployments,
+        )
 
     def check(self, jobs: list[Job]) -> Checked:
         valid: list[ValidJob] = []
         invalid: dict[int, list[Problem]] = {}
         warnings: list[Problem] = []
         seen_ids: dict[str, int] = {}
+        self._unknown = {}
         for job in jobs:
             errs: list[Problem] = []
             warns: list[Problem] = []
@@ -170,7 +193,35 @@ class Validator:
                 invalid[job.row] = errs or [Problem(job.row, "", "row is invalid")]
             else:
                 valid.append(result)
+        warnings.extend(self._unknown_model_warnings())
         return Checked(valid, invalid, warnings)
+
+    def _unknown_model_warnings(self) -> list[Problem]:
+        """One warning per model the registry does not know, on the first row that names it."""
+        out = []
+        for name, rows in self._unknown.items():
+            listed = ", ".join(str(r) for r in rows[:10]) + (", …" if len(rows) > 10 else "")
+            out.append(
+                Problem(
+                    rows[0],
+                    "model",
+                    f"{name!r} is not in the model registry: {len(rows)} row(s) ({listed}) are sent "
+                    "unchecked (only prompt, n, source files and value types were checked; the "
+                    "server judges the rest, one image per call). To check its rules, add it to a "
+                    "models TOML file passed with --models or IMAGEBATCH_MODELS (see "
+                    "configs/models.toml); to refuse unknown models, use --strict-models.",
+                    "warning",
+                )
+            )
+        return out
+
+    def _deployment(self, job: Job, model: ModelSpec) -> str:
+        return (
+            job.get("deployment")
+            or self.deployments.get(model.name)
+            or (self.deployments.get(model.base) if model.base else None)
+            or model.name
+        )
 
     def _value(self, job: Job, column: str) -> tuple[str, str]:
         """The cell, or the run default; the second item says where it came from for messages."""
@@ -195,13 +246,21 @@ class Validator:
             return None
 
         model_name, src = self._value(job, "model")
+        if not model_name:
+            errs.append(Problem(row, "model", "no model: set the column or a run default"))
+            return None
         model = self.registry.get(model_name)
         if model is None:
+            if not self.strict_models:
+                self._unknown.setdefault(model_name, []).append(row)
+                return self._check_unchecked(job, operation, model_name, errs, warns)
             errs.append(
                 Problem(
                     row,
                     "model",
-                    f"unknown model {model_name!r}{src}; known models: {', '.join(self.registry.names())} (add one in the model registry)",
+                    f"unknown model {model_name!r}{src}; known models: {', '.join(self.registry.names())} "
+                    "(strict_models is on: add it to a models TOML file passed with --models, or turn "
+                    "strict_models off to send it unchecked)",
                 )
             )
             return None
@@ -259,25 +318,7 @@ class Validator:
                 )
             )
 
-        n_text, src = self._value(job, "n")
-        n = 1
-        try:
-            n = int(float(n_text)) if n_text else 1
-            if str(n) != n_text.strip() and float(n_text) != n:
-                raise ValueError
-        except ValueError:
-            errs.append(Problem(row, "n", f"n must be a whole number, got {n_text!r}{src}"))
-        else:
-            if n < 1:
-                errs.append(Problem(row, "n", f"n must be at least 1, got {n}{src}"))
-            elif n > self.defaults.max_n_per_job:
-                errs.append(
-                    Problem(
-                        row,
-                        "n",
-                        f"n is {n}; at most {self.defaults.max_n_per_job} images per job (max_n_per_job){src}",
-                    )
-                )
+        n = self._check_n(job, errs)
 
         params: dict[str, Any] = {"model": model.name}
         if operation != "variation":
@@ -313,6 +354,17 @@ class Validator:
                 if src:  # a run default the model cannot take is simply not sent
                     continue
                 errs.append(Problem(row, column, f"{model.name} does not accept '{column}'"))
+                continue
+            if column not in model.params_for(operation):
+                warns.append(
+                    Problem(
+                        row,
+                        column,
+                        f"not sent: the {operation} form has no '{column}' field for {model.name} "
+                        f"(list it in edit_params for the model in the registry if your server takes it)",
+                        "warning",
+                    )
+                )
                 continue
             if column == "input_fidelity" and operation != "edit":
                 errs.append(Problem(row, column, "input_fidelity applies to edits only"))
@@ -415,7 +467,101 @@ class Validator:
         if errs:
             return None
         job_id = job.get("id") or ""
-        return ValidJob(job, job_id, operation, model, n, params, images, mask)
+        return ValidJob(
+            job, job_id, operation, model, n, params, images, mask, self._deployment(job, model)
+        )
+
+    def _check_n(self, job: Job, errs: list[Problem]) -> int:
+        n_text, src = self._value(job, "n")
+        try:
+            n = int(float(n_text)) if n_text else 1
+            if str(n) != n_text.strip() and float(n_text) != n:
+                raise ValueError
+        except ValueError:
+            errs.append(Problem(job.row, "n", f"n must be a whole number, got {n_text!r}{src}"))
+            return 1
+        if n < 1:
+            errs.append(Problem(job.row, "n", f"n must be at least 1, got {n}{src}"))
+        elif n > self.defaults.max_n_per_job:
+            errs.append(
+                Problem(
+                    job.row,
+                    "n",
+                    f"n is {n}; at most {self.defaults.max_n_per_job} images per job (max_n_per_job){src}",
+                )
+            )
+        return n
+
+    def _check_unchecked(
+        self, job: Job, operation: str, name: str, errs: list[Problem], warns: list[Problem]
+    ) -> ValidJob | None:
+        """A model the registry does not know: only what needs no model knowledge is checked,
+        and every value the row (or a run default) gives is sent as it is."""
+        row = job.row
+        model = unchecked(name)
+        params: dict[str, Any] = {"model": name}
+        prompt = job.get("prompt")
+        if operation != "variation":
+            if not prompt:
+                errs.append(Problem(row, "prompt", "prompt is empty"))
+            params["prompt"] = prompt
+        n = self._check_n(job, errs)
+        for column in ("size", "quality", *PASS_THROUGH, "response_format"):
+            value, src = self._value(job, column)
+            if not value:
+                continue
+            if column == "output_compression":
+                try:
+                    comp = int(float(value))
+                    if not 0 <= comp <= 100 or float(value) != comp:
+                        raise ValueError
+                except ValueError:
+                    errs.append(
+                        Problem(
+                            row,
+                            column,
+                            f"output_compression must be a whole number from 0 to 100, got {value!r}{src}",
+                        )
+                    )
+                    continue
+                params[column] = comp
+            else:
+                params[column] = value
+        images: list[SourceImage] = []
+        mask: SourceImage | None = None
+        if operation in ("edit", "variation"):
+            raw = [p.strip() for p in job.get("image").split(IMAGE_SEPARATOR) if p.strip()]
+            if not raw:
+                errs.append(Problem(row, "image", f"{operation} needs a source image"))
+            for item in raw:
+                src_image = _open_source(item, self.base_dir, "image", row, errs)
+                if src_image is not None:
+                    images.append(src_image)
+            if job.get("mask"):
+                mask = _open_source(job.get("mask"), self.base_dir, "mask", row, errs)
+        else:
+            for column in ("image", "mask"):
+                if job.get(column):
+                    errs.append(
+                        Problem(
+                            row,
+                            column,
+                            f"'{column}' is only used by edit and variation rows; set operation",
+                        )
+                    )
+        if errs:
+            return None
+        return ValidJob(
+            job,
+            job.get("id") or "",
+            operation,
+            model,
+            n,
+            params,
+            images,
+            mask,
+            self._deployment(job, model),
+        )
 
     def _check_sources(
         self, job: Job, model: ModelSpec, operation: str, size: str, errs: list[Problem]

@@ -17,13 +17,22 @@ from imagebatch.tasks.validate import Validator
 TODAY = dt.date(2026, 11, 28)
 
 
-def check(rows: list[dict], *, openai: bool = False, base_dir: Path | None = None, **defaults):
+def check(
+    rows: list[dict],
+    *,
+    openai: bool = False,
+    base_dir: Path | None = None,
+    strict_models: bool = False,
+    registry: Registry | None = None,
+    **defaults,
+):
     validator = Validator(
-        Registry.load(),
+        registry or Registry.load(),
         JobDefaults(**defaults),
         targets_openai=openai,
         base_dir=base_dir,
         today=TODAY,
+        strict_models=strict_models,
     )
     return validator.check(read_jobs(pd.DataFrame(rows)))
 
@@ -88,7 +97,6 @@ def test_empty_cells_take_defaults_and_model_defaults():
 @pytest.mark.parametrize(
     "row, column, fragment",
     [
-        ({"prompt": "x", "model": "dall-e-9"}, "model", "unknown model 'dall-e-9'"),
         ({"prompt": "", "model": "gpt-image-2"}, "prompt", "prompt is empty"),
         ({"prompt": "x" * 4001, "model": "dall-e-3"}, "prompt", "at most 4000"),
         ({"prompt": "x" * 1001, "model": "dall-e-2"}, "prompt", "at most 1000"),
@@ -252,13 +260,13 @@ def test_a_bad_row_does_not_stop_the_others():
     checked = check(
         [
             {"prompt": "ok", "model": "gpt-image-2"},
-            {"prompt": "bad", "model": "nope"},
+            {"prompt": "bad", "model": "gpt-image-2", "size": "1x1"},
             {"prompt": "ok too", "model": "gpt-image-2"},
         ]
     )
     assert [j.job.row for j in checked.valid] == [1, 3]
     assert list(checked.invalid) == [2]
-    assert str(checked.invalid[2][0]).startswith("row 2, column 'model'")
+    assert str(checked.invalid[2][0]).startswith("row 2, column 'size'")
 
 
 def test_run_default_that_the_model_cannot_take_is_not_sent():
@@ -364,3 +372,198 @@ def test_reader_reads_parquet(tmp_path):
     jobs = read_jobs(path)
     assert [j.get("n") for j in jobs] == ["1", "2"]
     assert jobs[1].extra == {"sku": None}
+
+
+def test_unknown_model_is_refused_with_strict_models():
+    errs = errors([{"prompt": "x", "model": "dall-e-9"}], strict_models=True)
+    assert [(r, c) for r, c, _ in errs] == [(1, "model")]
+    assert "unknown model 'dall-e-9'" in errs[0][2] and "strict_models" in errs[0][2]
+
+
+def test_current_models_take_xhigh_max_free_sizes_and_transparency():
+    for model in ("gpt-image-2.5-flare", "gpt-image-2.5-sunburst"):
+        for quality in ("low", "medium", "high", "xhigh", "max", "auto"):
+            checked = check(
+                [
+                    {
+                        "prompt": "x",
+                        "model": model,
+                        "quality": quality,
+                        "size": "2048x1152",
+                        "background": "transparent",
+                        "output_format": "webp",
+                    }
+                ]
+            )
+            assert not checked.invalid, checked.problems
+            assert checked.valid[0].params["quality"] == quality
+        one_error({"prompt": "x", "model": model, "size": "1000x1000"}, "size", "multiples of 16")
+        one_error({"prompt": "x", "model": model, "quality": "ultra"}, "quality", "xhigh, max")
+        one_error(
+            {"prompt": "x", "model": model, "operation": "variation", "image": "a.png"},
+            "operation",
+            "does not serve 'variation'",
+        )
+    # xhigh is a 2.5 quality, not a gpt-image-2 one
+    one_error({"prompt": "x", "model": "gpt-image-2", "quality": "xhigh"}, "quality", "offers")
+
+
+def test_dated_snapshot_has_its_base_rules_and_keeps_its_name():
+    checked = check(
+        [
+            {"prompt": "x", "model": "gpt-image-2-2026-04-21", "size": "1280x720"},
+            {"prompt": "x", "model": "gpt-image-2.5-flare-2026-09-08", "quality": "xhigh"},
+            {"prompt": "x", "model": "gpt-image-2-2026-04-21", "size": "1000x1000"},
+        ]
+    )
+    assert [v.params["model"] for v in checked.valid] == [
+        "gpt-image-2-2026-04-21",
+        "gpt-image-2.5-flare-2026-09-08",
+    ]
+    assert [v.model.base for v in checked.valid] == ["gpt-image-2", "gpt-image-2.5-flare"]
+    assert all(v.model.checked for v in checked.valid)
+    assert "multiples of 16" in checked.invalid[3][0].message
+    assert not checked.warnings  # a snapshot is not an unknown model
+
+
+def test_snapshot_of_a_retired_model_is_retired_too():
+    errs = errors([{"prompt": "x", "model": "dall-e-3-2024-01-01"}], openai=True)
+    assert [(c, "retired" in m) for _, c, m in errs] == [("model", True)]
+
+
+def test_unknown_models_are_sent_unchecked_with_one_warning_per_model(tmp_path):
+    Image.new("RGB", (300, 200)).save(tmp_path / "src.jpg")
+    rows = [
+        {"prompt": "a", "model": "gpt-image-9", "quality": "ultra", "size": "777x333", "n": "3"},
+        {"prompt": "b", "model": "gpt-image-9", "output_format": "gif", "style": "anything"},
+        {"prompt": "c", "model": "acme-pix", "operation": "edit", "image": "src.jpg"},
+        {"prompt": "", "model": "gpt-image-9"},
+        {"prompt": "e", "model": "acme-pix", "n": "11"},
+        {"prompt": "f", "model": "acme-pix", "n": "two"},
+        {"prompt": "g", "model": "acme-pix", "output_compression": "high"},
+        {"prompt": "h", "model": "acme-pix", "operation": "edit", "image": "missing.png"},
+    ]
+    checked = check(rows, base_dir=tmp_path)
+    valid = {v.job.row: v for v in checked.valid}
+    assert sorted(valid) == [1, 2, 3]
+    # what the row says is sent as it is, nothing added from a registry entry
+    assert valid[1].params == {
+        "model": "gpt-image-9",
+        "prompt": "a",
+        "quality": "ultra",
+        "size": "777x333",
+    }
+    assert valid[1].n == 3 and valid[1].model.max_n_per_call == 1
+    assert valid[2].params["output_format"] == "gif" and valid[2].params["style"] == "anything"
+    assert valid[3].images[0].format == "jpeg"
+    assert not valid[1].model.checked
+    # model-independent rules still hold
+    assert [(r, ps[0].column) for r, ps in sorted(checked.invalid.items())] == [
+        (4, "prompt"),
+        (5, "n"),
+        (6, "n"),
+        (7, "output_compression"),
+        (8, "image"),
+    ]
+    warnings = [w for w in checked.warnings if w.column == "model"]
+    assert [(w.row, w.severity) for w in warnings] == [(1, "warning"), (3, "warning")]
+    assert "'gpt-image-9' is not in the model registry: 3 row(s) (1, 2, 4)" in warnings[0].message
+    assert "sent unchecked" in warnings[0].message and "--models" in warnings[0].message
+    assert "--strict-models" in warnings[1].message
+
+
+def test_overlay_registry_adds_a_model_with_its_own_rules(tmp_path, monkeypatch):
+    overlay = tmp_path / "mine.toml"
+    overlay.write_text(
+        """
+[models."acme-pix-1"]
+endpoints = ["generate"]
+max_n_per_call = 2
+sizes = ["640x480", "1280x960"]
+qualities = ["draft", "final"]
+params = ["output_format"]
+response_format = "b64_json"
+prompt_max = 100
+default_size = "640x480"
+default_quality = "draft"
+""",
+        encoding="utf-8",
+    )
+    for registry in (Registry.load(overlay), _env_registry(monkeypatch, overlay)):
+        checked = check(
+            [
+                {"prompt": "x", "model": "acme-pix-1", "quality": "final", "n": "5"},
+                {"prompt": "x", "model": "acme-pix-1", "size": "1024x1024"},
+                {"prompt": "x" * 101, "model": "acme-pix-1"},
+                {"prompt": "x", "model": "acme-pix-1", "background": "opaque"},
+            ],
+            registry=registry,
+        )
+        assert not checked.warnings
+        ok = checked.valid[0]
+        assert ok.params == {
+            "model": "acme-pix-1",
+            "prompt": "x",
+            "size": "640x480",
+            "quality": "final",
+        }
+        assert ok.model.max_n_per_call == 2
+        assert {r: ps[0].column for r, ps in checked.invalid.items()} == {
+            2: "size",
+            3: "prompt",
+            4: "background",
+        }
+    assert registry.get("gpt-image-2") is not None  # the bundled models stay
+
+
+def _env_registry(monkeypatch, path: Path) -> Registry:
+    monkeypatch.setenv("IMAGEBATCH_MODELS", str(path))
+    return Registry.load()
+
+
+def test_moderation_is_not_sent_on_edits_unless_the_registry_says_so(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "src.png")
+    row = {
+        "prompt": "x",
+        "model": "gpt-image-2.5-sunburst",
+        "operation": "edit",
+        "image": "src.png",
+        "moderation": "low",
+    }
+    checked = check([row, {**row, "operation": "generate", "image": ""}], base_dir=tmp_path)
+    edit, generate = checked.valid
+    assert "moderation" not in edit.params and generate.params["moderation"] == "low"
+    assert [(w.row, w.column) for w in checked.warnings] == [(1, "moderation")]
+    overlay = tmp_path / "m.toml"
+    overlay.write_text(
+        '[models."gpt-image-2.5-sunburst"]\n'
+        'edit_params = ["moderation", "output_format", "background", "user"]\n',
+        encoding="utf-8",
+    )
+    checked = check([row], base_dir=tmp_path, registry=Registry.load(overlay))
+    assert checked.valid[0].params["moderation"] == "low" and not checked.warnings
+
+
+def test_deployment_comes_from_the_row_the_config_map_or_the_model():
+    validator = Validator(
+        Registry.load(),
+        JobDefaults(),
+        targets_openai=False,
+        today=TODAY,
+        deployments={"gpt-image-2": "img-prod", "gpt-image-2.5-flare": "flare-eu"},
+    )
+    rows = [
+        {"prompt": "x", "model": "gpt-image-2"},
+        {"prompt": "x", "model": "gpt-image-2", "deployment": "img-canary"},
+        {"prompt": "x", "model": "gpt-image-2.5-flare-2026-09-08"},
+        {"prompt": "x", "model": "gpt-image-2.5-sunburst"},
+        {"prompt": "x", "model": "house-model"},
+    ]
+    checked = validator.check(read_jobs(pd.DataFrame(rows)))
+    assert [v.deployment for v in checked.valid] == [
+        "img-prod",
+        "img-canary",
+        "flare-eu",
+        "gpt-image-2.5-sunburst",
+        "house-model",
+    ]
