@@ -12,7 +12,8 @@ ImagebatchError
     │   └── AmbiguousError  sent, then lost: the server may have billed it
     ├── RejectedError    moderation / content policy: never retried, status `rejected`
     ├── RequestError     other 4xx: never retried, status `failed`
-    └── FatalError       401, 403, 404 model_not_found, 429 insufficient_quota: stop the run
+    │   └── ModelUnavailable  404 model_not_found: that model's remaining images fail, others run
+    └── FatalError       401, 403, other 404, insufficient_quota, billing_hard_limit_reached: stop the run
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ class RejectedError(ApiError):
 
 class RequestError(ApiError):
     pass
+
+
+class ModelUnavailable(RequestError):
+    """The server does not serve this model (or deployment): no image of it can succeed."""
 
 
 class FatalError(ApiError):

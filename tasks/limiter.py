@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from imagebatch.configs.settings import LimitSettings
-from imagebatch.tasks.retry import lower_headers, parse_duration, parse_retry_after
+from imagebatch.tasks.retry import lower_headers, parse_reset, parse_retry_after
 
 _INFLIGHT = -1.0  # `_blocked` result: wait for a slot to be released
 _EPS = 1e-9
@@ -607,7 +607,8 @@ class Limiter:
             bucket.remaining = remaining
             if remaining < 1:
                 reset_text = h.get(f"x-ratelimit-reset-{bucket.name}")
-                reset = parse_duration(reset_text) if reset_text is not None else None
+                # an absolute Unix time is measured from the wall clock
+                reset = parse_reset(reset_text)
                 rate = bucket.rate()
                 unit = 60.0 / rate if rate else 1.0
                 hold = unit if reset is None else min(reset, unit)

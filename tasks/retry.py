@@ -7,13 +7,21 @@ what the pipeline does about it:
     status / failure                                  class            retried
     400, 422 moderation_blocked, content_policy_violation,
              contentFilter / content_filter,
-             inner_error.code ResponsibleAIPolicyViolation
+             inner_error.code ResponsibleAIPolicyViolation, or (a proxy rewrote the
+             code, e.g. LiteLLM's "400") a safety-system message
                                                       RejectedError    never
     408, 409, 5xx                                     TransientError   yes
-    429 insufficient_quota (code or type)             FatalError       never, stops the run
-    429 otherwise                                     RateLimited      yes (and the caller pauses the limiter)
+    insufficient_quota, billing_hard_limit_reached (code or type, any status)
+                                                      FatalError       never, stops the run
+    429 "Request too large" (one request over a per-minute limit)
+                                                      RequestError     never (it cannot fit)
+    429 rate limit (rate_limit_exceeded, a bucket type, "rate limit" / "try again in",
+        or a bare 429 with nothing said)              RateLimited      yes (and the caller pauses the limiter)
+    429 anything else (e.g. "engine overloaded")      TransientError   yes, this request only
     401, 403                                          FatalError       never, stops the run
-    404 (model_not_found or any other: every request would hit it)
+    404 model_not_found / DeploymentNotFound (or a "model ... does not exist" message),
+        any 4xx with those codes                      ModelUnavailable never; that model's rows fail
+    other 404 (a wrong base URL: every request would hit it)
                                                       FatalError       never, stops the run
     other 4xx, unexpected statuses                    RequestError     never
     connect error/timeout, pool timeout, proxy error,
@@ -21,6 +29,10 @@ what the pipeline does about it:
     read timeout/error, remote protocol error, close error
     (sent, then the answer was lost)                  AmbiguousError   only if on_ambiguous == "retry"
     200 with bad JSON or no image                     TransientError   yes (like a 5xx)
+
+Error bodies that are not OpenAI-shaped (FastAPI's `{"detail": [...]}`, `{"message": ...}`,
+HTML from a gateway) are summarised in one line, leaving out echoed request values such as
+the prompt.
 
 `x-should-retry` (a non-standard header the official SDK obeys) is recorded on the error as
 `should_retry` and adjusts the class:
@@ -58,6 +70,7 @@ from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
     FatalError,
+    ModelUnavailable,
     RateLimited,
     RejectedError,
     RequestError,
@@ -69,7 +82,29 @@ REJECTION_CODES = frozenset(
     {"moderation_blocked", "content_policy_violation", "contentfilter", "content_filter"}
 )
 REJECTION_INNER_CODES = frozenset({"responsibleaipolicyviolation"})
-QUOTA_CODE = "insufficient_quota"
+FATAL_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+MODEL_CODES = frozenset({"model_not_found", "deploymentnotfound", "deployment_not_found"})
+# Codes a proxy leaves when it rewrites the original one; the message then says what it was.
+GENERIC_CODES = frozenset({"", "none", "null", "bad_request", "badrequest", "badrequesterror"})
+RATE_CODES = frozenset({"rate_limit_exceeded", "ratelimitexceeded", "too_many_requests"})
+RATE_TYPES = frozenset({"requests", "tokens", "images", "input-images", "rate_limit_exceeded"})
+_SAFETY = re.compile(
+    r"safety system|content[ _-]?polic|moderation_blocked|content_filter|contentfilter"
+    r"|responsibleaipolicyviolation|content management policy",
+    re.I,
+)
+_TOO_LARGE = re.compile(r"request too large|too large for", re.I)
+_RATE_TEXT = re.compile(r"rate limit|too many requests|try again in|per min", re.I)
+_MODEL_MISSING = re.compile(
+    r"model.{0,120}(does not exist|not found|not exist|has been deprecated|is not available)"
+    r"|deployment.{0,120}(does not exist|not found)",
+    re.I | re.S,
+)
+_TAGS = re.compile(r"<[^>]*>")
+SUMMARY_LIMIT = 300
+EMPTY_BODIES = ("empty response body", "empty error body")
+# Keys in a validation-error item that echo the request back (the whole prompt, say).
+_ECHO_KEYS = frozenset({"input", "ctx", "url", "body"})
 
 _UNITS = {
     "h": 3600.0,
@@ -85,6 +120,15 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
 _TRY_AGAIN = re.compile(
     r"try again in\s+((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|μs|ns|h|m|s))+)", re.I
 )
+# Azure and others: "Please retry after 6 seconds."
+_RETRY_AFTER_WORDS = re.compile(
+    r"(?:try again|retry) (?:in|after)\s+(\d+(?:\.\d+)?)\s*(milliseconds?|ms|seconds?|secs?|s)\b",
+    re.I,
+)
+# A reset "duration" this large is an absolute Unix time (some compatible servers send one).
+_EPOCH_SECONDS = 1e9
+_EPOCH_MILLIS = 1e12
+RESET_BUCKETS = ("requests", "tokens", "images", "input-images")
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 
 
@@ -118,6 +162,34 @@ def parse_duration(text: str) -> float | None:
     if pos != len(s) or pos == 0:
         return None
     return total
+
+
+def parse_reset(text: str | None, now: float | None = None) -> float | None:
+    """Seconds until an `x-ratelimit-reset-*` value: a Go duration (`6m0s`), plain seconds, or
+    an absolute Unix time in seconds or milliseconds (no real duration is 30 years long)."""
+    if text is None:
+        return None
+    seconds = parse_duration(text)
+    if seconds is None:
+        return None
+    if seconds >= _EPOCH_SECONDS:
+        wall = time.time() if now is None else now
+        absolute = seconds / 1000.0 if seconds >= _EPOCH_MILLIS else seconds
+        return max(0.0, absolute - wall)
+    return seconds
+
+
+def _reset_hint(headers: Mapping[str, str]) -> float | None:
+    """The longest reset among exhausted buckets (or all, when none says it is exhausted)."""
+    waits = []
+    for bucket in RESET_BUCKETS:
+        reset = parse_reset(headers.get(f"x-ratelimit-reset-{bucket}"))
+        if reset is None:
+            continue
+        remaining = headers.get(f"x-ratelimit-remaining-{bucket}")
+        if remaining is None or remaining.strip() in ("0", "0.0"):
+            waits.append(reset)
+    return max(waits) if waits else None
 
 
 def lower_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -213,11 +285,93 @@ def _parse_body(body: bytes | str | None) -> tuple[str, dict[str, Any] | None, s
     if isinstance(err, dict):
         inner = err.get("inner_error") or err.get("innererror")
         inner_code = _text(inner.get("code")) if isinstance(inner, dict) else None
-        message = _text(err.get("message")) or _truncate(text) or "no message"
+        message = _text(err.get("message")) or _summary(err) or "no message"
         return message, err, inner_code
     if isinstance(err, str) and err.strip():
         return err, None, None
-    return (_truncate(text) or "empty response body"), None, None
+    if data is not None:
+        return _summary(data) or "empty error body", None, None
+    if not text.strip():
+        return "empty response body", None, None
+    return _truncate(" ".join(_TAGS.sub(" ", text).split()), SUMMARY_LIMIT), None, None
+
+
+def _summary(data: Any) -> str:
+    """One readable line for an error body of another shape, without echoed request values."""
+    if isinstance(data, dict):
+        for key in ("detail", "message", "msg", "errors", "error_description", "title"):
+            value = data.get(key)
+            if value:
+                return _truncate(_summary(value), SUMMARY_LIMIT)
+        data = {k: v for k, v in data.items() if k not in _ECHO_KEYS}
+        return _truncate(json.dumps(data, ensure_ascii=False, default=str), SUMMARY_LIMIT)
+    if isinstance(data, list):
+        parts = [_validation_item(item) for item in data[:3]]
+        more = f" (+{len(data) - 3} more)" if len(data) > 3 else ""
+        return _truncate("; ".join(p for p in parts if p) + more, SUMMARY_LIMIT)
+    return _truncate(str(data), SUMMARY_LIMIT)
+
+
+def _validation_item(item: Any) -> str:
+    """FastAPI/pydantic `{"loc": [...], "msg": ..., "input": ...}` as `body.n: msg`."""
+    if not isinstance(item, dict):
+        return _truncate(str(item), 120)
+    msg = item.get("msg") or item.get("message")
+    if msg is None:
+        kept = {k: v for k, v in item.items() if k not in _ECHO_KEYS}
+        return _truncate(json.dumps(kept, ensure_ascii=False, default=str), 120)
+    loc = item.get("loc")
+    where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+    return _truncate(f"{where}: {msg}" if where else str(msg), 120)
+
+
+def _message_hint(message: str) -> float | None:
+    """The wait a 429's message asks for ("try again in 1m30s", "retry after 6 seconds")."""
+    found = _TRY_AGAIN.search(message)
+    if found:
+        return parse_duration(found.group(1))
+    words = _RETRY_AFTER_WORDS.search(message)
+    if words:
+        unit = words.group(2).lower()
+        return float(words.group(1)) / (1000.0 if unit.startswith("m") else 1.0)
+    return None
+
+
+def _classify(
+    status: int, code: str | None, etype: str | None, message: str, inner_code: str | None
+) -> type[ApiError]:
+    """The error class for a non-2xx answer (the table in the module docstring)."""
+    code_l = (code or "").lower()
+    type_l = (etype or "").lower()
+    generic = code is None or code_l in GENERIC_CODES or code_l.isdigit()
+    refused = (
+        code_l in REJECTION_CODES
+        or (inner_code or "").lower() in REJECTION_INNER_CODES
+        or (generic and bool(_SAFETY.search(message)))
+    )
+    if code_l in FATAL_CODES or type_l in FATAL_CODES:
+        return FatalError
+    if status in (400, 422) and refused:
+        return RejectedError
+    if 400 <= status < 500 and code_l in MODEL_CODES:
+        return ModelUnavailable
+    if status == 429:
+        if _TOO_LARGE.search(message):
+            return RequestError
+        if (
+            code_l in RATE_CODES
+            or type_l in RATE_TYPES
+            or (generic and (_RATE_TEXT.search(message) or message in EMPTY_BODIES))
+        ):
+            return RateLimited
+        return TransientError
+    if status == 404:
+        return ModelUnavailable if generic and _MODEL_MISSING.search(message) else FatalError
+    if status in (401, 403):
+        return FatalError
+    if status in (408, 409) or 500 <= status <= 599:
+        return TransientError
+    return RequestError
 
 
 def error_from_response(status: int, headers: Mapping[str, str] | None, body: bytes) -> ApiError:
@@ -231,20 +385,7 @@ def error_from_response(status: int, headers: Mapping[str, str] | None, body: by
     should_retry = _should_retry_header(h)
     retry_after = parse_retry_after(h)
 
-    code_l = (code or "").lower()
-    rejected = code_l in REJECTION_CODES or (inner_code or "").lower() in REJECTION_INNER_CODES
-
-    cls: type[ApiError]
-    if status in (400, 422) and rejected:
-        cls = RejectedError
-    elif status == 429:
-        cls = FatalError if QUOTA_CODE in (code, etype) else RateLimited
-    elif status in (401, 403, 404):
-        cls = FatalError
-    elif status in (408, 409) or 500 <= status <= 599:
-        cls = TransientError
-    else:
-        cls = RequestError
+    cls = _classify(status, code, etype, message, inner_code)
 
     if should_retry is True and cls is RequestError:
         cls = TransientError
@@ -252,9 +393,9 @@ def error_from_response(status: int, headers: Mapping[str, str] | None, body: by
         cls = RequestError
 
     if cls is RateLimited and retry_after is None:
-        found = _TRY_AGAIN.search(message)
-        if found:
-            retry_after = parse_duration(found.group(1))
+        retry_after = _message_hint(message)
+        if retry_after is None:
+            retry_after = _reset_hint(h)
 
     return cls(
         redact(_truncate(message)),

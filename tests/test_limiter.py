@@ -517,3 +517,17 @@ def test_snapshot_keys(clock):
         "paused",
     ):
         assert key in snap
+
+
+def test_reset_given_as_absolute_unix_time_is_read_as_a_time(clock):
+    """Some compatible servers send the reset moment, not a duration: one already past holds
+    nothing."""
+    import time as wall
+
+    limiter = make(clock, rpm=60)
+    permit = clock.run(_take(limiter))
+    past = str(int(wall.time()) - 5)
+    permit.record({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": past}, 1.0)
+    start = clock.time()
+    clock.run(_take(limiter))
+    assert clock.time() == start  # misread as 1.8e9 seconds it would hold one refill (1 s)

@@ -11,6 +11,7 @@ from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
     FatalError,
+    ModelUnavailable,
     RateLimited,
     RejectedError,
     RequestError,
@@ -158,7 +159,7 @@ CASES = [
         FatalError,
         "unsupported_country_region_territory",
     ),
-    (404, body("model_not_found", "invalid_request_error"), {}, FatalError, "model_not_found"),
+    (404, body("model_not_found", "invalid_request_error"), {}, ModelUnavailable, "model_not_found"),
     (404, b"Not Found", {}, FatalError, "http_404"),
     (302, b"", {}, RequestError, "http_302"),
     # x-should-retry
@@ -238,7 +239,7 @@ def test_unparseable_bodies():
     err = error_from_response(500, {}, b"x" * 5000)
     assert err.message.startswith("xxx") and len(err.message) <= 500
     err = error_from_response(400, {}, b'{"detail": "nope"}')
-    assert type(err) is RequestError and err.message == '{"detail": "nope"}'
+    assert type(err) is RequestError and err.message == "nope"
     assert error_from_response(400, {}, b'{"error": "plain text"}').message == "plain text"
     assert error_from_response(502, {}, b"").message == "empty response body"
     err = error_from_response(400, {}, b'{"error": {"code": 123}}')
