@@ -432,14 +432,42 @@ def simulate(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML file adding or overriding models.",
 )
-def models(models_file: Path | None) -> None:
-    """List the models in the registry and what they accept."""
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Ask the target's GET /models which registry models it serves, which image models "
+    "it serves that the registry lacks, and which registry models it does not list.",
+)
+@click.option(
+    "--base-url", help="The server to check (default: $OPENAI_BASE_URL or api.openai.com)."
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file overriding configs/defaults.toml (api_type, api_version).",
+)
+def models(
+    models_file: Path | None, check: bool, base_url: str | None, config: Path | None
+) -> None:
+    """List the models in the registry and what they accept.
+
+    Dated snapshots (gpt-image-2-2026-04-21) need no entry: they have their base
+    model's rules. With --check, compare the registry with what the target serves
+    (exit 2 when the target cannot be asked).
+    """
     from rich.console import Console
     from rich.table import Table
 
     from imagebatch.configs.registry import Registry
+    from imagebatch.tasks.errors import ImagebatchError
 
-    registry = Registry.load(models_file)
+    try:
+        registry = Registry.load(models_file)
+    except ImagebatchError as exc:
+        _fail(str(exc))
+    if check:
+        _check_models(registry, base_url, config)
+        return
     table = Table(show_header=True)
     for col in ("model", "operations", "n/call", "sizes", "qualities", "retired on api.openai.com"):
         table.add_column(col)
@@ -456,6 +484,48 @@ def models(models_file: Path | None) -> None:
             m.retired.isoformat() if m.retired else "",
         )
     Console().print(table)
+
+
+def _check_models(registry: Any, base_url: str | None, config: Path | None) -> None:
+    """`models --check`: what the target lists against what the registry knows."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from imagebatch.configs.settings import OPENAI_BASE_URL, load_settings
+    from imagebatch.tasks.errors import ImagebatchError
+    from imagebatch.tasks.model_check import check_models
+
+    try:
+        api = load_settings(config).with_overrides("api", base_url=base_url).api
+    except ImagebatchError as exc:
+        _fail(str(exc))
+    if not api.api_key and api.base_url == OPENAI_BASE_URL:
+        _fail(
+            "models --check needs a target: set OPENAI_API_KEY for api.openai.com, or "
+            "OPENAI_BASE_URL (or --base-url) for another server"
+        )
+    try:
+        result = check_models(api, registry)
+    except ImagebatchError as exc:
+        _fail(f"cannot list the models of {escape(api.base_url)}: {escape(str(exc))}")
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{escape(result.url)} lists {result.listed} model(s).")
+    sections = (
+        ("Registry models it serves", result.served, ""),
+        (
+            "Image models it serves that the registry does not know",
+            result.unknown,
+            "They run unchecked (one warning per model); add them to a models TOML file "
+            "(--models / IMAGEBATCH_MODELS) to check their rules.",
+        ),
+        ("Registry models it does not list", result.missing, ""),
+    )
+    for title, names, hint in sections:
+        out.print(f"\n[bold]{title}[/] ({len(names)}):")
+        for name in names:
+            out.print(f"  {escape(name)}")
+        if names and hint:
+            out.print(f"  [dim]{hint}[/]")
 
 
 if __name__ == "__main__":

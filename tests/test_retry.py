@@ -159,7 +159,13 @@ CASES = [
         FatalError,
         "unsupported_country_region_territory",
     ),
-    (404, body("model_not_found", "invalid_request_error"), {}, ModelUnavailable, "model_not_found"),
+    (
+        404,
+        body("model_not_found", "invalid_request_error"),
+        {},
+        ModelUnavailable,
+        "model_not_found",
+    ),
     (404, b"Not Found", {}, FatalError, "http_404"),
     (302, b"", {}, RequestError, "http_302"),
     # x-should-retry
