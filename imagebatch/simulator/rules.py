@@ -1,0 +1,383 @@
+"""The request rules: which parameters each model and operation take, their values, sizes, inputs.
+
+Per-model rules come from the model registry (`configs/models.toml`), never from this file.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from imagebatch.configs.registry import OPTIONAL_PARAMS, ModelSpec, Registry
+
+from .failures import ApiFailure, bad, type_name, unknown_param
+from .request import (
+    InputImage,
+    Params,
+    Parsed,
+    form_body,
+    image_ref,
+    inspect_image,
+    json_body,
+    unsupported_ctype,
+)
+
+DEFAULT_MODEL = {
+    "generate": "dall-e-2",
+    "edit": "gpt-image-1.5",
+    "edit_json": "gpt-image-1.5",
+    "variation": "dall-e-2",
+}
+ENDPOINT_OF = {
+    "generate": "generate",
+    "edit": "edit",
+    "edit_json": "edit",
+    "variation": "variation",
+}
+LABEL = {"generate": "generations", "edit": "edits", "variation": "variations"}
+# parameters every model takes on an operation (GPT_ONLY ones need a GPT image model)
+CORE = {
+    "generate": {"prompt", "model", "n", "size", "quality"},
+    "edit": {"image", "image[]", "mask", "prompt", "model", "n", "size", "quality"},
+    "edit_json": {"images", "mask", "prompt", "model", "n", "size", "quality"},
+    "variation": {"image", "image[]", "model", "n", "size"},
+}
+GPT_ONLY = {"stream", "partial_images"}
+UNIVERSAL = {"safety_identifier"}
+# registry-governed optional parameters that make sense per operation
+OPTIONAL = {
+    "generate": set(OPTIONAL_PARAMS) - {"input_fidelity"},
+    "edit": set(OPTIONAL_PARAMS) - {"style"},
+    "edit_json": set(OPTIONAL_PARAMS) - {"style", "response_format"},
+    "variation": {"response_format", "user"},
+}
+ENUMS = {
+    "response_format": ("url", "b64_json"),
+    "style": ("vivid", "natural"),
+    "output_format": ("png", "jpeg", "webp"),
+    "background": ("transparent", "opaque", "auto"),
+    "moderation": ("low", "auto"),
+    "input_fidelity": ("high", "low"),
+}
+JSON_EDIT_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
+
+
+def edit_auto_size(first: InputImage | None) -> tuple[int, int]:
+    if first is None:
+        return 1024, 1024
+    ratio = first.width / max(1, first.height)
+    if ratio > 1.2:
+        return 1536, 1024
+    if ratio < 1 / 1.2:
+        return 1024, 1536
+    return 1024, 1024
+
+
+async def parse_request(
+    request: Request,
+    operation: str,
+    default_model: str | None,
+    registry: Registry,
+    refuse_retired: bool,
+) -> Parsed:
+    """The request as a `Parsed`, or an ApiFailure naming the first rule it breaks."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    files: dict[str, list[bytes]] = {}
+    if operation == "generate":
+        if ctype != "application/json":
+            raise unsupported_ctype(ctype, "'application/json'")
+        raw, form, op = await json_body(request), False, "generate"
+    elif operation == "edit" and ctype == "application/json":
+        raw, form, op = await json_body(request), False, "edit_json"
+    elif ctype == "multipart/form-data":
+        raw, files = await form_body(request)
+        form, op = True, operation
+    else:
+        accepted = (
+            "'multipart/form-data' or 'application/json'"
+            if operation == "edit"
+            else "'multipart/form-data'"
+        )
+        raise unsupported_ctype(ctype, accepted)
+    p = Params(raw, form)
+
+    # model
+    model = p.str("model") or default_model or DEFAULT_MODEL[op]
+    spec = registry.get(model)
+    if spec is None or (refuse_retired and spec.is_retired()):
+        why = (
+            "has been deprecated"
+            if spec is not None
+            else "does not exist or you do not have access to it"
+        )
+        raise ApiFailure(
+            404, f"The model `{model}` {why}.", "invalid_request_error", None, "model_not_found"
+        )
+    endpoint = ENDPOINT_OF[op]
+    if endpoint not in spec.endpoints:
+        raise bad(
+            "model",
+            f"The model '{model}' does not support image {LABEL[endpoint]}. "
+            f"It serves: {', '.join(spec.endpoints)}.",
+        )
+    if op == "edit_json" and not spec.is_gpt_image:
+        raise bad(
+            "model",
+            f"JSON image edits are only supported for GPT image models; send {model} edits as multipart/form-data.",
+        )
+
+    # parameter names
+    for name in list(raw) + list(files):
+        if name in CORE[op] or name in UNIVERSAL:
+            continue
+        if name in GPT_ONLY and spec.is_gpt_image and op != "variation":
+            continue
+        if name in OPTIONAL[op] and name in spec.params:
+            continue
+        raise unknown_param(name, model)
+    for name in ("image", "image[]", "mask") if form else ():
+        if name in raw:
+            raise bad(
+                name,
+                f"Invalid type for '{name}': expected a file, but got a string instead.",
+                "invalid_type",
+            )
+    if "quality" in raw and not spec.qualities:
+        raise unknown_param("quality", model)
+    if p.bool("stream"):
+        raise bad(
+            "stream",
+            "Streaming is not implemented by the imagebatch simulator; send stream=false.",
+            "unsupported_value",
+        )
+    partial = p.int("partial_images")
+    if partial is not None and not 0 <= partial <= 3:
+        raise bad(
+            "partial_images",
+            f"Invalid 'partial_images': expected a value between 0 and 3, but got {partial} instead.",
+        )
+    for name in ("user", "safety_identifier"):
+        p.str(name)
+
+    # prompt
+    prompt = ""
+    if op != "variation":
+        value = p.str("prompt")
+        if value is None:
+            raise bad(
+                "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
+            )
+        if not value.strip():
+            raise bad(
+                "prompt",
+                "Invalid 'prompt': empty string. Expected a string with minimum length 1.",
+                "string_below_min_length",
+            )
+        if len(value) > spec.prompt_max:
+            raise bad(
+                "prompt",
+                f"Invalid 'prompt': string too long. Expected a string with maximum length "
+                f"{spec.prompt_max}, but got a string with length {len(value)} instead.",
+                "string_above_max_length",
+            )
+        prompt = value
+
+    # n
+    n = p.int("n")
+    n = 1 if n is None else n
+    if n < 1:
+        raise bad(
+            "n",
+            f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+            "integer_below_min_value",
+        )
+    top = min(10, spec.max_n_per_call)
+    if n > top:
+        raise bad(
+            "n",
+            f"Invalid 'n': integer above maximum value. Expected a value <= {top}, but got {n} instead.",
+            "integer_above_max_value",
+        )
+
+    # quality
+    quality = p.enum("quality", spec.qualities) if spec.qualities else None
+    if quality is None and spec.qualities:
+        quality = (
+            spec.default_quality if spec.default_quality in spec.qualities else spec.qualities[0]
+        )
+    if quality == "auto":
+        quality = "medium"
+
+    # optional parameters (only those the model accepts got this far)
+    style = p.enum("style", ENUMS["style"])
+    if spec.is_gpt_image:
+        response_format = "b64_json"
+    else:
+        response_format = p.enum("response_format", ENUMS["response_format"]) or "url"
+    output_format = p.enum("output_format", ENUMS["output_format"]) or "png"
+    compression = p.int("output_compression")
+    if compression is not None:
+        if not 0 <= compression <= 100:
+            raise bad(
+                "output_compression",
+                f"Invalid 'output_compression': expected a value between 0 and 100, but got {compression} instead.",
+            )
+        if output_format == "png":
+            raise bad(
+                "output_compression",
+                "The 'output_compression' parameter is only supported for the 'jpeg' and 'webp' output formats.",
+            )
+    background = p.enum("background", ENUMS["background"]) or "auto"
+    if background == "transparent":
+        if output_format == "jpeg":
+            raise bad(
+                "background",
+                "Transparent background requires output_format 'png' or 'webp', not 'jpeg'.",
+            )
+        if not spec.transparent_background:
+            raise bad(
+                "background",
+                f"Transparent background is not supported for {model}.",
+                "unsupported_value",
+            )
+    background = "transparent" if background == "transparent" else "opaque"
+    p.enum("moderation", ENUMS["moderation"])
+    p.enum("input_fidelity", ENUMS["input_fidelity"])
+
+    # input images
+    inputs: list[InputImage] = []
+    mask: InputImage | None = None
+    if op in ("edit", "variation"):
+        blobs = files.get("image", []) + files.get("image[]", [])
+        inputs = [inspect_image(b, "image") for b in blobs]
+        masks = files.get("mask", [])
+        if len(masks) > 1:
+            raise bad("mask", "Only one mask may be sent.")
+        mask = inspect_image(masks[0], "mask") if masks else None
+    elif op == "edit_json":
+        refs = raw.get("images")
+        if refs is None:
+            raise bad(
+                "images", "Missing required parameter: 'images'.", "missing_required_parameter"
+            )
+        if not isinstance(refs, list):
+            raise bad(
+                "images",
+                f"Invalid type for 'images': expected an array, but got {type_name(refs)} instead.",
+                "invalid_type",
+            )
+        inputs = [
+            inspect_image(image_ref(ref, f"images[{i}]"), f"images[{i}]")
+            for i, ref in enumerate(refs)
+        ]
+        if "mask" in raw:
+            mask = inspect_image(image_ref(raw["mask"], "mask"), "mask")
+    if op != "generate":
+        check_inputs(op, spec, model, inputs, mask)
+
+    # size
+    # SPEC: JSON edits default to auto, everything else to the model's default size.
+    size = p.str("size")
+    if size is None:
+        edit_auto = op == "edit_json" and "auto" in spec.allowed_sizes("edit")
+        size = "auto" if edit_auto else spec.default_size
+    if op == "edit_json" and size not in JSON_EDIT_SIZES:
+        raise bad(
+            "size",
+            f"Invalid value: '{size}'. Supported values are: {', '.join(repr(s) for s in JSON_EDIT_SIZES)}.",
+        )
+    size_why = spec.size_error(size, "generate" if op == "generate" else "edit")
+    if size_why:
+        raise bad("size", f"Invalid value for 'size': {size_why}.")
+    if size == "auto":
+        width, height = (
+            edit_auto_size(inputs[0] if inputs else None)
+            if op in ("edit", "edit_json")
+            else (1024, 1024)
+        )
+    else:
+        w, _, h = size.partition("x")
+        width, height = int(w), int(h)
+
+    return Parsed(
+        op,
+        model,
+        spec,
+        prompt,
+        n,
+        width,
+        height,
+        quality,
+        output_format if spec.is_gpt_image else "png",
+        compression,
+        background,
+        response_format,
+        style,
+        inputs,
+    )
+
+
+def check_inputs(
+    op: str, spec: ModelSpec, model: str, inputs: list[InputImage], mask: InputImage | None
+) -> None:
+    param = "images" if op == "edit_json" else "image"
+    if not inputs:
+        raise bad(param, f"Missing required parameter: '{param}'.", "missing_required_parameter")
+    limit = 1 if op == "variation" else spec.edit_images_max
+    if len(inputs) > limit:
+        raise bad(
+            param,
+            f"Invalid '{param}': {model} accepts at most {limit} input image(s), got {len(inputs)}.",
+        )
+    square_png = op == "variation" or spec.edit_square_png
+    allowed = (
+        ("png",)
+        if square_png
+        else tuple("jpeg" if f == "jpg" else f for f in spec.edit_image_formats)
+    )
+    for img in inputs:
+        if len(img.data) > spec.edit_image_max_bytes:
+            raise bad(
+                param,
+                f"Invalid '{param}': image is {len(img.data):,} bytes; {model} accepts at most "
+                f"{spec.edit_image_max_bytes:,} bytes per image.",
+                "image_too_large",
+            )
+        if img.format not in allowed:
+            raise bad(
+                param,
+                f"Invalid image format '{img.format}' for '{param}'. Supported formats: {', '.join(allowed)}.",
+                "invalid_image_format",
+            )
+        if square_png and img.width != img.height:
+            raise bad(
+                param,
+                f"Invalid '{param}': {model} needs a square PNG, got {img.width}x{img.height}.",
+                "invalid_image",
+            )
+    if mask is not None:
+        if len(mask.data) > spec.mask_max_bytes:
+            raise bad(
+                "mask",
+                f"Invalid 'mask': {len(mask.data):,} bytes; at most {spec.mask_max_bytes:,}.",
+                "image_too_large",
+            )
+        if mask.format != "png":
+            raise bad(
+                "mask",
+                f"Invalid 'mask': must be a PNG, got '{mask.format}'.",
+                "invalid_image_format",
+            )
+        if not mask.has_alpha:
+            raise bad(
+                "mask",
+                "Invalid 'mask': the mask PNG must have an alpha channel.",
+                "invalid_image",
+            )
+        first = inputs[0]
+        if (mask.width, mask.height) != (first.width, first.height):
+            raise bad(
+                "mask",
+                f"Invalid 'mask': mask is {mask.width}x{mask.height} but the image is "
+                f"{first.width}x{first.height}; they must have the same dimensions.",
+                "invalid_image",
+            )
