@@ -50,6 +50,9 @@ class ApiSettings:
     api_version: str = "2025-04-01-preview"
     # Azure deployment name per model; a model without one is sent to a deployment of its name.
     deployments: dict[str, str] = field(default_factory=dict)
+    # Only an explicit opt-in (--simulate, simulate=True, `simulate = true` in a config)
+    # sends a run to the built-in simulator: a missing key must never fake a run.
+    simulate: bool = False
 
     @property
     def is_azure(self) -> bool:
@@ -61,13 +64,31 @@ class ApiSettings:
 
     @property
     def uses_simulator(self) -> bool:
-        """No key and no base URL: a run goes to the built-in simulator instead."""
-        return not self.api_key and self.base_url == OPENAI_BASE_URL
+        """The run was asked to use the built-in simulator."""
+        return self.simulate
+
+    @property
+    def has_no_target(self) -> bool:
+        """No key, no base URL and no simulator opt-in: there is nowhere honest to send requests."""
+        return not self.simulate and not self.api_key and self.base_url == OPENAI_BASE_URL
 
     @property
     def targets_openai(self) -> bool:
         """True when requests go to api.openai.com, where retired models are refused outright."""
-        return "api.openai.com" in self.base_url
+        return not self.simulate and "api.openai.com" in self.base_url
+
+
+NO_TARGET_MESSAGE = (
+    "no OPENAI_API_KEY and no OPENAI_BASE_URL: set OPENAI_API_KEY to run against OpenAI, "
+    "OPENAI_BASE_URL for another server, or pass --simulate for the built-in simulator "
+    "(synthetic images, nothing billed)"
+)
+
+
+def check_target(api: ApiSettings) -> None:
+    """Refuse a run that has no key, no base URL and no simulator opt-in (usage error, exit 2)."""
+    if api.has_no_target:
+        raise ConfigError(NO_TARGET_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,8 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     api = dict(raw.get("api", {}))
+    if "simulate" in raw:  # a top-level `simulate = true` reads as [api] simulate
+        api["simulate"] = raw["simulate"]
     if environ.get("OPENAI_BASE_URL"):
         api["base_url"] = environ["OPENAI_BASE_URL"]
     api["api_key"] = environ.get("OPENAI_API_KEY") or None
@@ -202,6 +225,8 @@ def load_settings(
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
     )
+    if not isinstance(settings.api.simulate, bool):
+        raise ConfigError("simulate must be true or false")
     if settings.retry.on_ambiguous not in ("retry", "fail"):
         raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
     if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:

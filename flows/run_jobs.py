@@ -26,7 +26,13 @@ import pandas as pd
 from prefect import flow
 
 from imagebatch.configs.registry import Registry
-from imagebatch.configs.settings import Settings, load_settings, resolve_limits, route_overrides
+from imagebatch.configs.settings import (
+    Settings,
+    check_target,
+    load_settings,
+    resolve_limits,
+    route_overrides,
+)
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
 from imagebatch.tasks.errors import OutputError
@@ -410,8 +416,9 @@ async def _execute(
 
 
 def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
-    """Where requests go: the configured API, or (no key, no base URL) a simulator started here."""
+    """Where requests go: the configured API, or (only when asked) a simulator started here."""
     api = settings.api
+    check_target(api)
     if not api.uses_simulator:
         return settings, None
     from imagebatch.simulator import SimConfig, SimulatorServer
@@ -420,8 +427,9 @@ def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
     simulator = SimulatorServer(
         SimConfig(latency=sim.latency, rpm=round(sim.rpm), ipm=round(sim.ipm))
     ).start()
+    ignored = " (OPENAI_API_KEY and OPENAI_BASE_URL are ignored)" if api.api_key else ""
     reporter.notice(
-        f"No OPENAI_API_KEY or OPENAI_BASE_URL set: using the built-in simulator at {simulator.base_url}. "
+        f"--simulate: using the built-in simulator at {simulator.base_url}{ignored}. "
         "Images are synthetic and nothing is billed."
     )
     return settings.with_overrides(
@@ -470,6 +478,7 @@ def run_jobs(
     rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry).
     """
     sections = route_overrides(overrides)
+    _preflight(config, sections)
     ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
     if isinstance(jobs, pd.DataFrame):
         _frames[ref] = jobs
@@ -492,6 +501,14 @@ def run_jobs(
         lock.release()
         current_reporter.reset(token)
         _frames.pop(ref, None)
+
+
+def _preflight(config: str | Path | None, sections: dict[str, dict[str, Any]]) -> None:
+    """Usage errors found before anything touches the disk (no output folder is created)."""
+    settings = load_settings(config)
+    for section, values in sections.items():
+        settings = settings.with_overrides(section, **values)
+    check_target(settings.api)
 
 
 def _out_dir(out: str | Path | None, config: str | Path | None) -> Path:

@@ -35,14 +35,15 @@ def check_jobs(
     quality: str | None = None,
     base_url: str | None = None,
     strict_models: bool | None = None,
+    simulate: bool | None = None,
 ) -> tuple[Checked, int]:
     """Validate every row as `run` would, sending nothing. Returns the result and the row count."""
     settings = load_settings(config).with_overrides("job", model=model, size=size, quality=quality)
-    settings = settings.with_overrides("api", base_url=base_url)
+    settings = settings.with_overrides("api", base_url=base_url, simulate=simulate)
     settings = settings.with_overrides("registry", strict_models=strict_models)
     rows = read_jobs(jobs)
-    # With no key and no base URL a run goes to the simulator, so retired models are only warnings.
-    targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
+    # Retired models are errors only where the run would go to api.openai.com.
+    targets_openai = settings.api.targets_openai
     base_dir = (
         Path(jobs).expanduser().resolve().parent
         if not isinstance(jobs, pd.DataFrame)
@@ -82,7 +83,9 @@ def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, *
 
     Keyword arguments: config, models, retry_failed, force, allow_changed_settings, and any
     setting by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
-    read_timeout, on_ambiguous, task_per, ...). See flows.run_jobs.run_jobs.
+    read_timeout, on_ambiguous, task_per, simulate, ...). See flows.run_jobs.run_jobs.
+    `simulate=True` runs against a built-in simulator (synthetic images, nothing billed);
+    with no OPENAI_API_KEY, no OPENAI_BASE_URL and no `simulate=True` the run is refused.
     """
     from imagebatch.flows.run_jobs import run_jobs
 
@@ -122,7 +125,7 @@ def estimate(
     for section, values in route_overrides(overrides).items():
         settings = settings.with_overrides(section, **values)
     rows = read_jobs(jobs)
-    targets_openai = settings.api.targets_openai and not settings.api.uses_simulator
+    targets_openai = settings.api.targets_openai
     base_dir = (
         Path(jobs).expanduser().resolve().parent
         if not isinstance(jobs, pd.DataFrame)

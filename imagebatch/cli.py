@@ -177,7 +177,8 @@ def main() -> None:
     Give it a CSV of jobs (one row per prompt or source image, each with its own model,
     size, quality and count); get back images/ and a manifest with one row per image.
 
-    With no OPENAI_API_KEY and no OPENAI_BASE_URL, runs go to a built-in simulator.
+    Set OPENAI_API_KEY (and OPENAI_BASE_URL for another server), or try it with
+    `imagebatch run JOBS.csv --simulate` against a built-in simulator.
     """
 
 
@@ -259,6 +260,12 @@ def main() -> None:
     default=None,
     help="Refuse rows whose model is not in the registry (default: send them unchecked, with a warning).",
 )
+@click.option(
+    "--simulate",
+    is_flag=True,
+    default=None,
+    help="Run against a built-in simulator: synthetic images, nothing billed.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
     jobs: Path,
@@ -286,6 +293,8 @@ def run(
     """
     from imagebatch.tasks.errors import ImagebatchError
 
+    if not overrides.get("simulate"):
+        overrides["simulate"] = None  # not given: the config decides
     if dry_run:
         _dry_run(jobs, out, config, models_file, retry_failed, force, overrides)
     from imagebatch.flows.run_jobs import run_jobs
@@ -353,6 +362,12 @@ def _dry_run(
     help="The server the run would target (decides whether retired models are errors).",
 )
 @click.option(
+    "--simulate",
+    is_flag=True,
+    default=None,
+    help="Judge rows as for a --simulate run (retired models are warnings).",
+)
+@click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML file overriding configs/defaults.toml.",
@@ -379,6 +394,8 @@ def validate(jobs: Path, config: Path | None, models_file: Path | None, **overri
 
     Exit status 0 when every row is valid, 1 when any row is not, 2 when JOBS cannot be read.
     """
+    if not overrides.get("simulate"):
+        overrides["simulate"] = None
     from imagebatch.api import estimate
     from imagebatch.tasks.errors import ImagebatchError
 

@@ -53,7 +53,9 @@ def all_text(folder: Path) -> str:
 
 def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
     out = tmp_path / "out"
-    result = invoke(["run", str(ROOT / "data" / "catalog.csv"), "--out", str(out), "--quiet"])
+    result = invoke(
+        ["run", str(ROOT / "data" / "catalog.csv"), "--out", str(out), "--quiet", "--simulate"]
+    )
     assert result.exit_code == 1, result.output  # one invalid row, the rest succeed
     assert "built-in simulator" in result.output
     assert "row 11, column 'size'" in result.output
@@ -210,22 +212,76 @@ def test_validate_command(tmp_path):
     assert result.exit_code == 1
     assert "row 1, column 'size'" in result.output and "2 rows: 1 valid, 1 invalid" in result.output
     assert invoke(["validate", str(tmp_path / "missing.csv")]).exit_code == 2
-    # a retired model is an error when the run targets api.openai.com
-    retired = write_jobs(tmp_path / "retired.csv", [{"prompt": "x", "model": "dall-e-3"}])
-    assert invoke(["validate", str(retired)]).exit_code == 0
-    assert invoke(["validate", str(retired)], env={"OPENAI_API_KEY": "sk-x"}).exit_code == 1
+
+
+def test_validate_retired_model_depends_on_the_target_not_on_today(tmp_path):
+    # Fixed dates far from any day this test runs on: the registry's real retirement dates
+    # would make the outcome depend on the calendar.
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models."old-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\n'
+        'qualities = ["standard"]\nprompt_max = 100\nretired = "2001-01-01"\n'
+        'default_size = "1024x1024"\ndefault_quality = "standard"\n'
+    )
+    retired = write_jobs(tmp_path / "retired.csv", [{"prompt": "x", "model": "old-model"}])
+    args = ["validate", str(retired), "--models", str(models)]
+    # a run against api.openai.com refuses it; a simulated or other-server run only warns
+    result = invoke(args, env={"OPENAI_API_KEY": "sk-x"})
+    assert result.exit_code == 1 and "retired on api.openai.com" in result.output
+    assert invoke(args).exit_code == 1
+    assert invoke([*args, "--simulate"]).exit_code == 0
+    assert invoke(args, env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).exit_code == 0
 
 
 def test_usage_errors_exit_2(tmp_path):
     jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x"}])
-    assert invoke(["run", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]).exit_code == 2
-    assert (
-        invoke(["run", str(jobs), "--tier", "no-such-tier", "--out", str(tmp_path / "o")]).exit_code
-        == 2
+    sim = ["--simulate"]
+    result = invoke(["run", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"), *sim])
+    assert result.exit_code == 2 and "nope.csv" in result.output
+    result = invoke(
+        ["run", str(jobs), "--tier", "no-such-tier", "--out", str(tmp_path / "o"), *sim]
     )
+    assert result.exit_code == 2 and "no-such-tier" in result.output
     blocked = tmp_path / "file"
     blocked.write_text("x")
-    assert invoke(["run", str(jobs), "--out", str(blocked / "sub")]).exit_code == 2
+    result = invoke(["run", str(jobs), "--out", str(blocked / "sub"), *sim])
+    assert result.exit_code == 2 and "output folder" in result.output
+
+
+def test_no_key_no_base_url_and_no_opt_in_is_refused(tmp_path):
+    """A scheduled run whose key went missing must not "succeed" with synthetic images."""
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x"}])
+    out = tmp_path / "out"
+    result = invoke(["run", str(jobs), "--out", str(out), "-q"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--simulate" in lines[0] and "OPENAI_API_KEY" in lines[0]
+    assert not out.exists()
+
+
+def test_simulate_config_setting_opts_in(prefect_api, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x", "model": "gpt-image-2"}])
+    config = tmp_path / "imagebatch.toml"
+    config.write_text("[api]\nsimulate = true\n")
+    out = tmp_path / "out"
+    result = invoke(["run", str(jobs), "--out", str(out), "-q", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "built-in simulator" in result.output
+    assert json.loads((out / "run.json").read_text())["simulator"] is True
+    config.write_text("simulate = false\n")
+    result = invoke(["run", str(jobs), "--out", str(out), "-q", "--config", str(config)])
+    assert result.exit_code == 2 and "--simulate" in result.output
+
+
+def test_simulate_wins_over_a_configured_server(prefect_api, fresh_sim, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x", "model": "gpt-image-2"}])
+    result = invoke(
+        ["run", str(jobs), "--out", str(tmp_path / "out"), "-q", "--simulate"],
+        env=api_env(fresh_sim),
+    )
+    assert result.exit_code == 0, result.output
+    assert fresh_sim.stats()["requests_seen"] == 0  # the configured server was never called
+    assert SECRET not in all_text(tmp_path / "out")
 
 
 def test_chunked_tasks_make_the_same_images(prefect_api, fresh_sim, tmp_path):
