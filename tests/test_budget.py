@@ -89,7 +89,7 @@ def invoke(args: list[str]):
 def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
     out = tmp_path / "out"
     catalog = str(ROOT / "data" / "catalog.csv")
-    result = invoke(["run", catalog, "--out", str(out), "--dry-run"])
+    result = invoke(["run", catalog, "--out", str(out), "--dry-run", "--simulate"])
     assert result.exit_code == 1, result.output  # row 11 is invalid, as in a real run
     text = result.output
     assert "Plan: 11 jobs, 14 requests, 19 images (nothing sent)" in text
@@ -126,6 +126,7 @@ def test_a_prices_file_changes_the_estimate(tmp_path):
     prices.write_text('[prices."dall-e-3"]\nper_image = { "hd/1024x1024" = 1.5 }\n', "utf-8")
     jobs = tmp_path / "jobs.csv"
     pd.DataFrame([{"prompt": "x", "model": "dall-e-3", "quality": "hd"}]).to_csv(jobs, index=False)
-    result = invoke(["run", str(jobs), "--dry-run", "--prices", str(prices)])
+    # --simulate: dall-e-3 is retired on api.openai.com, so a run there would refuse the row
+    result = invoke(["run", str(jobs), "--dry-run", "--prices", str(prices), "--simulate"])
     assert result.exit_code == 0, result.output
     assert "Estimated cost: $1.5000" in result.output
