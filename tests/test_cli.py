@@ -63,7 +63,7 @@ def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
     assert list(manifest.columns[: len(COLUMNS)]) == COLUMNS
     assert "sku" in manifest.columns
     statuses = manifest.groupby("status").size().to_dict()
-    assert statuses == {"succeeded": 19, "invalid": 1}
+    assert statuses == {"succeeded": 21, "invalid": 1}
     assert manifest.loc[manifest.status == "invalid", "sku"].tolist() == ["CAT-011"]
     dalle = manifest[(manifest.model == "dall-e-3") & (manifest.status == "succeeded")]
     assert len(dalle) == 6 and dalle.revised_prompt.notna().all()
@@ -77,7 +77,11 @@ def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
     assert len(parquet) == len(manifest) and list(parquet.columns) == list(manifest.columns)
     run = json.loads((out / "run.json").read_text())
     assert run["simulator"] is True
-    assert run["counts"]["succeeded"] == 19
+    assert run["counts"]["succeeded"] == 21
+    # the current models run, xhigh included, and keep their names in the manifest
+    current = manifest[manifest.model.str.startswith("gpt-image-2.5")]
+    assert sorted(current.sku) == ["CAT-013", "CAT-014"] and (current.status == "succeeded").all()
+    assert current.loc[current.sku == "CAT-013", "quality"].tolist() == ["xhigh"]
 
 
 def test_key_never_written_or_printed(prefect_api, fresh_sim, tmp_path):
