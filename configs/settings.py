@@ -140,6 +140,22 @@ class CostSettings:
 
 
 @dataclass(frozen=True)
+class InputSettings:
+    """How source images and masks for edits and variations are prepared and found."""
+
+    # Where the model needs a square: "crop" (centre), "pad" or "error". Empty: pad for
+    # edits (the padding kept out of the repaint area), crop for variations.
+    fit: str = ""
+    pad_color: str = "white"  # a colour name, #rrggbb, or "transparent" (padding is repainted)
+    mask_repaint: str = "white"  # in a black-and-white mask, this colour marks "repaint here"
+    # Relative sources resolve here and must stay inside it (default: the jobs file's folder).
+    sources_root: str = ""
+    allow_outside_sources: bool = False
+    max_source_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default)
+    keep_prepared: bool = False  # write the bytes sent to <out>/prepared/ for audit
+
+
+@dataclass(frozen=True)
 class Settings:
     job: JobDefaults = field(default_factory=JobDefaults)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -147,6 +163,7 @@ class Settings:
     retry: RetrySettings = field(default_factory=RetrySettings)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    inputs: InputSettings = field(default_factory=InputSettings)
     cost: CostSettings = field(default_factory=CostSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     output_dir: str = "out"
@@ -219,6 +236,7 @@ def load_settings(
         retry=_section(RetrySettings, raw.get("retry", {}), "retry"),
         simulator=_section(SimulatorSettings, raw.get("simulator", {}), "simulator"),
         flow=_section(FlowSettings, raw.get("flow", {}), "flow"),
+        inputs=_section(InputSettings, raw.get("inputs", {}), "inputs"),
         cost=_section(CostSettings, raw.get("cost", {}), "cost"),
         registry=_section(RegistrySettings, raw.get("registry", {}), "registry"),
         output_dir=output.get("dir", "out"),
@@ -240,7 +258,18 @@ def load_settings(
         raise ConfigError(
             '[api.deployments] maps model names to deployment names: "model" = "name"'
         )
+    check_inputs(settings.inputs)
     return settings
+
+
+def check_inputs(inputs: InputSettings) -> None:
+    """Refuse [inputs] values that would only fail later, row by row."""
+    if inputs.fit not in ("", "crop", "pad", "error"):
+        raise ConfigError("[inputs] fit must be crop, pad, error or empty")
+    if inputs.mask_repaint not in ("white", "black"):
+        raise ConfigError("[inputs] mask_repaint must be 'white' or 'black'")
+    if inputs.max_source_pixels < 1:
+        raise ConfigError("[inputs] max_source_pixels must be positive")
 
 
 SECTIONS = {
@@ -250,6 +279,7 @@ SECTIONS = {
     "retry": RetrySettings,
     "simulator": SimulatorSettings,
     "flow": FlowSettings,
+    "inputs": InputSettings,
     "cost": CostSettings,
     "registry": RegistrySettings,
 }

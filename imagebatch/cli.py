@@ -410,6 +410,103 @@ def validate(jobs: Path, config: Path | None, models_file: Path | None, **overri
     sys.exit(1 if bad else 0)
 
 
+@main.command("jobs-from-folder")
+@click.argument(
+    "folder", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR"
+)
+@click.option(
+    "--operation", required=True, type=click.Choice(["edit", "variation"]), help="Row operation."
+)
+@click.option("--prompt", default="", help="The prompt for every row (edits need one).")
+@click.option(
+    "--model",
+    default=None,
+    help="Model for every row (default: dall-e-2 for variations, else the run default).",
+)
+@click.option(
+    "--mask-suffix",
+    default="_mask",
+    show_default=True,
+    help="x_mask.png is the mask of x.jpg (edits); mask files never become rows.",
+)
+@click.option("--size", default=None, help="Size for every row.")
+@click.option("--n", "n", type=int, default=None, help="Images per row.")
+@click.option(
+    "--fit",
+    type=click.Choice(["crop", "pad", "error"]),
+    help="How to make sources square where the model needs it.",
+)
+@click.option("--recursive", "-r", is_flag=True, help="Include images in subfolders.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The jobs CSV to write (default: DIR/jobs.csv). Image paths are relative to it.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing jobs file.")
+def jobs_from_folder_cmd(
+    folder: Path,
+    operation: str,
+    prompt: str,
+    model: str | None,
+    mask_suffix: str,
+    size: str | None,
+    n: int | None,
+    fit: str | None,
+    recursive: bool,
+    output: Path | None,
+    force: bool,
+) -> None:
+    """Write a jobs CSV with one edit or variation row per image in DIR.
+
+    x.jpg is paired with x_mask.png (any image extension, see --mask-suffix). Run the
+    result with `imagebatch run DIR/jobs.csv --out OUT`.
+    """
+    from rich.markup import escape
+
+    from imagebatch.tasks.errors import ImagebatchError
+    from imagebatch.tasks.folder_jobs import jobs_from_folder
+    from imagebatch.tasks.store import write_atomic
+
+    output = output or folder / "jobs.csv"
+    if output.exists() and not force:
+        _fail(f"{escape(str(output))} exists; pass --force to overwrite it")
+    extra = {k: str(v) for k, v in (("size", size), ("n", n), ("fit", fit)) if v is not None}
+    if model is None:
+        model = "dall-e-2" if operation == "variation" else ""
+    try:
+        found = jobs_from_folder(
+            folder,
+            output,
+            operation=operation,
+            prompt=prompt,
+            model=model,
+            mask_suffix=mask_suffix,
+            recursive=recursive,
+            extra=extra,
+        )
+    except ImagebatchError as exc:
+        _fail(escape(str(exc)))
+    console = _console()
+    if found.frame.empty:
+        _fail(f"no images in {escape(str(folder))}", 1)
+    for mask in found.unpaired_masks:
+        console.print(
+            f"[yellow]warning[/] {escape(mask.name)} is a mask with no image of that name"
+        )
+    write_atomic(output, found.frame.to_csv(index=False).encode("utf-8"))
+    paired = int((found.frame["mask"] != "").sum())
+    console.print(
+        f"{escape(str(output))}: {len(found.frame)} {operation} row(s)"
+        + (f", {paired} with a mask" if operation == "edit" else "")
+    )
+    if any(str(p).startswith("../") for p in found.frame["image"]):
+        console.print(
+            "[yellow]The images are outside the jobs file's folder: runs refuse them unless "
+            "[inputs] allow_outside_sources or sources_root says so.[/]"
+        )
+
+
 @main.command()
 @click.option(
     "--host",

@@ -22,6 +22,7 @@ import httpx
 from imagebatch.configs.settings import ApiSettings
 from imagebatch.tasks.errors import ApiError, TransientError
 from imagebatch.tasks.plan import RequestUnit
+from imagebatch.tasks.prepare import PreparedInputs, prepare_job
 from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
@@ -34,7 +35,6 @@ ENDPOINTS = {
     "variation": "images/variations",
 }
 POOL_SHARD = 32
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass
@@ -163,7 +163,11 @@ class ImagesClient:
         deployment = quote(job.deployment or job.model.name, safe="")
         return f"deployments/{deployment}/{path}", query
 
-    def build_request(self, unit: RequestUnit) -> httpx.Request:
+    def build_request(
+        self, unit: RequestUnit, inputs: PreparedInputs | None = None
+    ) -> httpx.Request:
+        """The HTTP request for `unit`. Edits and variations send `inputs`, the prepared
+        bytes (prepared here when not given)."""
         job = unit.planned.job
         path, query = self._path(unit)
         params: dict[str, Any] = {**job.params, "n": unit.n}
@@ -171,27 +175,24 @@ class ImagesClient:
             params["model"] = job.deployment or job.model.name
         if job.operation == "generate":
             return self._http.build_request("POST", path, params=query, json=params)
+        if inputs is None:
+            inputs = prepare_job(job)
+        assert inputs is not None  # edits and variations always have sources
         # Multipart: never send nulls; numbers as decimal strings, as the official SDK does.
         fields = {k: str(v) for k, v in params.items() if v is not None}
         files: list[tuple[str, tuple[str, bytes, str]]] = []
-        part = "image" if len(job.images) == 1 else "image[]"
-        for src in job.images:
-            files.append(
-                (
-                    part,
-                    (
-                        src.path.name,
-                        src.path.read_bytes(),
-                        MIME.get(src.format, "application/octet-stream"),
-                    ),
-                )
-            )
-        if job.mask is not None:
-            files.append(("mask", (job.mask.path.name, job.mask.path.read_bytes(), "image/png")))
+        part = "image" if len(inputs.images) == 1 else "image[]"
+        for image in inputs.images:
+            files.append((part, (image.name, image.data, image.mime)))
+        if inputs.mask is not None:
+            files.append(("mask", (inputs.mask.name, inputs.mask.data, inputs.mask.mime)))
         return self._http.build_request("POST", path, params=query, data=fields, files=files)
 
-    async def send(self, unit: RequestUnit) -> ApiResult:
-        request = self.build_request(unit)
+    async def send(self, unit: RequestUnit, inputs: PreparedInputs | None = None) -> ApiResult:
+        if inputs is None and unit.planned.job.operation != "generate":
+            # Decoding and encoding photos takes CPU time: never on the event loop.
+            inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
+        request = self.build_request(unit, inputs)
         started = time.monotonic()
         try:
             response = await self._send(request)

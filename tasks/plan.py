@@ -37,16 +37,22 @@ def _hash(obj: object) -> str:
 
 
 def fingerprint(job: ValidJob) -> str:
-    """What determines this job's images, as a hash (without the image index)."""
-    return _hash(
-        {
-            "operation": job.operation,
-            "params": {k: v for k, v in job.params.items() if k not in NOT_IN_KEY},
-            "images": [s.sha256 for s in job.images],
-            "mask": job.mask.sha256 if job.mask else None,
-            "id": job.job.get("id") or None,
-        }
-    )
+    """What determines this job's images, as a hash (without the image index).
+
+    Sources count by the sha256 of their file bytes (moving or renaming a file changes
+    nothing) plus the preparation settings that shape the bytes sent (fit, padding, mask
+    colour). Preparation is deterministic, so the same file and settings send the same bytes.
+    """
+    what: dict[str, object] = {
+        "operation": job.operation,
+        "params": {k: v for k, v in job.params.items() if k not in NOT_IN_KEY},
+        "images": [s.sha256 for s in job.images],
+        "mask": job.mask.sha256 if job.mask else None,
+        "id": job.job.get("id") or None,
+    }
+    if job.prep is not None:
+        what["prepare"] = job.prep.key()
+    return _hash(what)
 
 
 def image_key(job_fingerprint: str, occurrence: int, index: int) -> str:

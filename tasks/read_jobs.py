@@ -22,6 +22,7 @@ JOB_COLUMNS = (
     "operation",
     "image",
     "mask",
+    "fit",
     "model",
     "size",
     "quality",

@@ -8,15 +8,23 @@ an `invalid` row in the manifest; the other rows run. A row that passes becomes 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from imagebatch.configs.registry import ModelSpec, Registry, unchecked
-from imagebatch.configs.settings import JobDefaults, Settings
+from imagebatch.configs.settings import InputSettings, JobDefaults, Settings
+from imagebatch.tasks.prepare import (
+    FITS,
+    PrepOptions,
+    SourceError,
+    SourceImage,
+    check_mask_shape,
+    check_pad_color,
+    input_rules,
+    inspect_source,
+    resolve_source,
+)
 from imagebatch.tasks.read_jobs import IMAGE_SEPARATOR, Job
 
 OPERATIONS = ("generate", "edit", "variation")
@@ -38,7 +46,6 @@ PASS_THROUGH = (
     "input_fidelity",
     "user",
 )
-PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
 RETIREMENT_WARNING_DAYS = 30
 
 
@@ -51,16 +58,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"row {self.row}, column '{self.column}': {self.message}"
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    sha256: str
-    format: str
-    width: int
-    height: int
-    size_bytes: int
 
 
 @dataclass
@@ -77,6 +74,7 @@ class ValidJob:
     mask: SourceImage | None = None
     # Azure deployment to send to: the row's `deployment`, the config map, or the model name.
     deployment: str = ""
+    prep: PrepOptions | None = None  # how the sources are prepared (edits and variations)
 
 
 @dataclass
@@ -91,45 +89,6 @@ class Checked:
         return sorted(errors + self.warnings, key=lambda p: (p.row, p.severity))
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _open_source(
-    raw: str, base_dir: Path, column: str, row: int, errs: list[Problem]
-) -> SourceImage | None:
-    if raw.startswith(("http://", "https://", "data:")):
-        errs.append(
-            Problem(
-                row, column, f"{raw[:60]!r}: only local file paths are supported as source images"
-            )
-        )
-        return None
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        errs.append(Problem(row, column, f"file not found: {path}"))
-        return None
-    try:
-        with Image.open(path) as img:
-            fmt = PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        errs.append(Problem(row, column, f"{path.name} is not a readable image: {exc}"))
-        return None
-    return SourceImage(path, _digest(path), fmt, width, height, path.stat().st_size)
-
-
-def _has_alpha(path: Path) -> bool:
-    with Image.open(path) as img:
-        return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-
-
 class Validator:
     def __init__(
         self,
@@ -141,6 +100,7 @@ class Validator:
         today: dt.date | None = None,
         strict_models: bool = False,
         deployments: dict[str, str] | None = None,
+        inputs: InputSettings | None = None,
     ) -> None:
         self.registry = registry
         self.defaults = defaults
@@ -150,6 +110,9 @@ class Validator:
         self.strict_models = strict_models
         self.deployments = deployments or {}
         self._unknown: dict[str, list[int]] = {}
+        self.inputs = inputs or InputSettings()
+        # One full decode per file, however many rows name it.
+        self._inspected: dict[Path, SourceImage | SourceError] = {}
 
     @classmethod
     def from_settings(
@@ -164,6 +127,7 @@ class Validator:
             base_dir=base_dir,
             strict_models=settings.registry.strict_models,
             deployments=settings.api.deployments,
+            inputs=settings.inputs,
         )
 
     def check(self, jobs: list[Job]) -> Checked:
@@ -451,10 +415,11 @@ class Validator:
 
         images: list[SourceImage] = []
         mask: SourceImage | None = None
+        prep: PrepOptions | None = None
         if operation in ("edit", "variation"):
-            images, mask = self._check_sources(job, model, operation, size, errs)
+            images, mask, prep = self._check_sources(job, model, operation, size, errs)
         else:
-            for column in ("image", "mask"):
+            for column in ("image", "mask", "fit"):
                 if job.get(column):
                     errs.append(
                         Problem(
@@ -468,7 +433,16 @@ class Validator:
             return None
         job_id = job.get("id") or ""
         return ValidJob(
-            job, job_id, operation, model, n, params, images, mask, self._deployment(job, model)
+            job,
+            job_id,
+            operation,
+            model,
+            n,
+            params,
+            images,
+            mask,
+            self._deployment(job, model),
+            prep,
         )
 
     def _check_n(self, job: Job, errs: list[Problem]) -> int:
@@ -534,11 +508,11 @@ class Validator:
             if not raw:
                 errs.append(Problem(row, "image", f"{operation} needs a source image"))
             for item in raw:
-                src_image = _open_source(item, self.base_dir, "image", row, errs)
+                src_image = self._source(item, "image", row, errs)
                 if src_image is not None:
                     images.append(src_image)
             if job.get("mask"):
-                mask = _open_source(job.get("mask"), self.base_dir, "mask", row, errs)
+                mask = self._source(job.get("mask"), "mask", row, errs)
         else:
             for column in ("image", "mask"):
                 if job.get(column):
@@ -563,15 +537,68 @@ class Validator:
             self._deployment(job, model),
         )
 
+    def _source(self, raw: str, column: str, row: int, errs: list[Problem]) -> SourceImage | None:
+        """Resolve and fully decode one source file (once per file per check)."""
+        inputs = self.inputs
+        root = Path(inputs.sources_root).expanduser().resolve() if inputs.sources_root else None
+        try:
+            path = resolve_source(raw, self.base_dir, root, inputs.allow_outside_sources)
+        except SourceError as exc:
+            errs.append(Problem(row, column, str(exc)))
+            return None
+        found = self._inspected.get(path)
+        if found is None:
+            try:
+                found = inspect_source(path, inputs.max_source_pixels)
+            except SourceError as exc:
+                found = exc
+            self._inspected[path] = found
+        if isinstance(found, SourceError):
+            errs.append(Problem(row, column, str(found)))
+            return None
+        return found
+
+    def _prep_options(
+        self, job: Job, model: ModelSpec, operation: str, size: str, errs: list[Problem]
+    ) -> PrepOptions:
+        """The row's preparation settings; those that cannot change the bytes sent are blank,
+        so they stay out of the image key."""
+        rules = input_rules(model, operation)
+        cell = job.get("fit").lower()
+        fit = cell or self.inputs.fit or ("pad" if operation == "edit" else "crop")
+        src = "" if cell else " (from [inputs] fit)" if self.inputs.fit else ""
+        if fit not in FITS:
+            errs.append(
+                Problem(job.row, "fit", f"fit must be crop, pad or error, got {fit!r}{src}")
+            )
+        pad = self.inputs.pad_color
+        try:
+            check_pad_color(pad)
+        except SourceError as exc:
+            errs.append(Problem(job.row, "fit", f"{exc} ([inputs] pad_color)"))
+        if operation == "variation" and fit == "pad" and pad.lower() == "transparent":
+            errs.append(
+                Problem(
+                    job.row,
+                    "fit",
+                    "transparent padding means nothing to a variation; pad with a colour or crop",
+                )
+            )
+        if not rules.square:
+            fit, pad = "", ""
+        repaint = self.inputs.mask_repaint if job.get("mask") else ""
+        return PrepOptions(fit, pad, repaint, size if rules.resize_to_size else "")
+
     def _check_sources(
         self, job: Job, model: ModelSpec, operation: str, size: str, errs: list[Problem]
-    ) -> tuple[list[SourceImage], SourceImage | None]:
+    ) -> tuple[list[SourceImage], SourceImage | None, PrepOptions]:
         row = job.row
+        prep = self._prep_options(job, model, operation, size, errs)
         raw = [p.strip() for p in job.get("image").split(IMAGE_SEPARATOR) if p.strip()]
         if not raw:
             errs.append(Problem(row, "image", f"{operation} needs a source image"))
-            return [], None
-        limit = 1 if operation == "variation" else model.edit_images_max
+            return [], None, prep
+        limit = input_rules(model, operation).max_images
         if len(raw) > limit:
             errs.append(
                 Problem(
@@ -582,42 +609,17 @@ class Validator:
             )
         images = []
         for item in raw:
-            src = _open_source(item, self.base_dir, "image", row, errs)
+            src = self._source(item, "image", row, errs)
             if src is None:
                 continue
             images.append(src)
-            square_png = operation == "variation" or model.edit_square_png
-            formats = ("png",) if square_png else model.edit_image_formats
-            if src.format not in formats:
+            width, height = src.display_size
+            if prep.fit == "error" and width != height:
                 errs.append(
                     Problem(
                         row,
                         "image",
-                        f"{src.path.name} is {src.format}; {model.name} {operation} takes {', '.join(formats)}",
-                    )
-                )
-            if square_png and src.width != src.height:
-                errs.append(
-                    Problem(
-                        row,
-                        "image",
-                        f"{src.path.name} is {src.width}x{src.height}; {model.name} {operation} needs a square PNG",
-                    )
-                )
-            if src.size_bytes >= model.edit_image_max_bytes and not square_png:
-                errs.append(
-                    Problem(
-                        row,
-                        "image",
-                        f"{src.path.name} is {src.size_bytes:,} bytes; the limit is {model.edit_image_max_bytes:,}",
-                    )
-                )
-            if square_png and src.size_bytes >= 4_000_000:
-                errs.append(
-                    Problem(
-                        row,
-                        "image",
-                        f"{src.path.name} is {src.size_bytes:,} bytes; the limit is 4,000,000",
+                        f"{src.path.name} is {width}x{height}; {model.name} {operation} needs a square image and fit is 'error' (use crop or pad)",
                     )
                 )
         mask = None
@@ -625,34 +627,10 @@ class Validator:
             if operation != "edit":
                 errs.append(Problem(row, "mask", "a mask is only used by edits"))
             else:
-                mask = _open_source(job.get("mask"), self.base_dir, "mask", row, errs)
-                if mask is not None:
-                    if mask.format != "png":
-                        errs.append(
-                            Problem(row, "mask", f"the mask must be a PNG, got {mask.format}")
-                        )
-                    elif not _has_alpha(mask.path):
-                        errs.append(
-                            Problem(
-                                row,
-                                "mask",
-                                "the mask needs an alpha channel: fully transparent pixels mark the area to edit",
-                            )
-                        )
-                    if mask.size_bytes >= model.mask_max_bytes:
-                        errs.append(
-                            Problem(
-                                row,
-                                "mask",
-                                f"the mask is {mask.size_bytes:,} bytes; the limit is {model.mask_max_bytes:,}",
-                            )
-                        )
-                    if images and (mask.width, mask.height) != (images[0].width, images[0].height):
-                        errs.append(
-                            Problem(
-                                row,
-                                "mask",
-                                f"the mask is {mask.width}x{mask.height} but the first image is {images[0].width}x{images[0].height}; they must match",
-                            )
-                        )
-        return images, mask
+                mask = self._source(job.get("mask"), "mask", row, errs)
+                if mask is not None and images:
+                    try:
+                        check_mask_shape(mask, images[0])
+                    except SourceError as exc:
+                        errs.append(Problem(row, "mask", str(exc)))
+        return images, mask, prep

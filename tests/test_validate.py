@@ -285,12 +285,13 @@ def _png(path: Path, size=(64, 64), mode="RGB", fmt="PNG") -> Path:
 
 
 def test_edit_sources_and_masks(tmp_path):
+    """What preparation can fix passes; what it cannot (shape, count, fit=error) is refused."""
     _png(tmp_path / "src.png", (64, 64))
     _png(tmp_path / "wide.png", (96, 64))
     _png(tmp_path / "photo.jpg", (64, 64), fmt="JPEG")
     _png(tmp_path / "mask.png", (64, 64), mode="RGBA")
     _png(tmp_path / "flat_mask.png", (64, 64))
-    _png(tmp_path / "small_mask.png", (32, 32), mode="RGBA")
+    _png(tmp_path / "odd_mask.png", (64, 40), mode="RGBA")
     ok = check(
         [
             {
@@ -304,42 +305,53 @@ def test_edit_sources_and_masks(tmp_path):
         base_dir=tmp_path,
     )
     assert ok.valid and [s.format for s in ok.valid[0].images] == ["png", "jpeg"]
-    cases = [
-        ({"mask": "flat_mask.png"}, "mask", "alpha channel"),
-        ({"mask": "small_mask.png"}, "mask", "must match"),
-        ({"mask": "photo.jpg"}, "mask", "must be a PNG"),
+    # Prepared instead of refused: a black-and-white mask, a JPEG mask, a wide or JPEG
+    # source for dall-e-2 (padded for edits, cropped for variations).
+    fixable = [
+        {"prompt": "x", "model": "gpt-image-2", "operation": "edit", "image": "src.png", "mask": m}
+        for m in ("flat_mask.png", "photo.jpg")
+    ] + [
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "wide.png"},
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "photo.jpg"},
+        {"model": "dall-e-2", "operation": "variation", "image": "wide.png"},
     ]
-    for extra, column, fragment in cases:
-        row = {
+    fixed = check(fixable, base_dir=tmp_path)
+    assert not fixed.invalid, fixed.problems
+    assert [v.prep.fit for v in fixed.valid[2:]] == ["pad", "pad", "crop"]
+    one_error(
+        {
             "prompt": "x",
             "model": "gpt-image-2",
             "operation": "edit",
             "image": "src.png",
-            **extra,
-        }
-        one_error(row, column, fragment, base_dir=tmp_path)
-    one_error(
-        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "wide.png"},
-        "image",
-        "square PNG",
+            "mask": "odd_mask.png",
+        },
+        "mask",
+        "cannot be matched",
         base_dir=tmp_path,
     )
     one_error(
-        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "photo.jpg"},
+        {
+            "prompt": "x",
+            "model": "dall-e-2",
+            "operation": "edit",
+            "image": "wide.png",
+            "fit": "error",
+        },
         "image",
-        "takes png",
+        "needs a square image and fit is 'error'",
+        base_dir=tmp_path,
+    )
+    one_error(
+        {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "src.png", "fit": "x"},
+        "fit",
+        "crop, pad or error",
         base_dir=tmp_path,
     )
     one_error(
         {"prompt": "x", "model": "dall-e-2", "operation": "edit", "image": "src.png|src.png"},
         "image",
         "at most 1",
-        base_dir=tmp_path,
-    )
-    one_error(
-        {"model": "dall-e-2", "operation": "variation", "image": "wide.png"},
-        "image",
-        "square PNG",
         base_dir=tmp_path,
     )
     too_many = "|".join(["src.png"] * 17)
@@ -349,6 +361,7 @@ def test_edit_sources_and_masks(tmp_path):
         "at most 16",
         base_dir=tmp_path,
     )
+    one_error({"prompt": "x", "model": "gpt-image-2", "fit": "crop"}, "fit", "only used by")
     var = check(
         [{"model": "dall-e-2", "operation": "variation", "image": "src.png"}], base_dir=tmp_path
     )
