@@ -78,6 +78,45 @@ def png_bytes(size=(512, 512), mode="RGBA", color=(200, 40, 40, 255), hole=True)
 
 
 # --------------------------------------------------------------------------- generations
+@pytest.mark.parametrize(
+    "model, size, quality, per_image",
+    [
+        ("gpt-image-2", "1024x1024", "high", 7024),  # OpenAI's calculator figures
+        ("gpt-image-2", "1536x1024", "high", 5488),
+        ("gpt-image-2", "1024x1024", "low", 196),
+        ("gpt-image-2.5-flare", "2048x2048", "medium", 3568),
+        ("gpt-image-1", "1024x1024", "high", 4160),  # the published gpt-image-1 table
+        ("gpt-image-1", "1536x1024", "low", 400),
+        ("gpt-image-1", "1024x1536", "medium", 1584),
+    ],
+)
+def test_usage_output_tokens_follow_the_published_figures(client, model, size, quality, per_image):
+    r = client.images.generate(model=model, prompt="a fox", size=size, quality=quality, n=2)
+    assert r.usage.output_tokens == 2 * per_image
+    assert r.usage.output_tokens_details.image_tokens == 2 * per_image
+
+
+def test_usage_input_tokens_grow_with_the_prompt_and_input_images(client):
+    short = client.images.generate(model="gpt-image-2", prompt="a fox", quality="low")
+    long = client.images.generate(model="gpt-image-2", prompt="a fox " * 100, quality="low")
+    assert (
+        short.usage.input_tokens_details.text_tokens < long.usage.input_tokens_details.text_tokens
+    )
+    assert short.usage.input_tokens_details.image_tokens == 0
+    one = client.images.edit(model="gpt-image-2", image=png_bytes(), prompt="a hat", quality="low")
+    two = client.images.edit(
+        model="gpt-image-2", image=[png_bytes(), png_bytes()], prompt="a hat", quality="low"
+    )
+    assert one.usage.input_tokens_details.image_tokens > 0
+    assert (
+        two.usage.input_tokens_details.image_tokens
+        == 2 * one.usage.input_tokens_details.image_tokens
+    )
+    assert one.usage.input_tokens == sum(
+        (one.usage.input_tokens_details.text_tokens, one.usage.input_tokens_details.image_tokens)
+    )
+
+
 def test_gpt_image_generation_b64_with_usage_and_echo(client):
     raw = client.images.with_raw_response.generate(
         model="gpt-image-2", prompt="a red fox in the snow", size="1536x1024", quality="high", n=2

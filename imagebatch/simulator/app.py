@@ -89,6 +89,8 @@ class Simulator:
         st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
         extra_headers: dict[str, str] = {}
         try:
+            if self.config.hold_until_in_flight:
+                await self.state.hold(self.config.hold_until_in_flight, st.in_flight)
             try:
                 response = await self._process(request, operation, default_model)
             except ApiFailure as exc:

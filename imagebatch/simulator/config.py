@@ -128,6 +128,9 @@ class SimConfig:
     # a client that disconnects during latency/stall is billed anyway (as OpenAI might)
     bill_on_disconnect: bool = False
     # rendering
+    # Tests: hold every request until this many are in flight at once, then release them all
+    # (0: off). Proves a client really has that many outstanding; released after 60 s anyway.
+    hold_until_in_flight: int = 0
     render_text: bool = True
     cache_size: int = 512  # encoded images kept in the LRU cache
 
@@ -171,7 +174,7 @@ class SimConfig:
 
     def _validate(self) -> None:
         parse_latency(self.latency)
-        for name in ("rpm", "ipm", "quota_images", "cache_size"):
+        for name in ("rpm", "ipm", "quota_images", "cache_size", "hold_until_in_flight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("latency_per_image", "stall_seconds", "url_ttl"):

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import time
 from typing import Any
 
+from . import usage as billing
 from .render import CONTENT_TYPES, render_image
 from .request import Parsed
 from .state import SimState
-
-OUTPUT_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 8320, "max": 16640}
-
-
-def image_tokens(width: int, height: int) -> int:
-    """Input image tokens, tile-based like OpenAI's vision pricing."""
-    scale = min(1.0, 2048 / max(width, height))
-    w, h = width * scale, height * scale
-    scale = min(1.0, 768 / min(w, h))
-    w, h = w * scale, h * scale
-    return 65 + 129 * math.ceil(w / 512) * math.ceil(h / 512)
 
 
 def revised_prompt(prompt: str, style: str | None) -> str:
@@ -95,14 +84,13 @@ async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str
 
 def usage(parsed: Parsed) -> dict[str, Any]:
     """Token usage as GPT image models report it: prompt text, input images, output images."""
-    text_tokens = max(1, math.ceil(len(parsed.prompt) / 4)) if parsed.prompt else 0
-    image_in = sum(image_tokens(i.width, i.height) for i in parsed.inputs)
-    per_image = OUTPUT_TOKENS.get(parsed.quality or "medium", OUTPUT_TOKENS["medium"])
-    out = max(16, round(per_image * parsed.width * parsed.height / 1_048_576)) * parsed.n
-    return {
-        "total_tokens": text_tokens + image_in + out,
-        "input_tokens": text_tokens + image_in,
-        "output_tokens": out,
-        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_in},
-        "output_tokens_details": {"image_tokens": out, "text_tokens": 0},
-    }
+    free_sizes = parsed.spec.size_rule is not None
+    return billing.usage(
+        parsed.prompt or "",
+        [(i.width, i.height) for i in parsed.inputs],
+        parsed.quality or "medium",
+        parsed.width,
+        parsed.height,
+        parsed.n,
+        free_sizes,
+    )

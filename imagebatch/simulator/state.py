@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import secrets
 import time
@@ -14,6 +16,7 @@ from .config import SimConfig
 from .limits import Quota, RateLimits
 from .render import RenderCache
 
+HOLD_SECONDS = 60.0  # hold_until_in_flight gives up after this long
 URL_GRACE = 300.0  # expired URL tokens answer 410 for this long, then 404
 
 
@@ -108,6 +111,20 @@ class SimState:
         self.cache = RenderCache(config.cache_size)
         self.rng = random.Random(config.seed)
         self._seed = config.seed
+        self._held: asyncio.Event | None = None
+
+    async def hold(self, until: int, in_flight: int) -> None:
+        """Keep this request until `until` requests are in flight at once (then release all,
+        and hold nothing more until a reset); gives up after HOLD_SECONDS."""
+        if self._held is None:
+            self._held = asyncio.Event()
+        if self._held.is_set():
+            return
+        if in_flight >= until:
+            self._held.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._held.wait(), HOLD_SECONDS)
 
     def sync(self) -> None:
         """Pick up config changes made directly on the dataclass."""
@@ -122,3 +139,4 @@ class SimState:
         self.stats = Stats()
         self._seed = self.config.seed
         self.rng.seed(self._seed)
+        self._held = None
