@@ -167,13 +167,17 @@ def test_auto_size_and_flexible_size(client):
     assert decode(r.data[0].b64_json).size == (2048, 1152)
 
 
-def test_images_are_deterministic_and_prompt_dependent(client):
+def test_images_are_deterministic_and_prompt_dependent(client, sim):
+    """Asked again, a prompt gets a new image (as from the real API); a fresh simulator
+    replays the same sequence."""
     one = client.images.generate(model="gpt-image-2", prompt="same prompt").data[0].b64_json
     two = client.images.generate(model="gpt-image-2", prompt="same prompt").data[0].b64_json
     other = client.images.generate(model="gpt-image-2", prompt="another prompt").data[0].b64_json
     chinese = client.images.generate(model="gpt-image-2", prompt="月光下的一只猫").data[0].b64_json
-    assert one == two
-    assert len({one, other, chinese}) == 3
+    assert len({one, two, other, chinese}) == 4
+    sim.reset()
+    again = client.images.generate(model="gpt-image-2", prompt="same prompt").data[0].b64_json
+    assert again == one
 
 
 def test_dalle3_url_revised_prompt_and_download(client, sim):
@@ -278,6 +282,11 @@ def test_edit_image_rules(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.images.edit(
             model="gpt-image-1", image=("a.gif", gif.getvalue(), "image/gif"), prompt="x"
+        )
+    assert err.value.param == "image" and err.value.code == "unsupported_file_mimetype"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(
+            model="gpt-image-1", image=("a.png", gif.getvalue(), "image/png"), prompt="x"
         )
     assert err.value.param == "image" and err.value.code == "invalid_image_format"
     with pytest.raises(openai.BadRequestError) as err:
@@ -431,7 +440,7 @@ def test_bad_requests(client, sim, kwargs, param, code):
 
 def test_unknown_model_and_wrong_content_type(client, http):
     with pytest.raises(openai.NotFoundError) as err:
-        client.images.generate(model="gpt-image-9", prompt="x")
+        client.images.generate(model="dall-e-9", prompt="x")
     assert err.value.code == "model_not_found"
     r = http.post(
         "/v1/images/generations",
@@ -474,7 +483,14 @@ def test_auth(sim, client):
         json={"model": "gpt-image-2", "prompt": "x"},
         headers={"api-key": "sk-right"},
     )
-    assert r.status_code == 200  # Azure-style header
+    assert r.status_code == 401  # Azure's header on an OpenAI path: no key, as the real API says
+    azure = sim.url + "/openai/deployments/gpt-image-2/images/generations?api-version=2025-04-01"
+    r = httpx.post(azure, json={"prompt": "x"}, headers={"authorization": "Bearer sk-right"})
+    assert r.status_code == 401 and "subscription key" in r.json()["error"]["message"]
+    r = httpx.post(azure, json={"prompt": "x"}, headers={"api-key": "sk-right"})
+    assert r.status_code == 200
+    r = httpx.post(azure.split("?")[0], json={"prompt": "x"}, headers={"api-key": "sk-right"})
+    assert r.status_code == 404  # no api-version: Azure finds nothing
 
 
 def test_azure_deployment_route(sim):

@@ -35,6 +35,7 @@ from .failures import (
     moderation_failure,
     quota_failure,
     rate_limit_failure,
+    restyle,
 )
 from .faults import (
     Drop,
@@ -71,20 +72,30 @@ class Simulator:
         return await self._images(request, "variation")
 
     async def azure(self, request: Request) -> Response:
+        """Azure's shapes: api-key auth, and an api-version without which nothing is found."""
         op = {"generations": "generate", "edits": "edit", "variations": "variation"}.get(
             request.path_params["op"]
         )
-        if op is None:
-            raise HTTPException(404)
-        return await self._images(request, op, default_model=request.path_params.get("deployment"))
+        if op is None or not request.query_params.get("api-version"):
+            failure = ApiFailure(404, "Resource not found", None, None, "404")
+            return Response(json_bytes(failure.body()), 404, media_type="application/json")
+        return await self._images(
+            request, op, default_model=request.path_params.get("deployment"), azure=True
+        )
 
     async def _images(
-        self, request: Request, operation: str, default_model: str | None = None
+        self,
+        request: Request,
+        operation: str,
+        default_model: str | None = None,
+        azure: bool = False,
     ) -> Response:
         t0 = time.perf_counter()
         st = self.state.stats
         st.requests_seen += 1
         st.per_endpoint[LABEL[operation]] += 1
+        if azure:
+            st.azure_deployments[request.path_params.get("deployment") or "(v1)"] += 1
         st.in_flight += 1
         st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
         extra_headers: dict[str, str] = {}
@@ -92,11 +103,11 @@ class Simulator:
             if self.config.hold_until_in_flight:
                 await self.state.hold(self.config.hold_until_in_flight, st.in_flight)
             try:
-                response = await self._process(request, operation, default_model)
+                response = await self._process(request, operation, default_model, azure)
             except ApiFailure as exc:
-                response = Response(
-                    json_bytes(exc.body()), exc.status, media_type="application/json"
-                )
+                echo = await _echo(request) if self.config.error_style == "fastapi" else None
+                status, body = restyle(exc, self.config.error_style, echo)
+                response = Response(json_bytes(body), status, media_type="application/json")
                 extra_headers = exc.headers
             except Exception:
                 log.exception("simulator bug while handling %s", request.url.path)
@@ -115,19 +126,21 @@ class Simulator:
         headers["openai-processing-ms"] = str(int((time.perf_counter() - t0) * 1000))
         headers["openai-organization"] = cfg.organization
         headers["openai-version"] = "2020-10-01"
-        for k, v in self.state.limits.headers(cfg.rpm, cfg.ipm, cfg.window_seconds).items():
+        unix = cfg.reset_format == "unix"
+        limit_headers = self.state.limits.headers(cfg.rpm, cfg.ipm, cfg.window_seconds, unix=unix)
+        for k, v in limit_headers.items():
             headers[k] = v
         for k, v in extra_headers.items():
             headers[k] = v
         return response
 
     async def _process(
-        self, request: Request, operation: str, default_model: str | None
+        self, request: Request, operation: str, default_model: str | None, azure: bool
     ) -> Response:
         state = self.state
         state.sync()
         cfg = self.config
-        check_auth(request, cfg.api_key)
+        check_auth(request, cfg.api_key, azure)
         parsed = await parse_request(
             request, operation, default_model, state.registry, cfg.refuse_retired
         )
@@ -137,7 +150,7 @@ class Simulator:
 
         if not state.quota.try_reserve(n, cfg.quota_images):
             st.quota_exceeded += 1
-            raise quota_failure()
+            raise quota_failure(cfg.quota_error)
         reserved = [n]
 
         def bill() -> None:
@@ -150,7 +163,10 @@ class Simulator:
             rejection = state.limits.admit(n, cfg.rpm, cfg.ipm, cfg.window_seconds)
             if rejection is not None:
                 st.rate_limited += 1
-                raise rate_limit_failure(parsed.model, cfg.organization, rejection)
+                # every 1/rate-th 429 comes without retry-after (deterministic, no rng draw)
+                rate, k = cfg.omit_retry_after_rate, st.rate_limited
+                omit = int(k * rate) != int((k - 1) * rate)
+                raise rate_limit_failure(parsed.model, cfg.organization, rejection, omit)
 
             word = cfg.moderation_word.strip().lower()
             if word and word in parsed.prompt.lower():
@@ -221,19 +237,25 @@ class Simulator:
         return Response(data, 200, media_type=ctype, headers=headers)
 
     async def models(self, request: Request) -> Response:
+        azure = request.url.path.startswith("/openai/")
         try:
-            check_auth(request, self.config.api_key)
+            check_auth(request, self.config.api_key, azure)
         except ApiFailure as exc:
             return Response(json_bytes(exc.body()), exc.status, media_type="application/json")
         name = request.path_params.get("model")
         reg = self.state.registry
+        served = [
+            m
+            for m in reg.names()
+            if not (self.config.refuse_retired and reg.models[m].is_retired())
+        ]
 
         def entry(m: str) -> dict[str, Any]:
             return {"id": m, "object": "model", "created": 0, "owned_by": "imagebatch-simulator"}
 
         if name is None:
             return Response(
-                json_bytes({"object": "list", "data": [entry(m) for m in reg.names()]}),
+                json_bytes({"object": "list", "data": [entry(m) for m in served]}),
                 media_type="application/json",
             )
         if reg.get(name) is None:
@@ -269,6 +291,14 @@ class Simulator:
         return Response(json_bytes({"ok": True}), media_type="application/json")
 
 
+async def _echo(request: Request) -> Any:
+    """The JSON request body, as a FastAPI server echoes it in a validation error."""
+    try:
+        return json.loads(await request.body() or b"null")
+    except (ValueError, RuntimeError):
+        return None
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     if status == 404:
@@ -298,6 +328,7 @@ def create_app(config: SimConfig | None = None, registry: Registry | None = None
         Route("/openai/deployments/{deployment}/images/{op:str}", sim.azure, methods=["POST"]),
         Route("/openai/v1/images/{op:str}", sim.azure, methods=["POST"]),
         Route("/v1/models", sim.models, methods=["GET"]),
+        Route("/openai/models", sim.models, methods=["GET"]),
         Route("/v1/models/{model:path}", sim.models, methods=["GET"]),
         Route("/v1/_sim/files/{token}", sim.file, methods=["GET"]),
         Route("/v1/_sim/stats", sim.stats, methods=["GET"]),

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 LATENCY_KINDS = ("fixed", "uniform", "longtail")
+ERROR_STYLES = ("openai", "litellm", "fastapi")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class SimConfig:
     window_seconds: float = 60.0
     # images billed before every request gets 429 insufficient_quota; 0 = unlimited
     quota_images: int = 0
+    # what an exhausted quota answers: 429 "insufficient_quota" or 400 "billing_hard_limit_reached"
+    quota_error: str = "insufficient_quota"
     # prompts containing this word (case-insensitive) are refused; "" disables
     moderation_word: str = "forbidden"
     # fault injection, probabilities per admitted request (their sum must be <= 1)
@@ -125,6 +128,14 @@ class SimConfig:
     url_ttl: float = 3600.0
     # 404 model_not_found for models whose registry `retired` date has passed
     refuse_retired: bool = False
+    # share of rate-limit 429s sent without retry-after headers (the real header "may be
+    # omitted"); the message's "try again in" is then the only hint
+    omit_retry_after_rate: float = 0.25
+    # error bodies as "openai" sends them, as a "litellm" proxy rewrites them (code "400",
+    # prefixed message), or as a "fastapi" server validates (422 {"detail": [...]})
+    error_style: str = "openai"
+    # x-ratelimit-reset-* as Go "duration"s (OpenAI) or absolute "unix" times (some servers)
+    reset_format: str = "duration"
     # a client that disconnects during latency/stall is billed anyway (as OpenAI might)
     bill_on_disconnect: bool = False
     # rendering
@@ -182,6 +193,14 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.window_seconds <= 0:
             raise ValueError("window_seconds must be > 0")
+        if not 0.0 <= self.omit_retry_after_rate <= 1.0:
+            raise ValueError("omit_retry_after_rate must be within 0..1")
+        if self.error_style not in ERROR_STYLES:
+            raise ValueError(f"error_style must be one of {', '.join(ERROR_STYLES)}")
+        if self.quota_error not in ("insufficient_quota", "billing_hard_limit_reached"):
+            raise ValueError("quota_error must be insufficient_quota or billing_hard_limit_reached")
+        if self.reset_format not in ("duration", "unix"):
+            raise ValueError("reset_format must be 'duration' or 'unix'")
         rates = ("error_rate", "stall_rate", "drop_rate", "malformed_rate")
         for name in rates:
             if not 0.0 <= getattr(self, name) <= 1.0:

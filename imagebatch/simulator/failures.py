@@ -18,7 +18,7 @@ class ApiFailure(Exception):
         self,
         status: int,
         message: str,
-        type: str = "invalid_request_error",
+        type: str | None = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
         *,
@@ -73,7 +73,15 @@ def type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def quota_failure() -> ApiFailure:
+def quota_failure(kind: str = "insufficient_quota") -> ApiFailure:
+    if kind == "billing_hard_limit_reached":
+        return ApiFailure(
+            400,
+            "Billing hard limit has been reached",
+            "invalid_request_error",
+            None,
+            "billing_hard_limit_reached",
+        )
     return ApiFailure(
         429,
         "You exceeded your current quota, please check your plan and billing details. For more "
@@ -84,7 +92,11 @@ def quota_failure() -> ApiFailure:
     )
 
 
-def rate_limit_failure(model: str, org: str, rej: Rejection) -> ApiFailure:
+def rate_limit_failure(
+    model: str, org: str, rej: Rejection, omit_retry_after: bool = False
+) -> ApiFailure:
+    """A 429 in OpenAI's words; `omit_retry_after` leaves the headers out (the message's
+    "try again in" remains)."""
     label = "requests per min (RPM)" if rej.bucket == "requests" else "images per min (IPM)"
     if rej.wait is None:
         return ApiFailure(
@@ -105,11 +117,47 @@ def rate_limit_failure(model: str, org: str, rej: Rejection) -> ApiFailure:
         rej.bucket,
         None,
         "rate_limit_exceeded",
-        headers={
+        headers={}
+        if omit_retry_after
+        else {
             "retry-after": str(max(1, math.ceil(wait_ms / 1000))),
             "retry-after-ms": str(wait_ms),
         },
     )
+
+
+def restyle(failure: ApiFailure, style: str, echo: Any = None) -> tuple[int, dict[str, Any]]:
+    """The status and body `failure` has when a proxy or another server sends it.
+
+    litellm: the original code becomes the status as a string and the message gets the
+    proxy's prefix. fastapi: a 400 about a parameter is a 422 validation error that echoes
+    the request back in `input`.
+    """
+    body = failure.body()
+    if style == "litellm":
+        kind = LITELLM_KINDS.get(failure.status, "APIError")
+        message = f"litellm.{kind}: OpenAIException - {body['error']['message']}"
+        err = {"message": message, "type": None, "param": None, "code": str(failure.status)}
+        return failure.status, {"error": err}
+    if style == "fastapi" and failure.status == 400:
+        param = body["error"].get("param") or "body"
+        item = {
+            "type": body["error"].get("code") or "value_error",
+            "loc": ["body", param],
+            "msg": body["error"]["message"],
+            "input": echo,
+        }
+        return 422, {"detail": [item]}
+    return failure.status, body
+
+
+LITELLM_KINDS = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+}
 
 
 def moderation_failure(spec: ModelSpec) -> ApiFailure:

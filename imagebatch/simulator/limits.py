@@ -101,9 +101,10 @@ class RateLimits:
         return None
 
     def headers(
-        self, rpm: int, ipm: int, window: float, now: float | None = None
+        self, rpm: int, ipm: int, window: float, now: float | None = None, unix: bool = False
     ) -> dict[str, str]:
-        """x-ratelimit-* headers for the limits that are set."""
+        """x-ratelimit-* headers for the limits that are set; `unix`: resets as absolute Unix
+        times (as some compatible servers send them) instead of Go durations."""
         now = time.monotonic() if now is None else now
         out: dict[str, str] = {}
         for limit, win, suffix in ((rpm, self.requests, "requests"), (ipm, self.images, "images")):
@@ -111,7 +112,10 @@ class RateLimits:
                 used = win.used(now, window)
                 out[f"x-ratelimit-limit-{suffix}"] = str(limit)
                 out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, limit - used))
-                out[f"x-ratelimit-reset-{suffix}"] = go_duration(win.next_release(now, window))
+                wait = win.next_release(now, window)
+                out[f"x-ratelimit-reset-{suffix}"] = (
+                    str(math.ceil(time.time() + wait)) if unix else go_duration(wait)
+                )
         return out
 
     def clear(self) -> None:

@@ -59,6 +59,10 @@ class Parsed:
         return self.prompt
 
 
+# Declared types a file part may have (the real API refuses others: unsupported_file_mimetype).
+FILE_MIMES = ("image/png", "image/jpeg", "image/webp")
+
+
 class Params:
     """Typed access to request fields from JSON (typed) or multipart (all strings)."""
 
@@ -211,6 +215,14 @@ async def form_body(request: Request) -> tuple[dict[str, Any], dict[str, list[by
             if isinstance(value, UploadFile):
                 if name not in ("image", "image[]", "mask"):
                     raise bad(name, f"Unexpected file upload in field '{name}'.", "invalid_type")
+                mime = (value.content_type or "").split(";")[0].strip().lower()
+                if mime not in FILE_MIMES:
+                    raise bad(
+                        name.removesuffix("[]"),
+                        f"Invalid file '{name.removesuffix('[]')}': unsupported mimetype ('{mime}'). "
+                        "Supported file formats are 'image/jpeg', 'image/png', and 'image/webp'.",
+                        "unsupported_file_mimetype",
+                    )
                 files.setdefault(name, []).append(await value.read())
             else:
                 fields[name] = value
@@ -244,16 +256,26 @@ def image_ref(ref: Any, param: str) -> bytes:
     return decode_data_url(ref["image_url"], f"{param}.image_url")
 
 
-def check_auth(request: Request, expected: str | None) -> None:
-    """401 unless a key is sent (Bearer or Azure's api-key) and, if one is configured, it matches."""
+def check_auth(request: Request, expected: str | None, azure: bool = False) -> None:
+    """401 unless the key comes in the header the path's API takes (OpenAI: Bearer; Azure's
+    deployment paths: api-key) and, if one is configured, it matches."""
     key = None
     auth = request.headers.get("authorization")
-    if auth:
+    if azure:
+        key = (request.headers.get("api-key") or "").strip() or None
+        if key is None:
+            raise ApiFailure(
+                401,
+                "Access denied due to missing subscription key. Make sure to include subscription "
+                "key when making requests to an API.",
+                None,
+                None,
+                "401",
+            )
+    elif auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             key = token.strip()
-    if key is None:
-        key = (request.headers.get("api-key") or "").strip() or None
     if key is None:
         raise ApiFailure(
             401,

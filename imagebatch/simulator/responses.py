@@ -30,6 +30,7 @@ async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str
     transparent = parsed.background == "transparent"
     key = parsed.render_key
     cache = state.cache
+    indices = state.image_indices(key, parsed.n)
 
     def render_all() -> list[bytes]:
         return [
@@ -43,7 +44,7 @@ async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str
                 text=cfg.render_text,
                 cache=cache,
             )
-            for i in range(parsed.n)
+            for i in indices
         ]
 
     images = (

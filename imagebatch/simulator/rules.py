@@ -5,6 +5,8 @@ Per-model rules come from the model registry (`configs/models.toml`), never from
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from starlette.requests import Request
 
 from imagebatch.configs.registry import OPTIONAL_PARAMS, ModelSpec, Registry
@@ -58,7 +60,17 @@ ENUMS = {
     "moderation": ("low", "auto"),
     "input_fidelity": ("high", "low"),
 }
+GPT_IMAGE_PREFIX = "gpt-image-"
 JSON_EDIT_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
+
+
+def newest_family(registry: Registry, model: str) -> ModelSpec | None:
+    """An unknown `gpt-image-*` name is served with the newest GPT image model's rules, as a
+    provider serves a model the registry has not caught up with."""
+    if not model.startswith(GPT_IMAGE_PREFIX):
+        return None
+    newest = registry.newest(GPT_IMAGE_PREFIX)
+    return None if newest is None else replace(newest, name=model, base=newest.name)
 
 
 def edit_auto_size(first: InputImage | None) -> tuple[int, int]:
@@ -102,7 +114,7 @@ async def parse_request(
 
     # model
     model = p.str("model") or default_model or DEFAULT_MODEL[op]
-    spec = registry.get(model)
+    spec = registry.get(model) or newest_family(registry, model)
     if spec is None or (refuse_retired and spec.is_retired()):
         why = (
             "has been deprecated"
@@ -131,7 +143,9 @@ async def parse_request(
             continue
         if name in GPT_ONLY and spec.is_gpt_image and op != "variation":
             continue
-        if name in OPTIONAL[op] and name in spec.params:
+        if name in OPTIONAL[op] and name in (
+            spec.params_for("edit") if op == "edit" else spec.params
+        ):
             continue
         raise unknown_param(name, model)
     for name in ("image", "image[]", "mask") if form else ():

@@ -36,6 +36,7 @@ class Stats:
         self.peak_in_flight = 0
         self.per_model: dict[str, Counter[str]] = {}
         self.per_endpoint: Counter[str] = Counter()
+        self.azure_deployments: Counter[str] = Counter()  # requests per Azure deployment path
         self.files_served = 0
 
     def model(self, name: str) -> Counter[str]:
@@ -58,6 +59,7 @@ class Stats:
             "peak_in_flight": self.peak_in_flight,
             "per_model": {m: dict(c) for m, c in sorted(self.per_model.items())},
             "per_endpoint": dict(self.per_endpoint),
+            "azure_deployments": dict(self.azure_deployments),
             "files_served": self.files_served,
             "uptime_seconds": round(time.time() - self.started, 3),
         }
@@ -100,6 +102,9 @@ class FileStore:
         self._items.clear()
 
 
+MAX_KEYS = 100_000
+
+
 class SimState:
     def __init__(self, config: SimConfig, registry: Registry) -> None:
         self.config = config
@@ -126,6 +131,18 @@ class SimState:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._held.wait(), HOLD_SECONDS)
 
+        # images rendered so far per render key: the next call for the same job continues
+        # the count, so its images differ from the earlier ones (as real images do)
+        self._rendered: dict[str, int] = {}
+
+    def image_indices(self, key: str, n: int) -> range:
+        """Render indices for the next `n` images of `key` (distinct from earlier calls)."""
+        start = self._rendered.get(key, 0)
+        if len(self._rendered) >= MAX_KEYS and key not in self._rendered:
+            self._rendered.clear()  # bounded memory on endless benchmark runs
+        self._rendered[key] = start + n
+        return range(start, start + n)
+
     def sync(self) -> None:
         """Pick up config changes made directly on the dataclass."""
         if self.config.seed != self._seed:
@@ -134,6 +151,7 @@ class SimState:
         self.cache.maxsize = self.config.cache_size
 
     def reset(self) -> None:
+        self._rendered.clear()
         self.limits.clear()
         self.quota.clear()
         self.stats = Stats()
