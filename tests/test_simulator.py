@@ -103,9 +103,18 @@ def test_usage_input_tokens_grow_with_the_prompt_and_input_images(client):
         short.usage.input_tokens_details.text_tokens < long.usage.input_tokens_details.text_tokens
     )
     assert short.usage.input_tokens_details.image_tokens == 0
-    one = client.images.edit(model="gpt-image-2", image=png_bytes(), prompt="a hat", quality="low")
+    # named files: bare bytes go out as application/octet-stream, which the API refuses
+    one = client.images.edit(
+        model="gpt-image-2",
+        image=("a.png", png_bytes(), "image/png"),
+        prompt="a hat",
+        quality="low",
+    )
     two = client.images.edit(
-        model="gpt-image-2", image=[png_bytes(), png_bytes()], prompt="a hat", quality="low"
+        model="gpt-image-2",
+        image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes(), "image/png")],
+        prompt="a hat",
+        quality="low",
     )
     assert one.usage.input_tokens_details.image_tokens > 0
     assert (

@@ -117,6 +117,9 @@ class SimState:
         self.rng = random.Random(config.seed)
         self._seed = config.seed
         self._held: asyncio.Event | None = None
+        # images rendered so far per render key: the next call for the same job continues
+        # the count, so its images differ from the earlier ones (as real images do)
+        self._rendered: dict[str, int] = {}
 
     async def hold(self, until: int, in_flight: int) -> None:
         """Keep this request until `until` requests are in flight at once (then release all,
@@ -130,10 +133,6 @@ class SimState:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._held.wait(), HOLD_SECONDS)
-
-        # images rendered so far per render key: the next call for the same job continues
-        # the count, so its images differ from the earlier ones (as real images do)
-        self._rendered: dict[str, int] = {}
 
     def image_indices(self, key: str, n: int) -> range:
         """Render indices for the next `n` images of `key` (distinct from earlier calls)."""
