@@ -156,6 +156,16 @@ class InputSettings:
 
 
 @dataclass(frozen=True)
+class GallerySettings:
+    # index.html, thumbs/ and metadata.jsonl at the end of every run (and `imagebatch report`).
+    enabled: bool = True
+    thumb_size: int = 256
+    thumb_format: str = "webp"
+    # > 0: also write contact_sheet.png with the first this-many succeeded images.
+    contact_sheet: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     job: JobDefaults = field(default_factory=JobDefaults)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -166,6 +176,7 @@ class Settings:
     inputs: InputSettings = field(default_factory=InputSettings)
     cost: CostSettings = field(default_factory=CostSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    gallery: GallerySettings = field(default_factory=GallerySettings)
     output_dir: str = "out"
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -239,6 +250,7 @@ def load_settings(
         inputs=_section(InputSettings, raw.get("inputs", {}), "inputs"),
         cost=_section(CostSettings, raw.get("cost", {}), "cost"),
         registry=_section(RegistrySettings, raw.get("registry", {}), "registry"),
+        gallery=_section(GallerySettings, raw.get("gallery", {}), "gallery"),
         output_dir=output.get("dir", "out"),
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
@@ -259,6 +271,11 @@ def load_settings(
             '[api.deployments] maps model names to deployment names: "model" = "name"'
         )
     check_inputs(settings.inputs)
+    gallery = settings.gallery
+    if gallery.thumb_format not in ("webp", "jpeg") or not 16 <= gallery.thumb_size <= 1024:
+        raise ConfigError("[gallery] thumb_format must be 'webp' or 'jpeg', thumb_size 16 to 1024")
+    if gallery.contact_sheet < 0:
+        raise ConfigError("[gallery] contact_sheet must be 0 (off) or a number of images")
     return settings
 
 
@@ -282,6 +299,7 @@ SECTIONS = {
     "inputs": InputSettings,
     "cost": CostSettings,
     "registry": RegistrySettings,
+    "gallery": GallerySettings,
 }
 # Never a run argument: keys come from the environment only, so they cannot land in a
 # Prefect flow run's parameters.

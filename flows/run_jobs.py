@@ -42,6 +42,7 @@ from imagebatch.tasks.manifest import STATUSES, build_rows, to_frame, write_mani
 from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
+from imagebatch.tasks.report import publish_after_run
 from imagebatch.tasks.store import ImageStore
 from imagebatch.tasks.validate import Problem, Validator
 
@@ -406,6 +407,11 @@ async def _execute(
                 "versions": _versions(),
             },
         )
+        notice = publish_after_run(
+            out_dir, manifest, read_run_json(out_dir) or {}, settings.gallery
+        )
+        if notice:
+            reporter.notice(notice)
         return RunReport(
             out_dir, counts, manifest, checked.problems, used_simulator, stopped, skipped, stats
         )

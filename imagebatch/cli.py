@@ -508,6 +508,83 @@ def jobs_from_folder_cmd(
 
 
 @main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file overriding configs/defaults.toml ([gallery] settings).",
+)
+@click.option(
+    "--contact-sheet",
+    type=click.IntRange(min=0),
+    help="Also write contact_sheet.png with the first N succeeded images (0: no).",
+)
+def report(folder: Path, config: Path | None, contact_sheet: int | None) -> None:
+    """Summarize the run folder FOLDER and rebuild its page and dataset metadata.
+
+    \b
+    Prints counts by status and by model, the failures grouped by reason, the
+    elapsed time and images per minute; then rewrites FOLDER/index.html (open
+    it in a browser), FOLDER/thumbs/ and FOLDER/metadata.jsonl (load it with
+    datasets.load_dataset("imagefolder", data_dir=FOLDER)). Nothing else in
+    FOLDER is changed.
+    """
+    from imagebatch.configs.settings import load_settings
+    from imagebatch.tasks.errors import ImagebatchError
+    from imagebatch.tasks.outdir import FolderLock
+    from imagebatch.tasks.report import open_run_folder, publish, summarize
+
+    try:
+        settings = load_settings(config).with_overrides("gallery", contact_sheet=contact_sheet)
+        run_folder = open_run_folder(folder)
+        with FolderLock(run_folder.out_dir):
+            written = publish(
+                run_folder.out_dir, run_folder.manifest, run_folder.run, settings.gallery
+            )
+    except ImagebatchError as exc:
+        _fail(str(exc))
+    _print_summary(summarize(run_folder), written)
+
+
+def _print_summary(summary: Any, written: list[Path]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from imagebatch.tasks.report import format_seconds
+
+    console = _console()
+    console.print(Text(f"imagebatch run folder {summary.out_dir}", style="bold"))
+    table = Table(show_header=True, title="images by status and model")
+    table.add_column("model")
+    for status in summary.by_model.columns:
+        table.add_column(status, justify="right")
+    for model, counts in summary.by_model.iterrows():
+        table.add_row(Text(str(model)), *(str(int(v)) for v in counts))
+    table.add_row(
+        Text("all", style="bold"), *(str(summary.counts[s]) for s in summary.by_model.columns)
+    )
+    console.print(table)
+    if summary.failures:
+        failures = Table(show_header=True, title="not succeeded, by reason")
+        for col in ("images", "status", "reason", "example"):
+            failures.add_column(col, justify="right" if col == "images" else "left")
+        for status, code, images, example in summary.failures:
+            failures.add_row(str(images), status, Text(code), Text(example[:300]))
+        console.print(failures)
+    if summary.seconds is not None:
+        line = f"last run: {format_seconds(summary.seconds)}"
+        if summary.made_last_run is not None:
+            line += f", {summary.made_last_run} image(s) made"
+        if summary.images_per_minute is not None:
+            line += f", {summary.images_per_minute:.1f} images per minute"
+        console.print(Text(line))
+    for note in summary.notes:
+        console.print(Text(note, style="yellow"))
+    for path in written:
+        console.print(Text(f"wrote {path}"))
+
+
+@main.command()
 @click.option(
     "--host",
     default="127.0.0.1",
