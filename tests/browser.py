@@ -183,7 +183,20 @@ class Browser:
         """Navigate and wait until the JS expression `ready` is true."""
         self.events.clear()
         self.call("Page.navigate", url=url)
+        # Until the new document has loaded, `ready` could still be read from the old one.
+        self.wait_event("Page.loadEventFired")
         self.wait_for(ready)
+
+    def wait_event(self, method: str, timeout: float = 60.0) -> dict[str, Any]:
+        """The first recorded event named `method`, reading more messages until it comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["method"] == method:
+                    return event
+            msg = self._read(deadline, method)
+            if "method" in msg:
+                self.events.append(msg)
 
     def wait_for(self, expression: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
