@@ -80,7 +80,7 @@ class ModelSpec:
     edit_image_formats: tuple[str, ...] = ("png",)
     edit_image_max_bytes: int = 4_000_000
     edit_square_png: bool = False
-    edit_image_modes: tuple[str, ...] = ("RGB", "RGBA")
+    edit_image_modes: tuple[str, ...] = ()  # empty: no known restriction
     input_resize_to_size: bool = False
     mask_max_bytes: int = 4_000_000
     default_size: str = "1024x1024"
@@ -174,7 +174,7 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
             edit_image_formats=tuple(raw.get("edit_image_formats", ["png"])),
             edit_image_max_bytes=int(raw.get("edit_image_max_bytes", 4_000_000)),
             edit_square_png=bool(raw.get("edit_square_png", False)),
-            edit_image_modes=tuple(raw.get("edit_image_modes", ["RGB", "RGBA"])),
+            edit_image_modes=tuple(raw.get("edit_image_modes", [])),
             input_resize_to_size=bool(raw.get("input_resize_to_size", False)),
             mask_max_bytes=int(raw.get("mask_max_bytes", 4_000_000)),
             default_size=raw.get("default_size", "1024x1024"),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
 
 from imagebatch.configs.registry import ModelSpec
+from imagebatch.tasks.store import write_atomic
 
 if TYPE_CHECKING:
     from imagebatch.tasks.validate import ValidJob
@@ -37,6 +38,8 @@ FITS = ("crop", "pad", "error")
 REPAINT = ("white", "black")
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+PREPARED_DIR = "prepared"
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> (Pillow transpose, what it means to a person).
@@ -96,7 +99,7 @@ class InputRules:
 def input_rules(model: ModelSpec, operation: str) -> InputRules:
     return InputRules(
         formats=model.edit_image_formats,
-        modes=model.edit_image_modes if operation == "edit" else ("RGB", "RGBA"),
+        modes=(model.edit_image_modes if operation == "edit" else ()) or ("RGB", "RGBA"),
         square=model.edit_square_png,
         max_bytes=model.edit_image_max_bytes,
         mask_max_bytes=model.mask_max_bytes,
@@ -624,3 +627,20 @@ def _unchecked(images: Sequence[SourceImage], mask: SourceImage | None) -> Prepa
         files.append(PreparedFile(src.path.name, data, mime, src.sha256, *src.display_size))
     note = "sent as is (the model is not in the registry, so its input rules are unknown)"
     return PreparedInputs(files[: len(images)], files[len(images)] if mask else None, note)
+
+
+def save_prepared(out_dir: Path, stem: str, inputs: PreparedInputs) -> list[Path]:
+    """Keep the exact bytes sent, for audit: prepared/<stem>_image<i>.<ext> and <stem>_mask.png.
+    A file already holding the same bytes is left alone."""
+    folder = out_dir / PREPARED_DIR
+    folder.mkdir(exist_ok=True)
+    named = [(f"{stem}_image{i}", f) for i, f in enumerate(inputs.images)]
+    if inputs.mask is not None:
+        named.append((f"{stem}_mask", inputs.mask))
+    written = []
+    for name, file in named:
+        path = folder / f"{name}.{EXTENSIONS.get(file.mime, 'bin')}"
+        if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == file.sha256):
+            write_atomic(path, file.data)
+        written.append(path)
+    return written

@@ -145,3 +145,37 @@ def test_jobs_from_folder_pairs_masks_and_validates(tmp_path):
     assert set(frame["model"]) == {"dall-e-2"} and set(frame["mask"]) == {""}
     check = runner.invoke(main, ["validate", str(out)], catch_exceptions=False, env=ENV)
     assert check.exit_code == 0, check.output
+
+
+def test_image_keys_follow_source_bytes_and_preparation_settings(tmp_path):
+    """Renaming a source keeps its key (the bytes are the same); other bytes or another fit
+    (other bytes would be sent) give another key."""
+    from imagebatch.configs.registry import Registry
+    from imagebatch.configs.settings import InputSettings, JobDefaults
+    from imagebatch.tasks.plan import plan_jobs
+    from imagebatch.tasks.read_jobs import read_jobs
+    from imagebatch.tasks.validate import Validator
+
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "a.png")
+    (tmp_path / "renamed.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.new("RGB", (300, 200), "blue").save(tmp_path / "other.png")
+
+    def key(image: str, fit: str = "", **inputs) -> str:
+        row = {"prompt": "p", "operation": "edit", "model": "dall-e-2", "image": image, "fit": fit}
+        validator = Validator(
+            Registry.load(),
+            JobDefaults(),
+            targets_openai=False,
+            base_dir=tmp_path,
+            inputs=InputSettings(**inputs),
+        )
+        checked = validator.check(read_jobs(pd.DataFrame([row])))
+        assert checked.valid, checked.problems
+        return plan_jobs(checked.valid)[0].keys[0]
+
+    assert key("a.png") == key("renamed.png") == key("a.png", "pad")
+    assert key("a.png") != key("other.png")
+    assert key("a.png") != key("a.png", "crop")
+    assert key("a.png") != key("a.png", pad_color="black")
+    # a setting that cannot change what is sent leaves the key alone
+    assert key("a.png") == key("a.png", mask_repaint="black")

@@ -31,6 +31,7 @@ class InputImage:
     width: int
     height: int
     has_alpha: bool
+    mode: str = "RGB"
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Parsed:
     response_format: str  # url / b64_json
     style: str | None
     inputs: list[InputImage] = field(default_factory=list)
+    mask: InputImage | None = None
 
     @property
     def render_key(self) -> str:
@@ -129,19 +131,21 @@ class Params:
 
 
 def inspect_image(data: bytes, param: str) -> InputImage:
+    """Fully decoded, as the API does: a truncated file is not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "").lower()
             mode = im.mode
             has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
             width, height = im.size
+            im.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise bad(
             param,
             f"Invalid image file for '{param}': the data is not a readable image.",
             "invalid_image",
         ) from None
-    return InputImage(data, "jpeg" if fmt == "jpg" else fmt, width, height, has_alpha)
+    return InputImage(data, "jpeg" if fmt == "jpg" else fmt, width, height, has_alpha, mode)
 
 
 DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[^,;]*)*?);base64,(.*)$", re.S)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from . import usage as billing
+from .edits import masked_edit
 from .render import CONTENT_TYPES, render_image
 from .request import Parsed
 from .state import SimState
@@ -47,11 +48,23 @@ async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str
             for i in indices
         ]
 
-    images = (
-        render_all()
-        if parsed.width * parsed.height * parsed.n <= 2_500_000
-        else await asyncio.to_thread(render_all)
-    )
+    def edit_all() -> list[bytes]:
+        # An edit keeps the source outside the repaint area, as the real API does.
+        source = parsed.inputs[0].data
+        mask = parsed.mask.data if parsed.mask is not None else None
+        alpha_is_mask = not spec.is_gpt_image  # dall-e-2: no mask, the image's transparency
+        return [
+            masked_edit(blob, source, mask, fmt, parsed.compression, transparent, alpha_is_mask)
+            for blob in render_all()
+        ]
+
+    editing = parsed.op in ("edit", "edit_json") and bool(parsed.inputs)
+    if editing:
+        images = await asyncio.to_thread(edit_all)
+    elif parsed.width * parsed.height * parsed.n <= 2_500_000:
+        images = render_all()
+    else:
+        images = await asyncio.to_thread(render_all)
     created = int(time.time())
     data: list[dict[str, Any]] = []
     revised = (

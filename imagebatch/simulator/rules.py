@@ -327,6 +327,7 @@ async def parse_request(
         response_format,
         style,
         inputs,
+        mask,
     )
 
 
@@ -349,11 +350,12 @@ def check_inputs(
         else tuple("jpeg" if f == "jpg" else f for f in spec.edit_image_formats)
     )
     for img in inputs:
-        if len(img.data) > spec.edit_image_max_bytes:
+        # The API's limits are "< 4 MB", "< 50 MB": a file of exactly the limit is refused.
+        if len(img.data) >= spec.edit_image_max_bytes:
             raise bad(
                 param,
-                f"Invalid '{param}': image is {len(img.data):,} bytes; {model} accepts at most "
-                f"{spec.edit_image_max_bytes:,} bytes per image.",
+                f"Invalid '{param}': image is {len(img.data):,} bytes; {model} accepts images "
+                f"under {spec.edit_image_max_bytes:,} bytes.",
                 "image_too_large",
             )
         if img.format not in allowed:
@@ -368,11 +370,18 @@ def check_inputs(
                 f"Invalid '{param}': {model} needs a square PNG, got {img.width}x{img.height}.",
                 "invalid_image",
             )
+        if op != "variation" and spec.edit_image_modes and img.mode not in spec.edit_image_modes:
+            modes = ", ".join(f"'{m}'" for m in spec.edit_image_modes)
+            raise bad(
+                param,
+                f"Invalid input image - format must be in [{modes}], got {img.mode}.",
+                "invalid_image",
+            )
     if mask is not None:
-        if len(mask.data) > spec.mask_max_bytes:
+        if len(mask.data) >= spec.mask_max_bytes:
             raise bad(
                 "mask",
-                f"Invalid 'mask': {len(mask.data):,} bytes; at most {spec.mask_max_bytes:,}.",
+                f"Invalid 'mask': {len(mask.data):,} bytes; it must be under {spec.mask_max_bytes:,}.",
                 "image_too_large",
             )
         if mask.format != "png":
