@@ -67,8 +67,11 @@ CSP = "; ".join(
 
 
 def json_cell(value: Any) -> Any:
-    """A manifest cell as JSON: missing values become null, numpy scalars plain numbers."""
-    if value is None or value is pd.NA:
+    """A manifest cell as JSON: missing values become null, numpy scalars plain numbers.
+
+    An empty text is missing too: the CSV manifest cannot tell them apart, so the page and
+    metadata come out the same whichever manifest they are built from."""
+    if value is None or value is pd.NA or value == "":
         return None
     if isinstance(value, float):
         return None if math.isnan(value) else (int(value) if value.is_integer() else value)

@@ -318,6 +318,16 @@ def test_report_summarizes_and_rebuilds(folder):
     )
 
 
+def test_report_from_a_csv_only_manifest_writes_the_same_outputs(folder):
+    page = (folder / "index.html").read_bytes()
+    metadata = (folder / "metadata.jsonl").read_bytes()
+    (folder / "manifest.parquet").unlink()  # [output] manifest_formats = ["csv"]
+    result = invoke(["report", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "index.html").read_bytes() == page
+    assert (folder / "metadata.jsonl").read_bytes() == metadata
+
+
 def test_report_writes_a_contact_sheet_when_asked(folder):
     result = invoke(["report", str(folder), "--contact-sheet", "3"])
     assert result.exit_code == 0, result.output
