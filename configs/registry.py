@@ -31,7 +31,7 @@ OPTIONAL_PARAMS = (
     "input_fidelity",
     "user",
 )
-_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # ASCII digits only
 _SNAPSHOT_RE = re.compile(r"^(?P<base>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
 # Optional parameters the multipart edit form has no field for (published schema); a model
 # takes one there only when its entry lists it in `edit_params`.

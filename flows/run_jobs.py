@@ -38,7 +38,13 @@ from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_ch
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
-from imagebatch.tasks.manifest import STATUSES, build_rows, to_frame, write_manifest
+from imagebatch.tasks.manifest import (
+    STATUSES,
+    build_rows,
+    carried_names,
+    to_frame,
+    write_manifest,
+)
 from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
@@ -454,7 +460,14 @@ def _write_manifest(
 ) -> pd.DataFrame:
     """Rebuild the manifest from the journal's records; images/ keeps exactly the files it names."""
     rows = build_rows(jobs, {p.job.job.row: p for p in planned}, invalid, records)
-    manifest = to_frame(rows, list(jobs[0].extra) if jobs else [])
+    extra = list(jobs[0].extra) if jobs else []
+    renamed = {k: v for k, v in carried_names(extra).items() if k != v}
+    if renamed:
+        reporter.notice(
+            "carried-through column(s) named like manifest columns are kept as "
+            + ", ".join(f"{k!r} -> {v!r}" for k, v in renamed.items())
+        )
+    manifest = to_frame(rows, extra, getattr(jobs, "extra_dtypes", None))
     referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
     moved = store.set_aside(referenced)
     if moved:
@@ -485,6 +498,7 @@ def run_jobs(
     """
     sections = route_overrides(overrides)
     _preflight(config, sections)
+    read_jobs(jobs)  # a jobs table that cannot be read stops here: one line, no output folder
     ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
     if isinstance(jobs, pd.DataFrame):
         _frames[ref] = jobs

@@ -23,7 +23,16 @@ for _name, _value in {
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # Text from a jobs file or a server is data: no emoji codes, no highlighting; markup is
+    # used only for our own words, and every piece of data goes through `escape` (or `_fail`).
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+def escape(text: object) -> str:
+    """`text` made literal for rich markup (`[/]`, `[link=...]` print as they are)."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
 
 
 class ConsoleReporter:
@@ -36,15 +45,15 @@ class ConsoleReporter:
         self.task: Any = None
 
     def notice(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]")
+        self.console.print(f"[yellow]{escape(message)}[/]")
 
     def problems(self, problems: list[Any]) -> None:
         errors = [p for p in problems if p.severity == "error"]
         warnings = [p for p in problems if p.severity != "error"]
         for p in errors:
-            self.console.print(f"[red]invalid[/] {p}")
+            self.console.print(f"[red]invalid[/] {escape(p)}")
         for p in warnings[:20]:
-            self.console.print(f"[yellow]warning[/] {p}")
+            self.console.print(f"[yellow]warning[/] {escape(p)}")
         if len(warnings) > 20:
             self.console.print(f"[yellow]… and {len(warnings) - 20} more warnings[/]")
 
@@ -93,7 +102,7 @@ def _summary(report: Any) -> None:
     from rich.table import Table
 
     console = _console()
-    table = Table(title=f"imagebatch: {report.out_dir}", show_header=True)
+    table = Table(title=f"imagebatch: {escape(report.out_dir)}", show_header=True)
     table.add_column("status")
     table.add_column("images", justify="right")
     for status in ("succeeded", "failed", "rejected", "invalid", "not_run"):
@@ -114,11 +123,11 @@ def _summary(report: Any) -> None:
         )
     if extras:
         console.print("; ".join(extras))
-    console.print(f"manifest: {report.out_dir / 'manifest.csv'}")
+    console.print(f"manifest: {escape(report.out_dir / 'manifest.csv')}")
     if report.used_simulator:
         console.print("[yellow]These images came from the built-in simulator, not from OpenAI.[/]")
     if report.stopped:
-        console.print(f"[red]The run stopped early: {report.stopped}[/]")
+        console.print(f"[red]The run stopped early: {escape(report.stopped)}[/]")
 
 
 def _usd(amount: Any) -> str:
@@ -165,7 +174,8 @@ def _print_plan(est: Any) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    _console().print(f"[red]Error:[/] {message}")
+    """Print one literal line (the message is data: paths, server text) and exit."""
+    _console().print(f"[red]Error:[/] {escape(message)}")
     sys.exit(code)
 
 
@@ -470,7 +480,7 @@ def jobs_from_folder_cmd(
 
     output = output or folder / "jobs.csv"
     if output.exists() and not force:
-        _fail(f"{escape(str(output))} exists; pass --force to overwrite it")
+        _fail(f"{output} exists; pass --force to overwrite it")
     extra = {k: str(v) for k, v in (("size", size), ("n", n), ("fit", fit)) if v is not None}
     if model is None:
         model = "dall-e-2" if operation == "variation" else ""
@@ -486,10 +496,10 @@ def jobs_from_folder_cmd(
             extra=extra,
         )
     except ImagebatchError as exc:
-        _fail(escape(str(exc)))
+        _fail(str(exc))
     console = _console()
     if found.frame.empty:
-        _fail(f"no images in {escape(str(folder))}", 1)
+        _fail(f"no images in {folder}", 1)
     for mask in found.unpaired_masks:
         console.print(
             f"[yellow]warning[/] {escape(mask.name)} is a mask with no image of that name"
@@ -698,7 +708,7 @@ def _check_models(registry: Any, base_url: str | None, config: Path | None) -> N
     try:
         result = check_models(api, registry)
     except ImagebatchError as exc:
-        _fail(f"cannot list the models of {escape(api.base_url)}: {escape(str(exc))}")
+        _fail(f"cannot list the models of {api.base_url}: {exc}")
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{escape(result.url)} lists {result.listed} model(s).")
     sections = (

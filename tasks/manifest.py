@@ -7,6 +7,7 @@ through after the fixed ones, so a catalog's SKU travels with its images.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from imagebatch.tasks.journal import ImageRecord
 from imagebatch.tasks.plan import PlannedJob
 from imagebatch.tasks.read_jobs import Job
 from imagebatch.tasks.store import write_atomic
-from imagebatch.tasks.validate import Problem
+from imagebatch.tasks.validate import Problem, whole_number
 
 COLUMNS = [
     "job_id",
@@ -67,11 +68,8 @@ INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_r
 
 
 def _invalid_n(job: Job) -> int:
-    try:
-        n = int(job.get("n") or 1)
-    except ValueError:
-        return 1
-    return n if 1 <= n <= 100 else 1
+    n = whole_number(job.get("n") or "1")
+    return n if n is not None and 1 <= n <= 100 else 1
 
 
 def build_rows(
@@ -106,7 +104,7 @@ def build_rows(
                         "status": "invalid",
                         "error_code": "invalid_input",
                         "error_message": message,
-                        **job.extra,
+                        **carried(job.extra),
                     }
                 )
             continue
@@ -127,19 +125,77 @@ def build_rows(
                 row["status"] = "not_run"
             else:
                 row.update({name: getattr(rec, name) for name in FROM_RECORD})
-            row.update(job.extra)
+            row.update(carried(job.extra))
             rows.append(row)
     return rows
 
 
-def to_frame(rows: Iterable[dict[str, Any]], extra_columns: list[str]) -> pd.DataFrame:
-    columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
-    frame = pd.DataFrame(list(rows), columns=columns)
+def carried_names(extra_columns: Iterable[str]) -> dict[str, str]:
+    """Manifest name of each carried-through column: a name the manifest already uses
+    (`status`, `width`, `file`, in any case) is carried as `input_<name>`, never over it."""
+    taken = {c.lower() for c in COLUMNS}
+    names: dict[str, str] = {}
+    for col in extra_columns:
+        name = col
+        while name.lower() in taken:
+            name = f"input_{name}"
+        taken.add(name.lower())
+        names[col] = name
+    return names
+
+
+def carried(extra: dict[str, Any]) -> dict[str, Any]:
+    names = carried_names(extra)
+    return {names[k]: v for k, v in extra.items()}
+
+
+def to_frame(
+    rows: Iterable[dict[str, Any]],
+    extra_columns: list[str],
+    extra_dtypes: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The manifest table; carried-through columns keep the input's dtype where it has one
+    that survives missing values (an integer SKU stays integer, never `1001.0`)."""
+    names = carried_names(extra_columns)
+    frame = pd.DataFrame(list(rows), columns=COLUMNS + [names[c] for c in extra_columns])
     for col in INT_COLUMNS:
         frame[col] = pd.array(frame[col], dtype="Int64")
     for col in ("input_tokens", "output_tokens"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    for col, dtype in (extra_dtypes or {}).items():
+        if col in names:
+            frame[names[col]] = _restore_dtype(frame[names[col]], dtype)
     return frame
+
+
+def _restore_dtype(column: pd.Series, dtype: Any) -> pd.Series:
+    try:
+        if pd.api.types.is_bool_dtype(dtype):
+            return column.astype("boolean")
+        if pd.api.types.is_integer_dtype(dtype):
+            return column.astype("Int64" if dtype.kind == "i" else "UInt64")
+        if pd.api.types.is_float_dtype(dtype) or pd.api.types.is_datetime64_any_dtype(dtype):
+            return column.astype(dtype)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return column
+
+
+# Columns whose text comes from the server (or is built from it).
+SERVER_TEXT = ("revised_prompt", "error_code", "error_message", "request_id")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """Server text for a spreadsheet: no control characters, and a cell that would start a
+    formula (`=`, `+`, `-`, `@`) gets a leading apostrophe so it shows as text."""
+    if not isinstance(value, str):
+        return value
+    text = _CONTROL.sub("", value)
+    if text.startswith(_FORMULA_START):
+        text = "'" + text
+    return text
 
 
 def write_manifest(
@@ -150,7 +206,11 @@ def write_manifest(
     for fmt in formats:
         path = out_dir / f"manifest.{fmt}"
         if fmt == "csv":
-            data = frame.to_csv(index=False).encode("utf-8")
+            shown = frame.copy()
+            for col in SERVER_TEXT:
+                if col in shown.columns:
+                    shown[col] = shown[col].map(csv_safe)
+            data = shown.to_csv(index=False).encode("utf-8")
         elif fmt == "parquet":
             buf = io.BytesIO()
             # Carried-through columns can mix types across rows; store those as text.

@@ -21,6 +21,9 @@ from imagebatch.tasks.validate import ValidJob
 
 NOT_IN_KEY = {"user", "response_format"}
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
+# What safe_name appends; an id that already ends like this gets a suffix of its own, so
+# `A B` (-> `a_b-<hash>`) and a literal `a_b-<hash>` never share a file name.
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
 _WINDOWS_RESERVED = {
     "con",
     "prn",
@@ -60,9 +63,10 @@ def image_key(job_fingerprint: str, occurrence: int, index: int) -> str:
 
 
 def safe_name(job_id: str) -> str:
-    """A file-name stem that is safe on any filesystem and still unique per id."""
+    """A file-name stem that is safe on any filesystem (lower case, so case-insensitive ones
+    too) and one-to-one with ids: any id that is not already such a stem gets a hash of itself."""
     stem = _UNSAFE.sub("_", job_id.lower()).strip("._")[:80] or "job"
-    if stem != job_id or stem in _WINDOWS_RESERVED:
+    if stem != job_id or stem in _WINDOWS_RESERVED or _HASHED.search(stem):
         stem = f"{stem}-{hashlib.sha256(job_id.encode('utf-8')).hexdigest()[:8]}"
     return stem
 
@@ -72,10 +76,11 @@ class PlannedJob:
     job: ValidJob
     job_id: str
     keys: tuple[str, ...]  # one per image index
+    file_stem: str = ""  # unique within the run; set by plan_jobs
 
-    @property
-    def file_stem(self) -> str:
-        return safe_name(self.job_id)
+    def image_stem(self, index: int) -> str:
+        """`<file stem>_<index>`: the file name of one image, without its extension."""
+        return f"{self.file_stem or safe_name(self.job_id)}_{index}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class RequestUnit:
 def plan_jobs(valid: Iterable[ValidJob]) -> list[PlannedJob]:
     """Give every job its id and image keys. Identical id-less rows are told apart by occurrence."""
     seen: dict[str, int] = {}
+    stems: set[str] = set()
     planned = []
     for job in valid:
         fp = fingerprint(job)
@@ -108,7 +114,11 @@ def plan_jobs(valid: Iterable[ValidJob]) -> list[PlannedJob]:
         seen[fp] = occurrence
         job_id = job.job_id or (f"j{fp[:12]}" if occurrence == 1 else f"j{fp[:12]}-{occurrence}")
         keys = tuple(image_key(fp, occurrence, i) for i in range(job.n))
-        planned.append(PlannedJob(job, job_id, keys))
+        stem = safe_name(job_id)
+        if stem in stems:  # an explicit id equal to another row's derived id: never share files
+            stem = f"{stem}-{keys[0][:8]}"
+        stems.add(stem)
+        planned.append(PlannedJob(job, job_id, keys, stem))
     return planned
 
 

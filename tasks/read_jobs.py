@@ -72,11 +72,40 @@ def _extra(value: Any) -> Any:
     return value
 
 
-def jobs_from_frame(frame: pd.DataFrame) -> list[Job]:
-    columns = [str(c).strip() for c in frame.columns]
-    if len(set(columns)) != len(columns):
-        dupes = sorted({c for c in columns if columns.count(c) > 1})
-        raise InputError(f"the jobs table has duplicate columns: {dupes}")
+class Jobs(list[Job]):
+    """The rows, plus the dtype of each carried-through column (so an integer SKU stays one)."""
+
+    extra_dtypes: dict[str, Any]
+
+    def __init__(self, jobs: list[Job], extra_dtypes: dict[str, Any] | None = None) -> None:
+        super().__init__(jobs)
+        self.extra_dtypes = extra_dtypes or {}
+
+
+def _column_names(raw: list[Any]) -> list[str]:
+    """Names trimmed; job columns matched case-insensitively (`Model`, ` N `). A column that
+    appears twice is a whole-file problem: which of the two would be meant?"""
+    names = []
+    for i, c in enumerate(raw, start=1):
+        name = "" if c is None or (isinstance(c, float) and math.isnan(c)) else str(c).strip()
+        if name.lower() in JOB_COLUMNS:
+            name = name.lower()
+        names.append(name or f"column_{i}")
+    seen: dict[str, list[str]] = {}
+    for original, name in zip(raw, names):
+        seen.setdefault(name, []).append(str(original))
+    dupes = {name: originals for name, originals in seen.items() if len(originals) > 1}
+    if dupes:
+        name, originals = next(iter(sorted(dupes.items())))
+        raise InputError(
+            f"the jobs table has the column {name!r} more than once "
+            f"({', '.join(repr(o) for o in originals)}); keep one"
+        )
+    return names
+
+
+def jobs_from_frame(frame: pd.DataFrame) -> Jobs:
+    columns = _column_names(list(frame.columns))
     frame = frame.set_axis(columns, axis=1)
     if "prompt" not in frame.columns and "image" not in frame.columns:
         raise InputError("the jobs table needs a 'prompt' column (or 'image' for variations)")
@@ -91,30 +120,48 @@ def jobs_from_frame(frame: pd.DataFrame) -> list[Job]:
                 extra={c: _extra(record[c]) for c in extras},
             )
         )
-    return jobs
+    return Jobs(jobs, {c: frame[c].dtype for c in extras})
 
 
-def read_jobs(source: str | Path | pd.DataFrame) -> list[Job]:
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Everything as text ("007" stays "007", ids never become floats). The header is read as
+    a plain row, so duplicate names reach `_column_names` instead of being renamed `x.1`."""
+    with path.open("rb") as f:
+        head = f.read(8192)
+    if b"\x00" in head:
+        raise InputError(f"{path} is a binary file, not a CSV (or Parquet) jobs file")
+    raw = pd.read_csv(
+        path,
+        header=None,
+        dtype=str,
+        keep_default_na=False,
+        encoding="utf-8-sig",
+        skipinitialspace=False,
+    )
+    header = list(raw.iloc[0]) if len(raw) else []
+    return raw.iloc[1:].reset_index(drop=True).set_axis(header, axis=1)
+
+
+def read_jobs(source: str | Path | pd.DataFrame) -> Jobs:
     """Jobs from a CSV (UTF-8, BOM or not, quoted newlines allowed), a Parquet file or a DataFrame."""
     if isinstance(source, pd.DataFrame):
         return jobs_from_frame(source)
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"jobs file not found: {path}")
+    if not path.is_file():
+        what = "is a folder, not a jobs file" if path.is_dir() else "not found"
+        raise InputError(f"jobs file {what}: {path}")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
-            # Everything as text: "007" stays "007" and ids are never turned into floats.
-            frame = pd.read_csv(
-                path,
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-                skipinitialspace=False,
-            )
+            frame = _read_csv(path)
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text: {exc}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+        raise InputError(
+            f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path} is empty: a jobs file needs a header row") from None
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise InputError(f"cannot read {path} as a jobs table: {detail}") from None
     return jobs_from_frame(frame)

@@ -8,6 +8,7 @@ an `invalid` row in the manifest; the other rows run. A row that passes becomes 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ PASS_THROUGH = (
     "user",
 )
 RETIREMENT_WARNING_DAYS = 30
+# ASCII digits only: Python's int()/float() also read "1_0", full-width and Arabic-Indic
+# digits, "inf" and "nan", none of which a jobs file should mean as a count.
+_WHOLE = re.compile(r"^[+-]?[0-9]+(?:\.0*)?$", re.ASCII)
+
+
+def whole_number(text: str) -> int | None:
+    """The whole number `text` spells in ASCII digits ("3", "3.0"), or None."""
+    text = text.strip()
+    return int(text.split(".")[0]) if _WHOLE.match(text) else None
 
 
 @dataclass(frozen=True)
@@ -337,11 +347,8 @@ class Validator:
                 params["user"] = value
                 continue
             if column == "output_compression":
-                try:
-                    comp = int(float(value))
-                    if not 0 <= comp <= 100 or float(value) != comp:
-                        raise ValueError
-                except ValueError:
+                comp = whole_number(value)
+                if comp is None or not 0 <= comp <= 100:
                     errs.append(
                         Problem(
                             row,
@@ -447,13 +454,15 @@ class Validator:
 
     def _check_n(self, job: Job, errs: list[Problem]) -> int:
         n_text, src = self._value(job, "n")
-        try:
-            n = int(float(n_text)) if n_text else 1
-            if str(n) != n_text.strip() and float(n_text) != n:
-                raise ValueError
-        except ValueError:
-            errs.append(Problem(job.row, "n", f"n must be a whole number, got {n_text!r}{src}"))
+        parsed = whole_number(n_text) if n_text else 1
+        if parsed is None:
+            errs.append(
+                Problem(
+                    job.row, "n", f"n must be a whole number in digits 0-9, got {n_text!r}{src}"
+                )
+            )
             return 1
+        n = parsed
         if n < 1:
             errs.append(Problem(job.row, "n", f"n must be at least 1, got {n}{src}"))
         elif n > self.defaults.max_n_per_job:
@@ -485,11 +494,8 @@ class Validator:
             if not value:
                 continue
             if column == "output_compression":
-                try:
-                    comp = int(float(value))
-                    if not 0 <= comp <= 100 or float(value) != comp:
-                        raise ValueError
-                except ValueError:
+                comp = whole_number(value)
+                if comp is None or not 0 <= comp <= 100:
                     errs.append(
                         Problem(
                             row,
