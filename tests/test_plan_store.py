@@ -143,3 +143,51 @@ def test_vanished_folder_is_an_output_error(tmp_path):
     (tmp_path / "out" / "images").rmdir()
     with pytest.raises(OutputError, match="vanished"):
         store.save(_png_bytes(), "job", 0)
+
+
+def test_file_stems_are_unique_per_job_even_when_ids_clean_alike():
+    from imagebatch.tasks.plan import safe_name
+
+    literal = safe_name("A B")  # "a_b-<hash>", itself a legal id
+    jobs = planned(
+        [
+            {"id": "A B", "prompt": "x", "model": "gpt-image-2"},
+            {"id": literal, "prompt": "y", "model": "gpt-image-2"},
+            {"prompt": "z", "model": "gpt-image-2"},
+        ]
+    )
+    derived = jobs[2].job_id  # an explicit id equal to another row's derived id
+    jobs += planned(
+        [
+            {"prompt": "z", "model": "gpt-image-2"},
+            {"id": derived, "prompt": "w", "model": "gpt-image-2"},
+        ]
+    )[1:]
+    stems = [p.file_stem for p in jobs]
+    assert len(set(stems)) == len(stems), stems
+
+
+def test_manifest_csv_neutralises_server_text_and_parquet_keeps_it(tmp_path):
+    from imagebatch.tasks.manifest import to_frame, write_manifest
+
+    raw = '=HYPERLINK("http://x")\x07\x1b[31m'
+    rows = [
+        {
+            "job_id": "a",
+            "row": 1,
+            "image_index": 0,
+            "status": "failed",
+            "revised_prompt": raw,
+            "error_message": "@SUM(1)",
+            "error_code": "-1+1",
+            "request_id": "+cmd",
+            "prompt": "=1+1",
+        },
+    ]
+    frame = to_frame(rows, [])
+    write_manifest(frame, tmp_path)
+    csv = pd.read_csv(tmp_path / "manifest.csv")
+    assert csv.revised_prompt[0] == '\'=HYPERLINK("http://x")[31m'
+    assert csv.error_message[0] == "'@SUM(1)" and csv.error_code[0] == "'-1+1"
+    assert csv.request_id[0] == "'+cmd"
+    assert pd.read_parquet(tmp_path / "manifest.parquet").revised_prompt[0] == raw
