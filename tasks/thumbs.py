@@ -31,8 +31,8 @@ log = logging.getLogger("imagebatch")
 
 THUMBS_DIR = "thumbs"
 EXTENSIONS = {"webp": "webp", "jpeg": "jpg"}
-# The names this module writes: <image stem>.<image ext>[.<sha prefix>].<thumb ext>
-_OURS = re.compile(r"^[^/]+\.[A-Za-z0-9]+(\.[0-9a-f]{12})?\.(webp|jpg)$")
+# The names this module writes: <image name>[.<sha prefix>].<thumb ext>
+_OURS = re.compile(r"^.+\.(png|jpg|jpeg|webp|gif)(\.[0-9a-f]{12})?\.(webp|jpg)$")
 
 
 @dataclass(frozen=True)

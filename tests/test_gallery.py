@@ -28,6 +28,7 @@ from imagebatch.cli import main
 from imagebatch.configs.settings import GallerySettings
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.report import publish
+from imagebatch.tasks.thumbs import ThumbSpec, sync_thumbnails
 
 HOSTILE_PROMPT = (
     '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
@@ -135,6 +136,41 @@ def test_superseded_image_loses_its_thumbnail(prefect_api, sim, folder, tmp_path
     assert len(thumbs) == (manifest(folder).status == "succeeded").sum() == 3
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 3 and gone.file not in "".join(lines)
+
+
+def _image(path: Path, size: tuple[int, int], color: object, fmt: str = "PNG") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGBA" if fmt == "PNG" else "RGB", size, color).save(path, fmt)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_thumbnails_follow_the_image_bytes_and_leave_other_files(tmp_path):
+    sha = _image(tmp_path / "images" / "a_0.png", (1024, 512), (255, 0, 0, 128))  # see-through
+    big = _image(tmp_path / "images" / "b_0.jpg", (3000, 2000), "blue", "JPEG")
+    images = [("images/a_0.png", sha), ("images/b_0.jpg", big)]
+    made = sync_thumbnails(tmp_path, images, ThumbSpec())
+    assert made == {f: f"thumbs/{f[7:]}.{h[:12]}.webp" for f, h in images}
+    with Image.open(tmp_path / made["images/a_0.png"]) as thumb:
+        assert (thumb.format, thumb.size, thumb.mode) == ("WEBP", (256, 128), "RGBA")
+    with Image.open(tmp_path / made["images/b_0.jpg"]) as thumb:
+        assert thumb.size == (256, 171)
+    (tmp_path / "thumbs" / "notes.txt").write_text("mine")
+    # the image is redone with other bytes: a new thumbnail, the stale one removed
+    sha2 = _image(tmp_path / "images" / "a_0.png", (512, 1024), "green")
+    again = sync_thumbnails(tmp_path, [("images/a_0.png", sha2)], ThumbSpec(format="jpeg"))
+    assert again == {"images/a_0.png": f"thumbs/a_0.png.{sha2[:12]}.jpg"}
+    assert sorted(p.name for p in (tmp_path / "thumbs").iterdir()) == [
+        f"a_0.png.{sha2[:12]}.jpg",
+        "notes.txt",
+    ]
+    with Image.open(tmp_path / again["images/a_0.png"]) as thumb:
+        assert (thumb.format, thumb.size, thumb.mode) == ("JPEG", (128, 256), "RGB")
+
+
+def test_an_unreadable_image_gets_a_card_without_thumbnail(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bad_0.png").write_bytes(b"not an image")
+    assert sync_thumbnails(tmp_path, [("images/bad_0.png", None)], ThumbSpec()) == {}
 
 
 # -- the page in a browser ---------------------------------------------------------------
