@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,7 +12,13 @@ from click.testing import CliRunner
 
 from imagebatch.cli import main
 from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import ApiSettings, JobDefaults
 from imagebatch.simulator import SimConfig, SimulatorServer
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.errors import RateLimited
+from imagebatch.tasks.plan import plan_jobs, units_for
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.validate import Validator
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-e2e-models-0123456789abcdef"
@@ -66,7 +73,7 @@ def test_current_snapshot_and_unknown_models_run_and_a_missing_model_fails_alone
         {"id": "gone-2", "prompt": "a cat", "model": "flux-pro"},
     ]
     (tmp_path / "mug.png").write_bytes(MUG.read_bytes())
-    result, manifest, out = run(tmp_path, rows, env=env_for(fresh))
+    result, manifest, _ = run(tmp_path, rows, env=env_for(fresh))
     assert result.exit_code == 1, result.output  # some images failed; the run did not stop
     assert "stopped early" not in result.output
     by_id = manifest.groupby("job_id").status.apply(set).to_dict()
@@ -178,13 +185,27 @@ def test_request_too_large_fails_alone_and_does_not_pause_the_run(prefect_api, f
     assert stats.get("rate_limited", 0) == 0 and stats["limiter"]["pauses"] == 0
 
 
-def test_429s_without_retry_after_are_waited_out_by_the_message_hint(prefect_api, fresh, tmp_path):
-    fresh.configure(ipm=2, window_seconds=1.0, omit_retry_after_rate=1.0)
-    rows = [{"id": f"r{i}", "prompt": f"p{i}", "model": "gpt-image-2"} for i in range(5)]
-    result, manifest, out = run(tmp_path, rows, env=env_for(fresh))
-    assert result.exit_code == 0, result.output
-    assert (manifest.status == "succeeded").all()
-    assert fresh.stats()["rate_limited"] >= 1  # the server did refuse, without retry-after
+def test_429_without_retry_after_takes_its_wait_from_the_message(fresh):
+    """The client against the simulator: the header "may be omitted", the message then says
+    how long to wait, and that is the hint the retry policy and the limiter use."""
+    fresh.configure(ipm=1, omit_retry_after_rate=1.0)
+    api = ApiSettings(base_url=fresh.base_url, api_key=KEY)
+    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(
+        read_jobs(pd.DataFrame([{"prompt": "a"}, {"prompt": "b"}]))
+    )
+    first, second = [u for p in plan_jobs(checked.valid) for u in units_for(p, [0])]
+
+    async def go():
+        async with ImagesClient(api) as client:
+            await client.send(first)
+            with pytest.raises(RateLimited) as err:
+                await client.send(second)
+            return err.value
+
+    error = asyncio.run(go())
+    assert error.headers is not None and "retry-after" not in error.headers
+    assert "try again in" in error.message
+    assert error.retry_after is not None and 0 < error.retry_after <= 60
 
 
 def test_refusal_through_a_litellm_proxy_is_rejected(prefect_api, fresh, tmp_path):
@@ -233,7 +254,7 @@ api_version = "2025-04-01-preview"
         {"id": "b", "prompt": "b", "model": "gpt-image-2.5-flare", "deployment": "canary"},
         {"id": "c", "prompt": "c", "model": "gpt-image-2.5-sunburst"},
     ]
-    result, manifest, _ = run(tmp_path, rows, "--config", str(config), env={"OPENAI_API_KEY": KEY})
+    result, _, _ = run(tmp_path, rows, "--config", str(config), env={"OPENAI_API_KEY": KEY})
     assert result.exit_code == 0, result.output
     assert fresh.stats()["azure_deployments"] == {
         "img-prod": 1,
