@@ -49,6 +49,30 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--api-key", "api_key", str, "only accept this key (default: any)"),
     ("--organization", "organization", str, "organization named in rate-limit messages"),
     ("--cache-size", "cache_size", int, "encoded images kept in the render cache"),
+    (
+        "--omit-retry-after-rate",
+        "omit_retry_after_rate",
+        float,
+        "share of rate-limit 429s sent without retry-after (the message keeps the wait)",
+    ),
+    (
+        "--error-style",
+        "error_style",
+        str,
+        "error bodies as openai sends them, as a litellm proxy rewrites them, or as fastapi validates",
+    ),
+    (
+        "--reset-format",
+        "reset_format",
+        str,
+        "x-ratelimit-reset-* as Go durations (duration) or absolute Unix times (unix)",
+    ),
+    (
+        "--quota-error",
+        "quota_error",
+        str,
+        "what an exhausted --quota answers: insufficient_quota or billing_hard_limit_reached",
+    ),
 ]
 
 
