@@ -234,7 +234,9 @@ def load_settings(
         api["simulate"] = raw["simulate"]
     if environ.get("OPENAI_BASE_URL"):
         api["base_url"] = environ["OPENAI_BASE_URL"]
-    api["api_key"] = environ.get("OPENAI_API_KEY") or None
+    elif environ.get("AZURE_OPENAI_ENDPOINT"):  # as the official SDK's AzureOpenAI reads it
+        api["base_url"] = environ["AZURE_OPENAI_ENDPOINT"]
+    api["api_key"] = environ.get("OPENAI_API_KEY") or environ.get("AZURE_OPENAI_API_KEY") or None
     api["organization"] = environ.get("OPENAI_ORG_ID") or None
     api["project"] = environ.get("OPENAI_PROJECT_ID") or None
     if environ.get("OPENAI_API_VERSION"):

@@ -14,6 +14,9 @@ for _key in (
     "OPENAI_ORG_ID",
     "OPENAI_PROJECT_ID",
     "IMAGEBATCH_MODELS",
+    "OPENAI_API_VERSION",
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_API_KEY",
     "IMAGEBATCH_PRICES",
 ):
     os.environ.pop(_key, None)

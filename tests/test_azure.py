@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from imagebatch.configs.registry import Registry
-from imagebatch.configs.settings import ApiSettings, JobDefaults
+from imagebatch.configs.settings import ApiSettings, JobDefaults, load_settings
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.plan import plan_jobs, units_for
 from imagebatch.tasks.read_jobs import read_jobs
@@ -82,3 +82,16 @@ def test_openai_shape_sends_bearer_and_no_api_key(tmp_path: Path):
     request = _build(api, unit)
     assert request.headers["authorization"] == f"Bearer {KEY}" and "api-key" not in request.headers
     assert request.url.path == "/v1/images/generations" and not request.url.params
+
+
+def test_azure_environment_variables_of_the_official_sdk():
+    env = {
+        "AZURE_OPENAI_ENDPOINT": "https://res9.openai.azure.com/",
+        "AZURE_OPENAI_API_KEY": KEY,
+        "OPENAI_API_VERSION": "2024-10-21",
+    }
+    api = load_settings(env=env).api
+    assert api.is_azure and api.api_key == KEY and api.api_version == "2024-10-21"
+    # the OpenAI variables win when both are set
+    api = load_settings(env={**env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).api
+    assert not api.is_azure
