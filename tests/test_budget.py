@@ -87,16 +87,25 @@ def invoke(args: list[str]):
 
 
 def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
+    # Its own jobs file, so the example catalog can change without breaking this arithmetic.
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(
+        "prompt,model,size,quality,n\n"
+        "a wide poster,dall-e-3,1792x1024,hd,3\n"
+        "a red mug,gpt-image-2,1024x1024,high,1\n"
+        "too small,dall-e-3,512x512,standard,1\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
-    catalog = str(ROOT / "data" / "catalog.csv")
-    result = invoke(["run", catalog, "--out", str(out), "--dry-run", "--simulate"])
-    assert result.exit_code == 1, result.output  # row 11 is invalid, as in a real run
+    result = invoke(["run", str(jobs), "--out", str(out), "--dry-run", "--simulate"])
+    assert result.exit_code == 1, result.output  # row 3 is invalid, as in a real run
     text = result.output
-    assert "Plan: 11 jobs, 14 requests, 19 images (nothing sent)" in text
+    assert "Plan: 2 jobs, 4 requests, 4 images (nothing sent)" in text
     assert "dall-e-3 generate 1792x1024 hd: 3 request(s), 3 image(s), $0.3600 ($0.12/image)" in text
-    assert "gpt-image-2 generate 1024x1024 high: 1 request(s), 1 image(s), $0.2108" in text
+    assert "gpt-image-2 generate 1024x1024 high: 1 request(s), 1 image(s), $0.2107" in text
     assert "7024 output tokens/image at $30/1M" in text
-    assert "Estimated cost: $1.3139 (worst case $1.3155)" in text
+    # 0.36 + 7024 x $30/1M (0.21072) + ~3 prompt tokens at $5/1M
+    assert "Estimated cost: $0.5707 (worst case $0.5708)" in text
     assert not out.exists()  # nothing written, no simulator started
 
 
