@@ -22,7 +22,7 @@ from imagebatch.tasks.errors import ImagebatchError, InputError
 from imagebatch.tasks.gallery import json_cell, write_page
 from imagebatch.tasks.hf_metadata import write_metadata
 from imagebatch.tasks.journal import Journal
-from imagebatch.tasks.manifest import COLUMNS, INT_COLUMNS, STATUSES
+from imagebatch.tasks.manifest import COLUMNS, INT_COLUMNS, SERVER_TEXT, STATUSES
 from imagebatch.tasks.outdir import RUN_JSON, read_run_json
 from imagebatch.tasks.thumbs import ThumbSpec, sync_thumbnails
 
@@ -71,6 +71,11 @@ def _read_manifest(out_dir: Path) -> pd.DataFrame | None:
     for col in INT_COLUMNS:
         if col in frame.columns:
             frame[col] = pd.array(pd.to_numeric(frame[col], errors="coerce"), dtype="Int64")
+    # manifest.csv quotes server text that would start a formula; undo that (a text that
+    # really began with an apostrophe and a formula sign reads back without the apostrophe).
+    for col in SERVER_TEXT:
+        if col in frame.columns:
+            frame[col] = frame[col].str.replace(r"^'(?=[=+\-@\t\r])", "", regex=True)
     return frame
 
 
