@@ -583,6 +583,8 @@ def _print_summary(summary: Any, written: list[Path]) -> None:
         console.print(failures)
     if summary.seconds is not None:
         line = f"last run: {format_seconds(summary.seconds)}"
+        if summary.dispatch_seconds is not None:
+            line += f" ({format_seconds(summary.dispatch_seconds)} sending requests)"
         if summary.made_last_run is not None:
             line += f", {summary.made_last_run} image(s) made"
         if summary.images_per_minute is not None:

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 # Before datasets is imported: never reach for the Hub, keep its cache out of $HOME.
@@ -369,6 +371,37 @@ def test_report_writes_a_contact_sheet_when_asked(folder):
     assert result.exit_code == 0, result.output
     with Image.open(folder / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG" and sheet.width == 3 * (256 + 6) + 6
+
+
+def test_report_refuses_a_folder_a_run_is_using(folder):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        before = (folder / "index.html").read_bytes()
+        (folder / "index.html").unlink()
+        result = invoke(["report", str(folder)])
+        assert result.exit_code == 2
+        assert "in use by another imagebatch run" in result.output
+        assert not (folder / "index.html").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    result = invoke(["report", str(folder)])
+    assert result.exit_code == 0 and (folder / "index.html").read_bytes() == before
+
+
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from imagebatch.tasks.outdir import FolderLock
+with FolderLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "not_a_run"])
