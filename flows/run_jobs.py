@@ -27,6 +27,7 @@ from prefect import flow
 
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import (
+    LimitSettings,
     Settings,
     check_target,
     load_settings,
@@ -50,15 +51,9 @@ from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
 from imagebatch.tasks.report import publish_after_run
 from imagebatch.tasks.store import ImageStore
-from imagebatch.tasks.validate import Problem, Validator
+from imagebatch.tasks.validate import Checked, Problem, Validator
 
 log = logging.getLogger("imagebatch")
-
-# Values a notebook passes that cannot travel as flow parameters (a DataFrame, callbacks).
-_frames: dict[str, pd.DataFrame] = {}
-current_reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar(
-    "imagebatch_reporter", default=None
-)
 
 
 class Reporter(Protocol):
@@ -285,146 +280,238 @@ async def imagebatch_flow(
     The parameters are plain JSON so the flow can be deployed and scheduled. API keys are
     never parameters: they come from the environment of the process that runs the flow.
     """
-    return await _execute(
+    params = _Params(
         jobs, out, config, overrides or {}, retry_failed, force, allow_changed_settings, models
     )
-
-
-async def _execute(
-    jobs_ref: str,
-    out: str | None,
-    config: str | None,
-    overrides: dict[str, dict[str, Any]],
-    retry_failed: bool,
-    force: bool,
-    allow_changed: bool,
-    models: str | None,
-) -> RunReport:
-    reporter = current_reporter.get() or LogReporter()
-    started = time.time()
+    handoff = _handoff.get()
+    if handoff is not None and handoff.ref == jobs:
+        return await _execute(params, handoff)
+    # Called directly (a deployment): load the settings and lock the folder here.
     settings = load_settings(config)
-    for section, values in overrides.items():
-        settings = settings.with_overrides(section, **values)
-    registry = Registry.load(models)
-    limits = resolve_limits(settings)
-    out_dir = _out_dir(out, config)
-    source: Any = _frames.get(jobs_ref, jobs_ref)
-    base_dir = (
-        Path(jobs_ref).expanduser().resolve().parent  # noqa: ASYNC240 (once per run)
-        if isinstance(source, str)
-        else Path.cwd()
-    )
-    lock = FolderLock(out_dir)
-    lock.acquire()
+    with FolderLock(_out_dir(out, settings)):
+        return await _execute(params, _Handoff(jobs, None, None, settings))
+
+
+@dataclass(frozen=True)
+class _Params:
+    """The flow's parameters."""
+
+    jobs: str
+    out: str | None
+    config: str | None
+    overrides: dict[str, dict[str, Any]]
+    retry_failed: bool
+    force: bool
+    allow_changed: bool
+    models: str | None
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """What the caller gives a flow run beyond its JSON parameters: the DataFrame, the
+    reporter, and the settings it loaded (the output folder is already locked)."""
+
+    ref: str
+    frame: pd.DataFrame | None
+    reporter: Reporter | None
+    settings: Settings
+
+
+# Set by run_jobs for the flow run it starts; deployments run without it.
+_handoff: contextvars.ContextVar[_Handoff | None] = contextvars.ContextVar(
+    "imagebatch_handoff", default=None
+)
+
+
+@dataclass
+class _Run:
+    """One run's fixed context, shared by the steps of `_execute`."""
+
+    params: _Params
+    settings: Settings
+    limits: LimitSettings
+    registry: Registry
+    out_dir: Path
+    source: Any
+    base_dir: Path
+    reporter: Reporter
+    started: float = field(default_factory=time.time)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
+    """The run as a sequence of steps; the caller holds the folder lock."""
+    run = _setup(params, handoff)
     simulator = None
     try:
-        previous = read_run_json(out_dir)
-        if not (allow_changed or force):
-            check_shaping(previous, _shaping(settings))
-
-        jobs: list[Job] = read_jobs(source)
-        settings, simulator = _target(settings, reporter)
-        api = settings.api
-        used_simulator = simulator is not None
-
-        validator = Validator.from_settings(
-            registry, settings, targets_openai=api.targets_openai, base_dir=base_dir
-        )
-        checked = validator.check(jobs)
-        reporter.problems(checked.problems)
+        previous = _check_folder(run)
+        jobs: list[Job] = read_jobs(run.source)
+        run.settings, simulator = _target(run.settings, run.reporter)
+        checked = _validate(run, jobs)
         planned = plan_jobs(checked.valid)
-
-        store = ImageStore(out_dir)
-        store.prepare()
-        journal = Journal(out_dir, sync_first=(store.images_dir,))
-        records = journal.load()
-        # Record what shapes the images before the first one is written, so a run killed
-        # midway still protects its folder against a rerun with other defaults.
-        write_run_json(
-            out_dir, {**(previous or {}), "shaping": _shaping(settings), "in_progress": True}
+        store, journal, records = _open_output(run, previous)
+        work, skipped = _pending(
+            planned, records, store, retry_failed=params.retry_failed, force=params.force
         )
-        work, skipped = _pending(planned, records, store, retry_failed=retry_failed, force=force)
-        total = sum(len(idx) for _, idx in work)
-        run_id = uuid.uuid4().hex[:12]
-
-        limiter = Limiter.from_settings(limits)
-        journal.open()
-        client = ImagesClient(api, max_connections=limits.max_in_flight_ceiling)
-        dispatcher = Dispatcher(client, limiter, settings.retry, store, journal, run_id)
-
-        def on_image(record: ImageRecord) -> None:
-            if record.status != "not_run":
-                records[record.key] = record
-            reporter.image(record)
-
-        dispatcher.on_image = on_image
-        reporter.start(total, skipped)
-        token = current_dispatcher.set(dispatcher)
-        dispatch_started = time.time()
-        try:
-            with _interrupts(dispatcher, reporter, asyncio.current_task()):
-                await _FanOut(dispatcher, settings.flow.task_per, settings.flow.chunk_jobs).run(
-                    work
-                )
-        except asyncio.CancelledError:
-            dispatcher.halt(
-                KeyboardInterrupt("interrupted twice: requests in flight were abandoned")
-            )
-        finally:
-            current_dispatcher.reset(token)
-            reporter.finish()
-            await client.aclose()
-            journal.close()
-        dispatch_seconds = time.time() - dispatch_started
-
+        dispatcher = _dispatcher(run, store, journal, records)
+        run.reporter.start(sum(len(idx) for _, idx in work), skipped)
+        dispatch_seconds = await _dispatch(run, dispatcher, work)
         manifest = _write_manifest(
-            jobs, planned, checked.invalid, records, store, settings, reporter
+            jobs, planned, checked.invalid, records, store, run.settings, run.reporter
         )
-        counts = {s: int((manifest["status"] == s).sum()) for s in STATUSES}
-
-        stopped = None
-        if dispatcher.fatal is not None:
-            stopped = str(dispatcher.fatal) or type(dispatcher.fatal).__name__
-        stats = {**dict(dispatcher.stats), "limiter": limiter.snapshot()}
-        if simulator is not None:
-            stats["simulator"] = simulator.stats()
-        write_run_json(
-            out_dir,
-            {
-                "run_id": run_id,
-                "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
-                "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-                "seconds": round(time.time() - started, 3),
-                "dispatch_seconds": round(dispatch_seconds, 3),
-                "jobs": jobs_ref if isinstance(source, str) else "<DataFrame>",
-                "simulator": used_simulator,
-                "base_url": api.base_url,
-                "counts": counts,
-                "skipped_already_done": skipped,
-                "stopped": stopped,
-                "stats": stats,
-                "shaping": _shaping(settings),
-                "settings": {
-                    "job": asdict(settings.job),
-                    "limits": asdict(limits),
-                    "retry": asdict(settings.retry),
-                    "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
-                },
-                "versions": _versions(),
-            },
-        )
+        report = _report(run, dispatcher, manifest, checked.problems, simulator, skipped)
+        _write_final_run_json(run, report, dispatch_seconds)
         notice = publish_after_run(
-            out_dir, manifest, read_run_json(out_dir) or {}, settings.gallery
+            run.out_dir, manifest, read_run_json(run.out_dir) or {}, run.settings.gallery
         )
         if notice:
-            reporter.notice(notice)
-        return RunReport(
-            out_dir, counts, manifest, checked.problems, used_simulator, stopped, skipped, stats
-        )
+            run.reporter.notice(notice)
+        return report
     finally:
         if simulator is not None:
             simulator.stop()
-        lock.release()
+
+
+def _setup(params: _Params, handoff: _Handoff) -> _Run:
+    """Settings with the run's overrides, the registry, the output folder and the jobs source."""
+    settings = handoff.settings
+    for section, values in params.overrides.items():
+        settings = settings.with_overrides(section, **values)
+    registry = Registry.load(params.models)
+    limits = resolve_limits(settings)
+    source: Any = handoff.frame if handoff.frame is not None else params.jobs
+    base_dir = (
+        Path(params.jobs).expanduser().resolve().parent if isinstance(source, str) else Path.cwd()
+    )
+    reporter = handoff.reporter or LogReporter()
+    out_dir = _out_dir(params.out, handoff.settings)
+    return _Run(params, settings, limits, registry, out_dir, source, base_dir, reporter)
+
+
+def _check_folder(run: _Run) -> dict[str, Any] | None:
+    """The folder's last run.json; refuses a folder made with other shaping settings."""
+    previous = read_run_json(run.out_dir)
+    if not (run.params.allow_changed or run.params.force):
+        check_shaping(previous, _shaping(run.settings))
+    return previous
+
+
+def _validate(run: _Run, jobs: list[Job]) -> Checked:
+    validator = Validator.from_settings(
+        run.registry,
+        run.settings,
+        targets_openai=run.settings.api.targets_openai,
+        base_dir=run.base_dir,
+    )
+    checked = validator.check(jobs)
+    run.reporter.problems(checked.problems)
+    return checked
+
+
+def _open_output(
+    run: _Run, previous: dict[str, Any] | None
+) -> tuple[ImageStore, Journal, dict[str, ImageRecord]]:
+    """The image store and the journal's records so far; run.json marked in progress."""
+    store = ImageStore(run.out_dir)
+    store.prepare()
+    journal = Journal(run.out_dir, sync_first=(store.images_dir,))
+    records = journal.load()
+    # Record what shapes the images before the first one is written, so a run killed
+    # midway still protects its folder against a rerun with other defaults.
+    write_run_json(
+        run.out_dir, {**(previous or {}), "shaping": _shaping(run.settings), "in_progress": True}
+    )
+    return store, journal, records
+
+
+def _dispatcher(
+    run: _Run, store: ImageStore, journal: Journal, records: dict[str, ImageRecord]
+) -> Dispatcher:
+    """The dispatcher, with a fresh limiter and client; finished images update `records`."""
+    limiter = Limiter.from_settings(run.limits)
+    journal.open()
+    client = ImagesClient(run.settings.api, max_connections=run.limits.max_in_flight_ceiling)
+    dispatcher = Dispatcher(client, limiter, run.settings.retry, store, journal, run.run_id)
+    reporter = run.reporter
+
+    def on_image(record: ImageRecord) -> None:
+        if record.status != "not_run":
+            records[record.key] = record
+        reporter.image(record)
+
+    dispatcher.on_image = on_image
+    return dispatcher
+
+
+async def _dispatch(
+    run: _Run, dispatcher: Dispatcher, work: list[tuple[PlannedJob, list[int]]]
+) -> float:
+    """Fan the work out as Prefect tasks; returns the seconds it took. Closes client and journal."""
+    flow_settings = run.settings.flow
+    token = current_dispatcher.set(dispatcher)
+    started = time.time()
+    try:
+        with _interrupts(dispatcher, run.reporter, asyncio.current_task()):
+            await _FanOut(dispatcher, flow_settings.task_per, flow_settings.chunk_jobs).run(work)
+    except asyncio.CancelledError:
+        dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
+    finally:
+        current_dispatcher.reset(token)
+        run.reporter.finish()
+        await dispatcher.client.aclose()
+        dispatcher.journal.close()
+    return time.time() - started
+
+
+def _report(
+    run: _Run,
+    dispatcher: Dispatcher,
+    manifest: pd.DataFrame,
+    problems: list[Problem],
+    simulator: Any,
+    skipped: int,
+) -> RunReport:
+    counts = {s: int((manifest["status"] == s).sum()) for s in STATUSES}
+    stopped = None
+    if dispatcher.fatal is not None:
+        stopped = str(dispatcher.fatal) or type(dispatcher.fatal).__name__
+    stats = {**dict(dispatcher.stats), "limiter": dispatcher.limiter.snapshot()}
+    if simulator is not None:
+        stats["simulator"] = simulator.stats()
+    used_simulator = simulator is not None
+    return RunReport(
+        run.out_dir, counts, manifest, problems, used_simulator, stopped, skipped, stats
+    )
+
+
+def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float) -> None:
+    settings, params = run.settings, run.params
+    api = settings.api
+    write_run_json(
+        run.out_dir,
+        {
+            "run_id": run.run_id,
+            "started_at": dt.datetime.fromtimestamp(run.started, dt.UTC).isoformat(),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            "seconds": round(time.time() - run.started, 3),
+            "dispatch_seconds": round(dispatch_seconds, 3),
+            "jobs": params.jobs if isinstance(run.source, str) else "<DataFrame>",
+            "simulator": report.used_simulator,
+            "base_url": api.base_url,
+            "counts": report.counts,
+            "skipped_already_done": report.skipped,
+            "stopped": report.stopped,
+            "stats": report.stats,
+            "shaping": _shaping(settings),
+            "settings": {
+                "job": asdict(settings.job),
+                "limits": asdict(run.limits),
+                "retry": asdict(settings.retry),
+                "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
+            },
+            "versions": _versions(),
+        },
+    )
 
 
 def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:
@@ -497,43 +584,41 @@ def run_jobs(
     rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry).
     """
     sections = route_overrides(overrides)
-    _preflight(config, sections)
-    read_jobs(jobs)  # a jobs table that cannot be read stops here: one line, no output folder
-    ref = str(jobs) if not isinstance(jobs, pd.DataFrame) else f"dataframe:{uuid.uuid4().hex}"
-    if isinstance(jobs, pd.DataFrame):
-        _frames[ref] = jobs
-    token = current_reporter.set(reporter)
-    lock = FolderLock(_out_dir(out, config))
-    lock.acquire()
-    try:
-        coro = imagebatch_flow(
-            ref,
-            str(out) if out else None,
-            str(config) if config else None,
-            sections,
-            retry_failed,
-            force,
-            allow_changed_settings,
-            str(models) if models else None,
-        )
-        return asyncio.run(coro)
-    finally:
-        lock.release()
-        current_reporter.reset(token)
-        _frames.pop(ref, None)
-
-
-def _preflight(config: str | Path | None, sections: dict[str, dict[str, Any]]) -> None:
-    """Usage errors found before anything touches the disk (no output folder is created)."""
+    is_frame = isinstance(jobs, pd.DataFrame)
+    ref = f"dataframe:{uuid.uuid4().hex}" if is_frame else str(jobs)
     settings = load_settings(config)
+    _preflight(settings, sections)
+    read_jobs(jobs)  # a jobs table that cannot be read stops here: one line, no output folder
+    # Locked before Prefect starts, so a second run refuses at once however slow Prefect is.
+    with FolderLock(_out_dir(out, settings)):
+        handoff = _Handoff(ref, jobs if is_frame else None, reporter, settings)
+        token = _handoff.set(handoff)
+        try:
+            coro = imagebatch_flow(
+                ref,
+                str(out) if out else None,
+                str(config) if config else None,
+                sections,
+                retry_failed,
+                force,
+                allow_changed_settings,
+                str(models) if models else None,
+            )
+            return asyncio.run(coro)
+        finally:
+            _handoff.reset(token)
+
+
+def _preflight(settings: Settings, sections: dict[str, dict[str, Any]]) -> None:
+    """Usage errors found before anything touches the disk (no output folder is created)."""
     for section, values in sections.items():
         settings = settings.with_overrides(section, **values)
     check_target(settings.api)
 
 
-def _out_dir(out: str | Path | None, config: str | Path | None) -> Path:
+def _out_dir(out: str | Path | None, settings: Settings) -> Path:
     """The output folder, created if needed (the lock lives in it)."""
-    path = Path(out or load_settings(config).output_dir).expanduser().resolve()
+    path = Path(out or settings.output_dir).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -20,7 +20,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Failed
 
 from imagebatch.configs.settings import RetrySettings
-from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.api_client import ApiResult, ImagesClient
 from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
@@ -40,6 +40,18 @@ log = logging.getLogger("imagebatch")
 
 class Stopped(Exception):
     """The run was told to stop before this unit was sent."""
+
+
+@dataclass
+class _Progress:
+    """One request unit across its attempts: what is done, what is still missing."""
+
+    unit: RequestUnit
+    remaining: list[int]
+    done: list[ImageRecord] = field(default_factory=list)
+    attempts: int = 0
+    ambiguous: int = 0
+    last_request_id: str | None = None
 
 
 @dataclass
@@ -73,100 +85,105 @@ class Dispatcher:
 
     async def run_unit(self, unit: RequestUnit) -> list[ImageRecord]:
         """Send one unit with retries; store what comes back; return one record per image."""
-        planned = unit.planned
-        remaining = list(unit.indices)
-        done: list[ImageRecord] = []
-        attempts = 0
-        ambiguous = 0
-
-        def on_retry(error: ApiError, attempt: int, wait: float) -> None:
-            self.stats["retries"] += 1
-            _task_logger().info("attempt %d failed (%s); retrying in %.1fs", attempt, error, wait)
-
-        last_request_id: str | None = None
+        progress = _Progress(unit, list(unit.indices))
         try:
-            async for attempt in retrying(self.retry, on_retry=on_retry):
+            async for attempt in retrying(self.retry, on_retry=self._on_retry):
                 with attempt:
-                    if self.stop.is_set():
-                        raise Stopped()
-                    sub = RequestUnit(planned, tuple(remaining))
-                    async with self.limiter.slot(sub.n) as permit:
-                        if self.stop.is_set():
-                            raise Stopped()
-                        attempts += 1
-                        try:
-                            result = await self.client.send(sub)
-                        except ApiError as error:
-                            permit.record(error.headers, None)
-                            if isinstance(error, AmbiguousError):
-                                ambiguous += 1
-                                self.stats["ambiguous"] += 1
-                            if isinstance(error, RateLimited):
-                                self.stats["rate_limited"] += 1
-                                self.limiter.rate_limited(error.retry_after, error.headers)
-                            raise
-                        permit.record(result.headers, result.latency)
-                    last_request_id = result.request_id
-                    input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
-                    for index, image in zip(list(remaining), result.images):
-                        try:
-                            stored = await asyncio.to_thread(
-                                self.store.save, image.data, planned.file_stem, index
-                            )
-                        except CorruptImage:
-                            continue
-                        done.append(
-                            await self._record(
-                                self._image_record(
-                                    unit,
-                                    index,
-                                    status="succeeded",
-                                    file=stored.file,
-                                    sha256=stored.sha256,
-                                    width=stored.width,
-                                    height=stored.height,
-                                    revised_prompt=image.revised_prompt,
-                                    attempts=attempts,
-                                    request_id=result.request_id,
-                                    ambiguous_retries=ambiguous,
-                                    input_tokens=input_tokens,
-                                    output_tokens=output_tokens,
-                                )
-                            )
-                        )
-                        remaining.remove(index)
-                    if remaining:
-                        got = len(result.images)
-                        raise malformed_response_error(
-                            f"{len(remaining)} of {sub.n} images missing or not decodable (got {got})",
-                            200,
-                            result.request_id,
-                        )
+                    await self._attempt(progress)
         except Stopped:
-            return done + [self.not_run(unit, i) for i in remaining]
+            return progress.done + [self.not_run(unit, i) for i in progress.remaining]
         except OutputError as error:
             self.halt(error)
-            return done + [self.not_run(unit, i) for i in remaining]
+            return progress.done + [self.not_run(unit, i) for i in progress.remaining]
         except ApiError as error:
             if isinstance(error, FatalError):
                 self.halt(error)
-            status = "rejected" if isinstance(error, RejectedError) else "failed"
-            for index in remaining:
-                done.append(
-                    await self._record(
-                        self._image_record(
-                            unit,
-                            index,
-                            status=status,
-                            attempts=attempts,
-                            request_id=error.request_id or last_request_id,
-                            error_code=error.error_code,
-                            error_message=error.message[:500],
-                            ambiguous_retries=ambiguous,
-                        )
-                    )
+            await self._record_failure(progress, error)
+        return progress.done
+
+    def _on_retry(self, error: ApiError, attempt: int, wait: float) -> None:
+        self.stats["retries"] += 1
+        _task_logger().info("attempt %d failed (%s); retrying in %.1fs", attempt, error, wait)
+
+    async def _attempt(self, progress: _Progress) -> None:
+        """One request for the images still missing; a short answer is retried as malformed."""
+        if self.stop.is_set():
+            raise Stopped()
+        sub = RequestUnit(progress.unit.planned, tuple(progress.remaining))
+        result = await self._send(sub, progress)
+        progress.last_request_id = result.request_id
+        await self._store(sub, result, progress)
+        if progress.remaining:
+            got = len(result.images)
+            raise malformed_response_error(
+                f"{len(progress.remaining)} of {sub.n} images missing or not decodable (got {got})",
+                200,
+                result.request_id,
+            )
+
+    async def _send(self, sub: RequestUnit, progress: _Progress) -> ApiResult:
+        """The request under a limiter slot; the limiter learns from every answer."""
+        async with self.limiter.slot(sub.n) as permit:
+            if self.stop.is_set():
+                raise Stopped()
+            progress.attempts += 1
+            try:
+                result = await self.client.send(sub)
+            except ApiError as error:
+                permit.record(error.headers, None)
+                if isinstance(error, AmbiguousError):
+                    progress.ambiguous += 1
+                    self.stats["ambiguous"] += 1
+                if isinstance(error, RateLimited):
+                    self.stats["rate_limited"] += 1
+                    self.limiter.rate_limited(error.retry_after, error.headers)
+                raise
+            permit.record(result.headers, result.latency)
+        return result
+
+    async def _store(self, sub: RequestUnit, result: ApiResult, progress: _Progress) -> None:
+        """Save and journal each decodable image; the ones that are not stay remaining."""
+        input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
+        for index, image in zip(list(progress.remaining), result.images):
+            try:
+                stored = await asyncio.to_thread(
+                    self.store.save, image.data, sub.planned.file_stem, index
                 )
-        return done
+            except CorruptImage:
+                continue
+            record = self._image_record(
+                progress.unit,
+                index,
+                status="succeeded",
+                file=stored.file,
+                sha256=stored.sha256,
+                width=stored.width,
+                height=stored.height,
+                revised_prompt=image.revised_prompt,
+                attempts=progress.attempts,
+                request_id=result.request_id,
+                ambiguous_retries=progress.ambiguous,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            )
+            progress.done.append(await self._record(record))
+            progress.remaining.remove(index)
+
+    async def _record_failure(self, progress: _Progress, error: ApiError) -> None:
+        """Every image still missing gets the final error: `rejected` or `failed`."""
+        status = "rejected" if isinstance(error, RejectedError) else "failed"
+        for index in progress.remaining:
+            record = self._image_record(
+                progress.unit,
+                index,
+                status=status,
+                attempts=progress.attempts,
+                request_id=error.request_id or progress.last_request_id,
+                error_code=error.error_code,
+                error_message=error.message[:500],
+                ambiguous_retries=progress.ambiguous,
+            )
+            progress.done.append(await self._record(record))
 
     def _image_record(self, unit: RequestUnit, index: int, **fields: Any) -> ImageRecord:
         planned = unit.planned

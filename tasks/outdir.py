@@ -7,7 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from imagebatch.tasks.errors import OutputError, RunLocked, SettingsChanged
 from imagebatch.tasks.store import write_atomic
@@ -19,26 +19,13 @@ RUN_JSON = "run.json"
 class FolderLock:
     """An exclusive flock on the folder. The kernel drops it when the holder dies, so a lock
     left by a killed run never blocks the next one; the pid inside is only for the message.
-
-    Re-entrant within a process: the notebook/CLI entry point takes the lock before Prefect
-    starts (so a second run refuses at once, however slow the Prefect API is), and the flow
-    takes it again for deployments that call the flow directly."""
-
-    _held: ClassVar[dict[Path, int]] = {}
+    Taken once per run: by run_jobs before Prefect starts, or by the flow when deployed."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / LOCK_NAME
         self._fd: int | None = None
-        self._nested = False
 
     def acquire(self) -> None:
-        if self.path in FolderLock._held:
-            self._nested = True
-            return
-        self._acquire()
-        FolderLock._held[self.path] = os.getpid()
-
-    def _acquire(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -56,10 +43,6 @@ class FolderLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._nested:
-            self._nested = False
-            return
-        FolderLock._held.pop(self.path, None)
         if self._fd is not None:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

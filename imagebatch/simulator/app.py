@@ -45,7 +45,7 @@ from .faults import (
     server_error,
     sleep_unless_disconnected,
 )
-from .request import check_auth
+from .request import Parsed, check_auth
 from .responses import build_body
 from .rules import LABEL, parse_request
 from .state import SimState
@@ -144,68 +144,65 @@ class Simulator:
         parsed = await parse_request(
             request, operation, default_model, state.registry, cfg.refuse_retired
         )
-        st = state.stats
-        st.model(parsed.model)["requests"] += 1
-        n = parsed.n
-
-        if not state.quota.try_reserve(n, cfg.quota_images):
-            st.quota_exceeded += 1
+        state.stats.model(parsed.model)["requests"] += 1
+        if not state.quota.try_reserve(parsed.n, cfg.quota_images):
+            state.stats.quota_exceeded += 1
             raise quota_failure(cfg.quota_error)
-        reserved = [n]
-
-        def bill() -> None:
-            state.quota.bill(reserved[0])
-            reserved[0] = 0
-            st.images_billed += n
-            st.model(parsed.model)["images"] += n
-
+        bill = _Bill(state, parsed)
         try:
-            rejection = state.limits.admit(n, cfg.rpm, cfg.ipm, cfg.window_seconds)
-            if rejection is not None:
-                st.rate_limited += 1
-                # every 1/rate-th 429 comes without retry-after (deterministic, no rng draw)
-                rate, k = cfg.omit_retry_after_rate, st.rate_limited
-                omit = int(k * rate) != int((k - 1) * rate)
-                raise rate_limit_failure(parsed.model, cfg.organization, rejection, omit)
-
-            word = cfg.moderation_word.strip().lower()
-            if word and word in parsed.prompt.lower():
-                st.moderated += 1
-                raise moderation_failure(parsed.spec)
-
-            rng = state.rng
-            delay = cfg.latency_model().sample(rng) + max(0, n - 1) * cfg.latency_per_image
-            u, u2 = rng.random(), rng.random()
-            fault = pick_fault(cfg, u)
-            if fault == "stall":
-                st.faults["stall"] += 1
-                delay += cfg.stall_seconds
-            if delay > 0 and not await sleep_unless_disconnected(request, delay):
-                st.client_disconnects += 1
-                if cfg.bill_on_disconnect:
-                    bill()
-                return Silent()
-
-            if fault == "error":
-                st.faults["error"] += 1
-                raise server_error(u2)
-            if fault == "drop":
-                st.faults["drop"] += 1
-                bill()
-                return Drop()
-            if fault == "malformed":
-                st.faults["malformed"] += 1
-                bill()
-                return malformed_response(u2)
-
-            payload = await build_body(state, str(request.base_url), parsed)
-            bill()
-            st.requests_ok += 1
-            st.model(parsed.model)["ok"] += 1
-            return Response(json_bytes(payload), 200, media_type="application/json")
+            self._admit(parsed)
+            return await self._answer(request, parsed, bill)
         finally:
-            if reserved[0]:
-                state.quota.release(reserved[0])
+            bill.release()
+
+    def _admit(self, parsed: Parsed) -> None:
+        """The RPM/IPM windows (429, not billed), then moderation (400)."""
+        state, cfg = self.state, self.config
+        st = state.stats
+        rejection = state.limits.admit(parsed.n, cfg.rpm, cfg.ipm, cfg.window_seconds)
+        if rejection is not None:
+            st.rate_limited += 1
+            # every 1/rate-th 429 comes without retry-after (deterministic, no rng draw)
+            rate, k = cfg.omit_retry_after_rate, st.rate_limited
+            omit = int(k * rate) != int((k - 1) * rate)
+            raise rate_limit_failure(parsed.model, cfg.organization, rejection, omit)
+        word = cfg.moderation_word.strip().lower()
+        if word and word in parsed.prompt.lower():
+            st.moderated += 1
+            raise moderation_failure(parsed.spec)
+
+    async def _answer(self, request: Request, parsed: Parsed, bill: _Bill) -> Response:
+        """Latency, then an injected fault or the images."""
+        state, cfg = self.state, self.config
+        st = state.stats
+        rng = state.rng
+        delay = cfg.latency_model().sample(rng) + max(0, parsed.n - 1) * cfg.latency_per_image
+        u, u2 = rng.random(), rng.random()
+        fault = pick_fault(cfg, u)
+        if fault == "stall":
+            st.faults["stall"] += 1
+            delay += cfg.stall_seconds
+        if delay > 0 and not await sleep_unless_disconnected(request, delay):
+            st.client_disconnects += 1
+            if cfg.bill_on_disconnect:
+                bill()
+            return Silent()
+        if fault == "error":
+            st.faults["error"] += 1
+            raise server_error(u2)
+        if fault == "drop":
+            st.faults["drop"] += 1
+            bill()
+            return Drop()
+        if fault == "malformed":
+            st.faults["malformed"] += 1
+            bill()
+            return malformed_response(u2)
+        payload = await build_body(state, str(request.base_url), parsed)
+        bill()
+        st.requests_ok += 1
+        st.model(parsed.model)["ok"] += 1
+        return Response(json_bytes(payload), 200, media_type="application/json")
 
     # ---------------------------------------------------------------- other endpoints
     async def file(self, request: Request) -> Response:
@@ -289,6 +286,26 @@ class Simulator:
 
     async def health(self, request: Request) -> Response:
         return Response(json_bytes({"ok": True}), media_type="application/json")
+
+
+class _Bill:
+    """The images one request reserved from the quota: billed once, or released unbilled."""
+
+    def __init__(self, state: SimState, parsed: Parsed) -> None:
+        self.state = state
+        self.parsed = parsed
+        self.reserved = parsed.n
+
+    def __call__(self) -> None:
+        state, n = self.state, self.parsed.n
+        state.quota.bill(self.reserved)
+        self.reserved = 0
+        state.stats.images_billed += n
+        state.stats.model(self.parsed.model)["images"] += n
+
+    def release(self) -> None:
+        if self.reserved:
+            self.state.quota.release(self.reserved)
 
 
 async def _echo(request: Request) -> Any:

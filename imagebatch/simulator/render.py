@@ -83,7 +83,25 @@ def draw(
     digest = hashlib.sha256(f"{prompt}\x00{index}".encode("utf-8", "surrogatepass")).digest()
     scale = DRAW_EDGE / max(width, height)
     lw, lh = max(8, round(width * scale)), max(8, round(height * scale))
+    img = Image.new("P", (lw, lh), _BG)
+    img.putpalette(_palette(digest))
+    d = ImageDraw.Draw(img)
+    if not transparent:
+        bands = min(_RAMP_N, lh)
+        for i in range(bands):
+            y0, y1 = i * lh // bands, (i + 1) * lh // bands
+            d.rectangle((0, y0, lw, y1), fill=_RAMP + i * (_RAMP_N - 1) // max(1, bands - 1))
+    _shapes(d, digest, lw, lh)
+    font = _font()
+    d.text((3, 2), f"#{index + 1} {digest[:3].hex()}", font=font, fill=_LABEL_FG)
+    words = _ascii(prompt) if text else ""
+    if words:
+        _caption(d, font, words, lw, lh)
+    return img
 
+
+def _palette(digest: bytes) -> list[int]:
+    """Background, a gradient ramp, eight shape colours and the text colours, from the digest."""
     hue = digest[0] / 255
     scheme = digest[1] % 3  # analogous, complementary, triadic
     spread = (0.08, 0.5, 1 / 3)[scheme]
@@ -111,17 +129,11 @@ def draw(
     put(_TEXT_BG, (16, 16, 20))
     put(_TEXT_FG, (250, 250, 245))
     put(_LABEL_FG, (255, 255, 255))
+    return palette
 
-    img = Image.new("P", (lw, lh), _BG)
-    img.putpalette(palette)
-    d = ImageDraw.Draw(img)
-    if not transparent:
-        bands = min(_RAMP_N, lh)
-        for i in range(bands):
-            y0, y1 = i * lh // bands, (i + 1) * lh // bands
-            d.rectangle((0, y0, lw, y1), fill=_RAMP + i * (_RAMP_N - 1) // max(1, bands - 1))
 
-    # shapes: positions and sizes from the digest
+def _shapes(d: ImageDraw.ImageDraw, digest: bytes, lw: int, lh: int) -> None:
+    """Five to nine ellipses, boxes and triangles placed and sized by the digest."""
     count = 5 + digest[30] % 5
     for k in range(count):
         b0, b1, b2, b3 = (digest[(k * 4 + o) % 32] for o in range(4))
@@ -138,22 +150,25 @@ def draw(
         else:
             d.polygon([(cx, cy - ry), (cx + rx, cy + ry), (cx - rx, cy + ry)], fill=fill)
 
-    # label and prompt text
-    font = _font()
-    d.text((3, 2), f"#{index + 1} {digest[:3].hex()}", font=font, fill=_LABEL_FG)
-    words = _ascii(prompt) if text else ""
-    if words:
-        per_line = max(8, (lw - 8) // 6)
-        wrapped = textwrap.wrap(words, per_line)
-        lines = wrapped[:4]
-        if len(wrapped) > 4:
-            lines[-1] = lines[-1][: per_line - 3] + "..."
-        line_h = 12
-        y0 = lh - line_h * len(lines) - 4
-        d.rectangle((0, y0 - 2, lw, lh), fill=_TEXT_BG)
-        for i, line in enumerate(lines):
-            d.text((4, y0 + i * line_h), line, font=font, fill=_TEXT_FG)
-    return img
+
+def _caption(
+    d: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    words: str,
+    lw: int,
+    lh: int,
+) -> None:
+    """Up to four lines of the prompt on a dark band at the bottom."""
+    per_line = max(8, (lw - 8) // 6)
+    wrapped = textwrap.wrap(words, per_line)
+    lines = wrapped[:4]
+    if len(wrapped) > 4:
+        lines[-1] = lines[-1][: per_line - 3] + "..."
+    line_h = 12
+    y0 = lh - line_h * len(lines) - 4
+    d.rectangle((0, y0 - 2, lw, lh), fill=_TEXT_BG)
+    for i, line in enumerate(lines):
+        d.text((4, y0 + i * line_h), line, font=font, fill=_TEXT_FG)
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:

@@ -6,6 +6,7 @@ Per-model rules come from the model registry (`configs/models.toml`), never from
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from starlette.requests import Request
 
@@ -92,28 +93,63 @@ async def parse_request(
     refuse_retired: bool,
 ) -> Parsed:
     """The request as a `Parsed`, or an ApiFailure naming the first rule it breaks."""
+    raw, files, form, op = await _read_body(request, operation)
+    p = Params(raw, form)
+    model = p.str("model") or default_model or DEFAULT_MODEL[op]
+    spec = _model_spec(registry, model, op, refuse_retired)
+    _check_names(p, files, op, spec, model)
+    prompt = _prompt(p, op, spec)
+    n = _count(p, spec)
+    quality = _quality(p, spec)
+    style, response_format, output_format, compression, background = _output_options(p, spec, model)
+    inputs, mask = _input_images(raw, files, op)
+    if op != "generate":
+        check_inputs(op, spec, model, inputs, mask)
+    width, height = _size(p, op, spec, inputs)
+    return Parsed(
+        op,
+        model,
+        spec,
+        prompt,
+        n,
+        width,
+        height,
+        quality,
+        output_format if spec.is_gpt_image else "png",
+        compression,
+        background,
+        response_format,
+        style,
+        inputs,
+        mask,
+    )
+
+
+async def _read_body(
+    request: Request, operation: str
+) -> tuple[dict[str, Any], dict[str, list[bytes]], bool, str]:
+    """(fields, files, whether multipart, op): generations take JSON, edits JSON or
+    multipart (JSON edits are their own op), variations multipart."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    files: dict[str, list[bytes]] = {}
     if operation == "generate":
         if ctype != "application/json":
             raise unsupported_ctype(ctype, "'application/json'")
-        raw, form, op = await json_body(request), False, "generate"
-    elif operation == "edit" and ctype == "application/json":
-        raw, form, op = await json_body(request), False, "edit_json"
-    elif ctype == "multipart/form-data":
+        return await json_body(request), {}, False, "generate"
+    if operation == "edit" and ctype == "application/json":
+        return await json_body(request), {}, False, "edit_json"
+    if ctype == "multipart/form-data":
         raw, files = await form_body(request)
-        form, op = True, operation
-    else:
-        accepted = (
-            "'multipart/form-data' or 'application/json'"
-            if operation == "edit"
-            else "'multipart/form-data'"
-        )
-        raise unsupported_ctype(ctype, accepted)
-    p = Params(raw, form)
+        return raw, files, True, operation
+    accepted = (
+        "'multipart/form-data' or 'application/json'"
+        if operation == "edit"
+        else "'multipart/form-data'"
+    )
+    raise unsupported_ctype(ctype, accepted)
 
-    # model
-    model = p.str("model") or default_model or DEFAULT_MODEL[op]
+
+def _model_spec(registry: Registry, model: str, op: str, refuse_retired: bool) -> ModelSpec:
+    """404 for unknown (or, when configured, retired) models; 400 if the model lacks the endpoint."""
     spec = registry.get(model) or newest_family(registry, model)
     if spec is None or (refuse_retired and spec.is_retired()):
         why = (
@@ -136,8 +172,14 @@ async def parse_request(
             "model",
             f"JSON image edits are only supported for GPT image models; send {model} edits as multipart/form-data.",
         )
+    return spec
 
-    # parameter names
+
+def _check_names(
+    p: Params, files: dict[str, list[bytes]], op: str, spec: ModelSpec, model: str
+) -> None:
+    """Every parameter is one the model takes on this operation, with the right kind of value."""
+    raw = p.raw
     for name in list(raw) + list(files):
         if name in CORE[op] or name in UNIVERSAL:
             continue
@@ -148,7 +190,7 @@ async def parse_request(
         ):
             continue
         raise unknown_param(name, model)
-    for name in ("image", "image[]", "mask") if form else ():
+    for name in ("image", "image[]", "mask") if p.form else ():
         if name in raw:
             raise bad(
                 name,
@@ -172,30 +214,30 @@ async def parse_request(
     for name in ("user", "safety_identifier"):
         p.str(name)
 
-    # prompt
-    prompt = ""
-    if op != "variation":
-        value = p.str("prompt")
-        if value is None:
-            raise bad(
-                "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
-            )
-        if not value.strip():
-            raise bad(
-                "prompt",
-                "Invalid 'prompt': empty string. Expected a string with minimum length 1.",
-                "string_below_min_length",
-            )
-        if len(value) > spec.prompt_max:
-            raise bad(
-                "prompt",
-                f"Invalid 'prompt': string too long. Expected a string with maximum length "
-                f"{spec.prompt_max}, but got a string with length {len(value)} instead.",
-                "string_above_max_length",
-            )
-        prompt = value
 
-    # n
+def _prompt(p: Params, op: str, spec: ModelSpec) -> str:
+    if op == "variation":
+        return ""
+    value = p.str("prompt")
+    if value is None:
+        raise bad("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+    if not value.strip():
+        raise bad(
+            "prompt",
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1.",
+            "string_below_min_length",
+        )
+    if len(value) > spec.prompt_max:
+        raise bad(
+            "prompt",
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{spec.prompt_max}, but got a string with length {len(value)} instead.",
+            "string_above_max_length",
+        )
+    return value
+
+
+def _count(p: Params, spec: ModelSpec) -> int:
     n = p.int("n")
     n = 1 if n is None else n
     if n < 1:
@@ -211,8 +253,11 @@ async def parse_request(
             f"Invalid 'n': integer above maximum value. Expected a value <= {top}, but got {n} instead.",
             "integer_above_max_value",
         )
+    return n
 
-    # quality
+
+def _quality(p: Params, spec: ModelSpec) -> str | None:
+    """The quality to echo and bill: the sent one, else the model's default; auto means medium."""
     quality = p.enum("quality", spec.qualities) if spec.qualities else None
     if quality is None and spec.qualities:
         quality = (
@@ -220,8 +265,14 @@ async def parse_request(
         )
     if quality == "auto":
         quality = "medium"
+    return quality
 
-    # optional parameters (only those the model accepts got this far)
+
+def _output_options(
+    p: Params, spec: ModelSpec, model: str
+) -> tuple[str | None, str, str, int | None, str]:
+    """(style, response_format, output_format, compression, background), checked together.
+    Only parameters the model accepts got this far."""
     style = p.enum("style", ENUMS["style"])
     if spec.is_gpt_image:
         response_format = "b64_json"
@@ -256,40 +307,40 @@ async def parse_request(
     background = "transparent" if background == "transparent" else "opaque"
     p.enum("moderation", ENUMS["moderation"])
     p.enum("input_fidelity", ENUMS["input_fidelity"])
+    return style, response_format, output_format, compression, background
 
-    # input images
-    inputs: list[InputImage] = []
-    mask: InputImage | None = None
+
+def _input_images(
+    raw: dict[str, Any], files: dict[str, list[bytes]], op: str
+) -> tuple[list[InputImage], InputImage | None]:
+    """Source images and mask: multipart files, or data URLs in a JSON edit."""
     if op in ("edit", "variation"):
         blobs = files.get("image", []) + files.get("image[]", [])
         inputs = [inspect_image(b, "image") for b in blobs]
         masks = files.get("mask", [])
         if len(masks) > 1:
             raise bad("mask", "Only one mask may be sent.")
-        mask = inspect_image(masks[0], "mask") if masks else None
-    elif op == "edit_json":
-        refs = raw.get("images")
-        if refs is None:
-            raise bad(
-                "images", "Missing required parameter: 'images'.", "missing_required_parameter"
-            )
-        if not isinstance(refs, list):
-            raise bad(
-                "images",
-                f"Invalid type for 'images': expected an array, but got {type_name(refs)} instead.",
-                "invalid_type",
-            )
-        inputs = [
-            inspect_image(image_ref(ref, f"images[{i}]"), f"images[{i}]")
-            for i, ref in enumerate(refs)
-        ]
-        if "mask" in raw:
-            mask = inspect_image(image_ref(raw["mask"], "mask"), "mask")
-    if op != "generate":
-        check_inputs(op, spec, model, inputs, mask)
+        return inputs, inspect_image(masks[0], "mask") if masks else None
+    if op != "edit_json":
+        return [], None
+    refs = raw.get("images")
+    if refs is None:
+        raise bad("images", "Missing required parameter: 'images'.", "missing_required_parameter")
+    if not isinstance(refs, list):
+        raise bad(
+            "images",
+            f"Invalid type for 'images': expected an array, but got {type_name(refs)} instead.",
+            "invalid_type",
+        )
+    inputs = [
+        inspect_image(image_ref(ref, f"images[{i}]"), f"images[{i}]") for i, ref in enumerate(refs)
+    ]
+    mask = inspect_image(image_ref(raw["mask"], "mask"), "mask") if "mask" in raw else None
+    return inputs, mask
 
-    # size
-    # SPEC: JSON edits default to auto, everything else to the model's default size.
+
+def _size(p: Params, op: str, spec: ModelSpec, inputs: list[InputImage]) -> tuple[int, int]:
+    """Width and height. SPEC: JSON edits default to auto, everything else to the model's default size."""
     size = p.str("size")
     if size is None:
         edit_auto = op == "edit_json" and "auto" in spec.allowed_sizes("edit")
@@ -302,33 +353,12 @@ async def parse_request(
     size_why = spec.size_error(size, "generate" if op == "generate" else "edit")
     if size_why:
         raise bad("size", f"Invalid value for 'size': {size_why}.")
-    if size == "auto":
-        width, height = (
-            edit_auto_size(inputs[0] if inputs else None)
-            if op in ("edit", "edit_json")
-            else (1024, 1024)
-        )
-    else:
+    if size != "auto":
         w, _, h = size.partition("x")
-        width, height = int(w), int(h)
-
-    return Parsed(
-        op,
-        model,
-        spec,
-        prompt,
-        n,
-        width,
-        height,
-        quality,
-        output_format if spec.is_gpt_image else "png",
-        compression,
-        background,
-        response_format,
-        style,
-        inputs,
-        mask,
-    )
+        return int(w), int(h)
+    if op in ("edit", "edit_json"):
+        return edit_auto_size(inputs[0] if inputs else None)
+    return 1024, 1024
 
 
 def check_inputs(
@@ -378,29 +408,32 @@ def check_inputs(
                 "invalid_image",
             )
     if mask is not None:
-        if len(mask.data) >= spec.mask_max_bytes:
-            raise bad(
-                "mask",
-                f"Invalid 'mask': {len(mask.data):,} bytes; it must be under {spec.mask_max_bytes:,}.",
-                "image_too_large",
-            )
-        if mask.format != "png":
-            raise bad(
-                "mask",
-                f"Invalid 'mask': must be a PNG, got '{mask.format}'.",
-                "invalid_image_format",
-            )
-        if not mask.has_alpha:
-            raise bad(
-                "mask",
-                "Invalid 'mask': the mask PNG must have an alpha channel.",
-                "invalid_image",
-            )
-        first = inputs[0]
-        if (mask.width, mask.height) != (first.width, first.height):
-            raise bad(
-                "mask",
-                f"Invalid 'mask': mask is {mask.width}x{mask.height} but the image is "
-                f"{first.width}x{first.height}; they must have the same dimensions.",
-                "invalid_image",
-            )
+        _check_mask(spec, mask, inputs[0])
+
+
+def _check_mask(spec: ModelSpec, mask: InputImage, first: InputImage) -> None:
+    if len(mask.data) >= spec.mask_max_bytes:
+        raise bad(
+            "mask",
+            f"Invalid 'mask': {len(mask.data):,} bytes; it must be under {spec.mask_max_bytes:,}.",
+            "image_too_large",
+        )
+    if mask.format != "png":
+        raise bad(
+            "mask",
+            f"Invalid 'mask': must be a PNG, got '{mask.format}'.",
+            "invalid_image_format",
+        )
+    if not mask.has_alpha:
+        raise bad(
+            "mask",
+            "Invalid 'mask': the mask PNG must have an alpha channel.",
+            "invalid_image",
+        )
+    if (mask.width, mask.height) != (first.width, first.height):
+        raise bad(
+            "mask",
+            f"Invalid 'mask': mask is {mask.width}x{mask.height} but the image is "
+            f"{first.width}x{first.height}; they must have the same dimensions.",
+            "invalid_image",
+        )
