@@ -148,6 +148,8 @@ JS = r"""
     text(body, "revised", "revised prompt", row.revised_prompt);
     if (row.error_code || row.error_message) {
       text(body, "error", "error" + (row.error_code ? " (" + row.error_code + ")" : ""), row.error_message || row.error_code);
+    } else if (row.status === "not_run") {
+      text(body, "error", "not run", "the run stopped before this image was requested");
     }
     const extras = raw.extra.filter(function (c) { return row[c] != null && row[c] !== ""; });
     if (extras.length) {
@@ -184,7 +186,10 @@ JS = r"""
   }
 
   $("title").textContent = raw.title;
-  $("summary").textContent = raw.summary;
+  $("summary").textContent = raw.summary + " · ";
+  const manifestLink = el("a", null, "manifest.csv");
+  manifestLink.href = "manifest.csv";
+  $("summary").appendChild(manifestLink);
   fillSelect($("status"), "status", "statuses");
   fillSelect($("model"), "model", "models");
   $("status").addEventListener("change", function (e) { state.status = e.target.value; state.page = 0; apply(); });
