@@ -161,18 +161,21 @@ def test_insufficient_quota_is_fatal_not_a_rate_limit(prefect_api, fresh_sim, tm
     ]
 
 
-def test_unknown_model_on_server_is_fatal(prefect_api, fresh_sim, tmp_path):
+def test_model_the_server_does_not_serve_fails_only_its_rows(prefect_api, fresh_sim, tmp_path):
     models = tmp_path / "models.toml"
     models.write_text(
         '[models."my-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\nqualities = ["auto"]\nprompt_max = 100\n'
     )
-    jobs = write_jobs(tmp_path / "jobs.csv", [{"prompt": "x", "model": "my-model"}] * 5)
+    rows = [{"prompt": f"x {i}", "model": "my-model"} for i in range(5)]
+    rows += [{"prompt": f"y {i}", "model": "gpt-image-2"} for i in range(3)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
     result = invoke(
         [
             "run",
             str(jobs),
             "--out",
-            str(tmp_path / "out"),
+            str(out),
             "-q",
             "--models",
             str(models),
@@ -181,8 +184,12 @@ def test_unknown_model_on_server_is_fatal(prefect_api, fresh_sim, tmp_path):
         ],
         env=api_env(fresh_sim),
     )
-    assert result.exit_code == 2
-    assert "model_not_found" in result.output
+    assert result.exit_code == 1, result.output  # some images failed; the run was not stopped
+    manifest = pd.read_csv(out / "manifest.csv")
+    mine = manifest[manifest.model == "my-model"]
+    assert set(mine.status) == {"failed"}
+    assert set(mine.error_code) == {"model_not_found"}
+    assert set(manifest[manifest.model == "gpt-image-2"].status) == {"succeeded"}
 
 
 def test_rerun_requests_nothing_and_keeps_the_manifest(prefect_api, fresh_sim, tmp_path):
