@@ -27,6 +27,8 @@ from starlette.routing import Route
 
 from imagebatch.configs.registry import Registry
 
+from .batches import BatchService, asgi_line
+from .batches import routes as batch_routes
 from .config import SimConfig
 from .failures import (
     ApiFailure,
@@ -56,6 +58,14 @@ log = logging.getLogger("imagebatch.simulator")
 class Simulator:
     def __init__(self, config: SimConfig, registry: Registry) -> None:
         self.state = SimState(config, registry)
+        self.batches: BatchService | None = None  # the Files and Batch API, set by create_app
+
+    def snapshot(self) -> dict[str, Any]:
+        """Stats, with the Batch API's counts under `batch`."""
+        data = self.state.stats.snapshot()
+        if self.batches is not None:
+            data["batch"] = self.batches.snapshot()
+        return data
 
     @property
     def config(self) -> SimConfig:
@@ -149,17 +159,23 @@ class Simulator:
             state.stats.quota_exceeded += 1
             raise quota_failure(cfg.quota_error)
         bill = _Bill(state, parsed)
+        # A Batch API line has its own pool: no live rate limits, latency or faults.
+        batch_line = bool(request.scope.get("imagebatch.batch_line"))
         try:
-            self._admit(parsed)
-            return await self._answer(request, parsed, bill)
+            self._admit(parsed, batch_line)
+            return await self._answer(request, parsed, bill, batch_line)
         finally:
             bill.release()
 
-    def _admit(self, parsed: Parsed) -> None:
-        """The RPM/IPM windows (429, not billed), then moderation (400)."""
+    def _admit(self, parsed: Parsed, batch_line: bool = False) -> None:
+        """The RPM/IPM windows (429, not billed; not for batch lines), then moderation (400)."""
         state, cfg = self.state, self.config
         st = state.stats
-        rejection = state.limits.admit(parsed.n, cfg.rpm, cfg.ipm, cfg.window_seconds)
+        rejection = (
+            None
+            if batch_line
+            else state.limits.admit(parsed.n, cfg.rpm, cfg.ipm, cfg.window_seconds)
+        )
         if rejection is not None:
             st.rate_limited += 1
             # every 1/rate-th 429 comes without retry-after (deterministic, no rng draw)
@@ -171,14 +187,18 @@ class Simulator:
             st.moderated += 1
             raise moderation_failure(parsed.spec)
 
-    async def _answer(self, request: Request, parsed: Parsed, bill: _Bill) -> Response:
-        """Latency, then an injected fault or the images."""
+    async def _answer(
+        self, request: Request, parsed: Parsed, bill: _Bill, batch_line: bool = False
+    ) -> Response:
+        """Latency, then an injected fault or the images (a batch line: the images at once)."""
         state, cfg = self.state, self.config
         st = state.stats
         rng = state.rng
         delay = cfg.latency_model().sample(rng) + max(0, parsed.n - 1) * cfg.latency_per_image
         u, u2 = rng.random(), rng.random()
-        fault = pick_fault(cfg, u)
+        fault = None if batch_line else pick_fault(cfg, u)
+        if batch_line:
+            delay = 0.0
         if fault == "stall":
             st.faults["stall"] += 1
             delay += cfg.stall_seconds
@@ -265,7 +285,7 @@ class Simulator:
         return Response(json_bytes(entry(name)), media_type="application/json")
 
     async def stats(self, request: Request) -> Response:
-        return Response(json_bytes(self.state.stats.snapshot()), media_type="application/json")
+        return Response(json_bytes(self.snapshot()), media_type="application/json")
 
     async def reset(self, request: Request) -> Response:
         self.state.reset()
@@ -353,6 +373,10 @@ def create_app(config: SimConfig | None = None, registry: Registry | None = None
         Route("/v1/_sim/config", sim.config_endpoint, methods=["GET", "POST"]),
         Route("/v1/_sim/health", sim.health, methods=["GET"]),
     ]
+    batches = BatchService(config, lambda *line: asgi_line(app, *line))
+    routes.extend(batch_routes(batches))
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.simulator = sim
+    app.state.batches = batches
+    sim.batches = batches
     return app

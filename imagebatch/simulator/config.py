@@ -138,6 +138,24 @@ class SimConfig:
     reset_format: str = "duration"
     # a client that disconnects during latency/stall is billed anyway (as OpenAI might)
     bill_on_disconnect: bool = False
+    # Batch API (/v1/batches): seconds in `validating`, per line while `in_progress`, and in
+    # `finalizing`; the completion window (lines not run by then end `batch_expired`);
+    # `batch_hold` keeps batches in_progress without running lines until set back to false.
+    batch_validating_seconds: float = 0.0
+    batch_seconds_per_line: float = 0.0
+    batch_finalizing_seconds: float = 0.0
+    batch_expire_seconds: float = 86400.0
+    batch_hold: bool = False
+    # a batch line whose prompt contains this word fails with 500 server_error; "" disables
+    batch_error_word: str = "batchfail"
+    # input file limits (the official ones are 50,000 requests and 200 MB)
+    batch_max_lines: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    # answer delays after the object exists (crash windows): upload, batch create, and a
+    # pause between 64 KiB chunks of file content
+    files_upload_delay: float = 0.0
+    batch_create_delay: float = 0.0
+    files_content_chunk_delay: float = 0.0
     # rendering
     # Tests: hold every request until this many are in flight at once, then release them all
     # (0: off). Proves a client really has that many outstanding; released after 60 s anyway.
@@ -188,7 +206,20 @@ class SimConfig:
         for name in ("rpm", "ipm", "quota_images", "cache_size", "hold_until_in_flight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("latency_per_image", "stall_seconds", "url_ttl"):
+        for name in (
+            "latency_per_image",
+            "stall_seconds",
+            "url_ttl",
+            "batch_validating_seconds",
+            "batch_seconds_per_line",
+            "batch_finalizing_seconds",
+            "batch_expire_seconds",
+            "batch_max_lines",
+            "batch_max_bytes",
+            "files_upload_delay",
+            "batch_create_delay",
+            "files_content_chunk_delay",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.window_seconds <= 0:

@@ -162,6 +162,9 @@ class SimulatorServer:
                 thread.join(timeout)
         if self._sock is not None:
             self._sock.close()
+        batches = getattr(self.app.state, "batches", None)
+        if batches is not None:
+            batches.close()  # its files live in a temporary folder
         self._thread = None
         self._server = None
         self._loop = None
@@ -195,7 +198,7 @@ class SimulatorServer:
 
     def stats(self) -> dict[str, Any]:
         """Same as GET /v1/_sim/stats."""
-        return self._call(self.simulator.state.stats.snapshot)
+        return self._call(self.simulator.snapshot)
 
     def reset(self) -> None:
         """Same as POST /v1/_sim/reset: clears stats, rate windows and quota use."""
