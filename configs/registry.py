@@ -93,6 +93,9 @@ class ModelSpec:
     base: str | None = None
     # False for a model the registry does not know (see `unchecked`): nothing above is true of it.
     checked: bool = True
+    # May go through the Batch API (the published endpoint list names endpoints, not models;
+    # a provider that refuses a model in batches sets this false).
+    batch: bool = True
 
     @property
     def is_gpt_image(self) -> bool:
@@ -181,6 +184,7 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
             default_quality=raw.get("default_quality", "auto"),
             released=_date(raw.get("released")),
             edit_params=frozenset(edit_params) if edit_params is not None else None,
+            batch=bool(raw.get("batch", True)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model {name} in the registry is malformed: {exc!r}") from None

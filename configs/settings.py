@@ -166,6 +166,20 @@ class GallerySettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    # "live": requests go out one by one under the rate limits. "batch": through the Batch
+    # API (half price, results within its 24-hour window).
+    mode: str = "live"
+    wait: bool = True  # false: submit, record, exit; a rerun of the same command collects
+    poll_seconds: float = 30.0
+    max_lines: int = 50_000  # per input file (the API's limit)
+    max_bytes: int = 200_000_000  # per input file (the API's limit is 200 MB)
+    not_batchable: str = "live"  # rows the Batch API cannot carry: "live" or "refuse"
+    retry_lines: str = "batch"  # lines failed transiently: retried in a new "batch" or "live"
+    max_rounds: int = 3  # batches an image may go through before its failure stands
+
+
+@dataclass(frozen=True)
 class Settings:
     job: JobDefaults = field(default_factory=JobDefaults)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -177,6 +191,7 @@ class Settings:
     cost: CostSettings = field(default_factory=CostSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     gallery: GallerySettings = field(default_factory=GallerySettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
     output_dir: str = "out"
     manifest_formats: tuple[str, ...] = ("csv", "parquet")
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -253,6 +268,7 @@ def load_settings(
         cost=_section(CostSettings, raw.get("cost", {}), "cost"),
         registry=_section(RegistrySettings, raw.get("registry", {}), "registry"),
         gallery=_section(GallerySettings, raw.get("gallery", {}), "gallery"),
+        batch=_section(BatchSettings, raw.get("batch", {}), "batch"),
         output_dir=output.get("dir", "out"),
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
@@ -278,6 +294,7 @@ def load_settings(
         raise ConfigError("[gallery] thumb_format must be 'webp' or 'jpeg', thumb_size 16 to 1024")
     if gallery.contact_sheet < 0:
         raise ConfigError("[gallery] contact_sheet must be 0 (off) or a number of images")
+    check_batch(settings.batch)
     return settings
 
 
@@ -291,6 +308,20 @@ def check_inputs(inputs: InputSettings) -> None:
         raise ConfigError("[inputs] max_source_pixels must be positive")
 
 
+def check_batch(b: BatchSettings) -> None:
+    if b.mode not in ("live", "batch"):
+        raise ConfigError("[batch] mode must be 'live' or 'batch'")
+    if b.not_batchable not in ("live", "refuse") or b.retry_lines not in ("batch", "live"):
+        raise ConfigError(
+            "[batch] not_batchable must be 'live' or 'refuse', retry_lines 'batch' or 'live'"
+        )
+    if b.max_lines < 1 or b.max_bytes < 1024 or b.max_rounds < 1 or b.poll_seconds <= 0:
+        raise ConfigError(
+            "[batch] max_lines and max_rounds must be at least 1, max_bytes at least 1024, "
+            "poll_seconds above 0"
+        )
+
+
 SECTIONS = {
     "job": JobDefaults,
     "api": ApiSettings,
@@ -302,6 +333,7 @@ SECTIONS = {
     "cost": CostSettings,
     "registry": RegistrySettings,
     "gallery": GallerySettings,
+    "batch": BatchSettings,
 }
 # Never a run argument: keys come from the environment only, so they cannot land in a
 # Prefect flow run's parameters.

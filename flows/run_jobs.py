@@ -34,6 +34,7 @@ from imagebatch.configs.settings import (
     resolve_limits,
     route_overrides,
 )
+from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
 from imagebatch.tasks.errors import OutputError
@@ -101,7 +102,10 @@ class RunReport:
     def exit_code(self) -> int:
         if self.stopped:
             return 2
-        return 0 if self.counts.get("succeeded", 0) == len(self.manifest) else 1
+        done = self.manifest["status"] == "succeeded"
+        # Submitted with --no-wait: images waiting in a batch are not failures.
+        waiting = self.manifest["error_code"] == "batch_pending"
+        return 0 if bool((done | waiting).all()) else 1
 
 
 def _shaping(settings: Settings) -> dict[str, Any]:
@@ -337,6 +341,7 @@ class _Run:
     reporter: Reporter
     started: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    batch_stats: dict[str, Any] = field(default_factory=dict)  # --batch: the batches' counters
 
 
 async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
@@ -347,6 +352,8 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         previous = _check_folder(run)
         jobs: list[Job] = read_jobs(run.source)
         run.settings, simulator = _target(run.settings, run.reporter)
+        if simulator is not None and run.settings.batch.mode == "batch":
+            run.settings = _wait_for_simulated_batches(run.settings, run.reporter)
         checked = _validate(run, jobs)
         planned = plan_jobs(checked.valid)
         store, journal, records = _open_output(run, previous)
@@ -355,7 +362,7 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         )
         dispatcher = _dispatcher(run, store, journal, records)
         run.reporter.start(sum(len(idx) for _, idx in work), skipped)
-        dispatch_seconds = await _dispatch(run, dispatcher, work)
+        dispatch_seconds = await _dispatch(run, dispatcher, work, records, planned)
         manifest = _write_manifest(
             jobs, planned, checked.invalid, records, store, run.settings, run.reporter
         )
@@ -444,15 +451,36 @@ def _dispatcher(
 
 
 async def _dispatch(
-    run: _Run, dispatcher: Dispatcher, work: list[tuple[PlannedJob, list[int]]]
+    run: _Run,
+    dispatcher: Dispatcher,
+    work: list[tuple[PlannedJob, list[int]]],
+    records: dict[str, ImageRecord],
+    planned: list[PlannedJob],
 ) -> float:
-    """Fan the work out as Prefect tasks; returns the seconds it took. Closes client and journal."""
+    """Fan the work out as Prefect tasks, or through the Batch API (`[batch] mode`); returns
+    the seconds it took. Closes client and journal."""
     flow_settings = run.settings.flow
     token = current_dispatcher.set(dispatcher)
     started = time.time()
+
+    def live(part: list[tuple[PlannedJob, list[int]]]) -> Any:
+        return _FanOut(dispatcher, flow_settings.task_per, flow_settings.chunk_jobs).run(part)
+
     try:
         with _interrupts(dispatcher, run.reporter, asyncio.current_task()):
-            await _FanOut(dispatcher, flow_settings.task_per, flow_settings.chunk_jobs).run(work)
+            if run.settings.batch.mode == "batch":
+                run.batch_stats = await run_batch_phase(
+                    run.settings,
+                    dispatcher,
+                    records,
+                    planned,
+                    work,
+                    run.reporter.notice,
+                    dispatcher.on_image,
+                    live,
+                )
+            else:
+                await live(work)
     except asyncio.CancelledError:
         dispatcher.halt(KeyboardInterrupt("interrupted twice: requests in flight were abandoned"))
     finally:
@@ -476,6 +504,8 @@ def _report(
     if dispatcher.fatal is not None:
         stopped = str(dispatcher.fatal) or type(dispatcher.fatal).__name__
     stats = {**dict(dispatcher.stats), "limiter": dispatcher.limiter.snapshot()}
+    if run.settings.batch.mode == "batch":
+        stats["batch"] = run.batch_stats
     if simulator is not None:
         stats["simulator"] = simulator.stats()
     used_simulator = simulator is not None
@@ -512,6 +542,16 @@ def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float)
             "versions": _versions(),
         },
     )
+
+
+def _wait_for_simulated_batches(settings: Settings, reporter: Reporter) -> Settings:
+    """The built-in simulator stops with the run: its batches can only be collected now."""
+    if not settings.batch.wait:
+        reporter.notice(
+            "--no-wait ignored: the built-in simulator stops with this run, so its batches "
+            "could not be collected later"
+        )
+    return settings.with_overrides("batch", wait=True)
 
 
 def _target(settings: Settings, reporter: Reporter) -> tuple[Settings, Any]:

@@ -92,6 +92,13 @@ def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, *
     return run_jobs(jobs, out, **kwargs)
 
 
+def _batchable(unit: RequestUnit) -> bool:
+    """A `--batch` run sends this unit through the Batch API (at the batch price)."""
+    from imagebatch.tasks.batch_lines import refusal
+
+    return refusal(unit) is None
+
+
 @dataclass
 class CostEstimate:
     """What a run would send, and what it would cost (`imagebatch run --dry-run`)."""
@@ -152,7 +159,7 @@ def estimate(
     return CostEstimate(
         checked,
         len(rows),
-        cost_plan(book, units),
+        cost_plan(book, units, batch=_batchable if settings.batch.mode == "batch" else None),
         skipped,
         book,
         None,

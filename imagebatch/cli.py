@@ -276,6 +276,19 @@ def main() -> None:
     default=None,
     help="Run against a built-in simulator: synthetic images, nothing billed.",
 )
+@click.option(
+    "--batch",
+    "mode",
+    flag_value="batch",
+    default=None,
+    help="Send through OpenAI's Batch API: half price, results within 24 hours.",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=None,
+    help="With --batch: wait for the batches (default), or submit, record and exit 0; "
+    "rerunning the same command collects them.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
     jobs: Path,
@@ -729,6 +742,85 @@ def _check_models(registry: Any, base_url: str | None, config: Path | None) -> N
             out.print(f"  {escape(name)}")
         if names and hint:
             out.print(f"  [dim]{hint}[/]")
+
+
+@main.group()
+def batch() -> None:
+    """Batches submitted by `run --batch` into an output folder."""
+
+
+def _batch_api(config: Path | None) -> Any:
+    from imagebatch.configs.settings import load_settings
+    from imagebatch.tasks.batch_api import BatchApi
+
+    settings = load_settings(config)
+    if settings.api.has_no_target or settings.api.uses_simulator:
+        _fail(
+            "set OPENAI_API_KEY (and OPENAI_BASE_URL for another server) to reach the server "
+            "that holds the batches; the built-in simulator keeps none between runs"
+        )
+    return BatchApi(settings.api, settings.retry)
+
+
+@batch.command("status")
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def batch_status_cmd(out: Path, config: Path | None) -> None:
+    """Show every batch recorded in the output folder OUT and its state on the server."""
+    import asyncio
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from imagebatch.tasks.batch import batch_status
+
+    async def go() -> list[dict[str, Any]]:
+        async with _batch_api(config) as api:
+            return await batch_status(out, api)
+
+    rows = asyncio.run(go())
+    if not rows:
+        _fail(f"no batches are recorded in {out}", 1)
+    table = Table(title=f"batches: {out}")
+    for col in ("batch", "endpoint", "requests", "status", "completed", "failed"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            escape(str(r["batch_id"] or r["part"])),
+            r["endpoint"],
+            str(r["requests"]),
+            escape(str(r["status"])),
+            "" if r.get("completed") is None else str(r["completed"]),
+            "" if r.get("failed") is None else str(r["failed"]),
+        )
+    _console().print(table)
+    if any(not r["collected"] and not r["dropped"] for r in rows):
+        _console().print("Collect finished batches by rerunning the same `imagebatch run` command.")
+
+
+@batch.command("cancel")
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def batch_cancel_cmd(out: Path, config: Path | None) -> None:
+    """Cancel every unfinished batch recorded in the output folder OUT.
+
+    What a batch finished before cancelling is still collected by the next run; the rest
+    of its images become not_run (batch_cancelled) and a later run submits them again."""
+    import asyncio
+
+    from rich.markup import escape
+
+    from imagebatch.tasks.batch import batch_cancel
+
+    async def go() -> list[tuple[str, str]]:
+        async with _batch_api(config) as api:
+            return await batch_cancel(out, api)
+
+    results = asyncio.run(go())
+    if not results:
+        _fail(f"no unfinished batches are recorded in {out}", 1)
+    for batch_id, status in results:
+        _console().print(f"{escape(batch_id)}: {escape(status)}")
 
 
 if __name__ == "__main__":

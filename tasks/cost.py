@@ -10,7 +10,7 @@ the call. Anything without a price is `None` (unknown), never zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -272,8 +272,15 @@ class CostPlan:
         }
 
 
-def cost_plan(book: PriceBook, units: Iterable[RequestUnit]) -> CostPlan:
-    """Group request units by model, operation, size and quality and add up their estimates."""
+def cost_plan(
+    book: PriceBook,
+    units: Iterable[RequestUnit],
+    *,
+    batch: Callable[[RequestUnit], bool] | None = None,
+) -> CostPlan:
+    """Group request units by model, operation, size and quality and add up their estimates.
+
+    `batch` says which units go through the Batch API (priced with the batch discount)."""
     lines: dict[tuple[str, str, str, str], PlanLine] = {}
     for unit in units:
         job = unit.planned.job
@@ -281,7 +288,7 @@ def cost_plan(book: PriceBook, units: Iterable[RequestUnit]) -> CostPlan:
         quality = quality if "quality" in job.params else ""
         key = (job.model.name, job.operation, size, quality)
         line = lines.setdefault(key, PlanLine(*key))
-        est = estimate_unit(book, job, unit.n)
+        est = estimate_unit(book, job, unit.n, batch=batch is not None and batch(unit))
         line.jobs.add(unit.planned.job_id)
         line.requests += 1
         line.images += unit.n

@@ -46,6 +46,7 @@ class ImageRecord:
     input_tokens: float | None = None
     output_tokens: float | None = None
     run_id: str | None = None
+    batch_id: str | None = None  # the Batch API batch that made it (None: sent live)
     finished_at: float = field(default_factory=time.time)
 
 

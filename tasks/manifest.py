@@ -45,6 +45,8 @@ COLUMNS = [
     "request_id",
     "input_tokens",
     "output_tokens",
+    "transport",
+    "batch_id",
     "key",
 ]
 # Manifest columns taken as they are from the image's journal record.
@@ -62,6 +64,7 @@ FROM_RECORD = (
     "request_id",
     "input_tokens",
     "output_tokens",
+    "batch_id",
 )
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
@@ -125,6 +128,8 @@ def build_rows(
                 row["status"] = "not_run"
             else:
                 row.update({name: getattr(rec, name) for name in FROM_RECORD})
+                if rec.status != "not_run":
+                    row["transport"] = "batch" if rec.batch_id else "live"
             row.update(carried(job.extra))
             rows.append(row)
     return rows

@@ -1,0 +1,301 @@
+"""Batch collection: a finished batch's output and error files become images and journal lines.
+
+Files are downloaded to disk first (they can be gigabytes), then read one line at a time; a
+few lines are in flight at once, so memory holds a handful of lines whatever the file's
+size. Each image takes the live path: full decode, atomic store, journal record. Error
+lines become `failed` or `rejected` with the server's code and message, classified exactly
+as live errors are; a line a retry may fix (a 5xx, a malformed answer) is handed back for
+another round instead. Lines the batch never ran (expired, cancelled) leave their images
+`not_run` with that reason, in memory only, so the next run submits them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagebatch.tasks.batch_ledger import Part
+from imagebatch.tasks.errors import ApiError, OutputError, RejectedError, TransientError
+from imagebatch.tasks.journal import ImageRecord, Journal
+from imagebatch.tasks.retry import error_from_response
+from imagebatch.tasks.store import CorruptImage, ImageStore
+
+IN_FLIGHT_LINES = 4
+NOT_RUN_REASONS = {
+    "expired": ("batch_expired", "the batch's 24-hour window ended before this request ran"),
+    "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
+    "failed": ("batch_failed", "the batch failed validation"),
+}
+
+Download = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass
+class Collected:
+    """What one batch's files gave: per-image outcomes, and the units to send again."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    retry: dict[str, list[list[Any]]] = field(default_factory=dict)  # custom_id -> images
+    not_run: list[ImageRecord] = field(default_factory=list)
+    round: int = 1  # the batch round: an image's attempts so far
+
+
+@dataclass
+class Collector:
+    store: ImageStore
+    journal: Journal
+    run_id: str
+    download: Download  # fetches a `url` image (DALL·E) at once, without our credentials
+    done: dict[str, ImageRecord]  # the journal's records: images already succeeded are skipped
+    on_record: Callable[[ImageRecord], None] | None = None
+
+    async def collect(
+        self,
+        part: Part,
+        batch: dict[str, Any],
+        files: list[Path],
+        last_round: bool,
+        reason: str | None = None,
+    ) -> Collected:
+        """Read the downloaded output/error `files` of `part`'s finished `batch`."""
+        result = Collected(round=part.round)
+        seen: set[str] = set()
+        gate = asyncio.Semaphore(IN_FLIGHT_LINES)
+        pending: set[asyncio.Task] = set()
+        for path in files:
+            with path.open("rb") as f:
+                for raw in f:
+                    await gate.acquire()
+                    task = asyncio.create_task(
+                        self._guarded(gate, raw, part, batch, last_round, seen, result)
+                    )
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    # A storage error stops the collection at once, as it stops a live run.
+                    for t in [t for t in pending if t.done() and t.exception()]:
+                        raise t.exception()  # type: ignore[misc]
+        if pending:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        code, message = NOT_RUN_REASONS.get(
+            str(batch.get("status")), ("batch_incomplete", "the batch returned no result for it")
+        )
+        if reason:
+            message = f"{message}: {reason}"
+        for cid, images in part.units.items():
+            if cid not in seen:
+                self._not_run(result, batch, images, code, message)
+        return result
+
+    async def _guarded(
+        self,
+        gate: asyncio.Semaphore,
+        raw: bytes,
+        part: Part,
+        batch: dict[str, Any],
+        last_round: bool,
+        seen: set[str],
+        result: Collected,
+    ) -> None:
+        try:
+            await self._line(raw, part, batch, last_round, seen, result)
+        finally:
+            gate.release()
+
+    async def _line(
+        self,
+        raw: bytes,
+        part: Part,
+        batch: dict[str, Any],
+        last_round: bool,
+        seen: set[str],
+        result: Collected,
+    ) -> None:
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            return  # a torn or foreign line: its images stay unanswered (not_run), never guessed
+        cid = line.get("custom_id") if isinstance(line, dict) else None
+        if not isinstance(cid, str) or cid in seen:
+            return
+        images = part.units.get(cid)
+        if images is None:
+            return
+        seen.add(cid)
+        todo = [img for img in images if not self._succeeded(img[0])]
+        if not todo:
+            return
+        response = line.get("response") if isinstance(line.get("response"), dict) else None
+        error = line.get("error") if isinstance(line.get("error"), dict) else None
+        if response is None:
+            code = str((error or {}).get("code") or "batch_incomplete")
+            message = str((error or {}).get("message") or "the batch did not run this request")
+            self._not_run(result, batch, todo, code, message)
+            return
+        status = response.get("status_code")
+        request_id = (
+            response.get("request_id") if isinstance(response.get("request_id"), str) else None
+        )
+        body = response.get("body")
+        if isinstance(status, int) and 200 <= status < 300 and isinstance(body, dict):
+            await self._images(cid, todo, body, request_id, batch, last_round, result)
+            return
+        failure = error_from_response(
+            status if isinstance(status, int) else 500,
+            {"x-request-id": request_id} if request_id else {},
+            json.dumps(body).encode("utf-8"),
+        )
+        await self._failed(cid, todo, failure, batch, last_round, result)
+
+    def _succeeded(self, key: str) -> bool:
+        rec = self.done.get(key)
+        return rec is not None and rec.status == "succeeded"
+
+    async def _images(
+        self,
+        cid: str,
+        images: list[list[Any]],
+        body: dict[str, Any],
+        request_id: str | None,
+        batch: dict[str, Any],
+        last_round: bool,
+        result: Collected,
+    ) -> None:
+        raw_data, raw_usage = body.get("data"), body.get("usage")
+        data: list[Any] = raw_data if isinstance(raw_data, list) else []
+        usage = raw_usage if isinstance(raw_usage, dict) else None
+        per_in, per_out = _tokens_per_image(usage, len(images))
+        missing: list[list[Any]] = []
+        # Images of one line map to its image keys in order, as a live call's `data` does.
+        for image, item in zip(images, data + [None] * (len(images) - len(data))):
+            key, job_id, stem, index = image
+            blob, revised = await self._bytes(item, request_id)
+            if blob is None:
+                missing.append(image)
+                continue
+            try:
+                stored = await asyncio.to_thread(self.store.save, blob, stem, index)
+            except CorruptImage:
+                missing.append(image)
+                continue
+            record = ImageRecord(
+                key=key,
+                job_id=job_id,
+                index=index,
+                status="succeeded",
+                file=stored.file,
+                sha256=stored.sha256,
+                width=stored.width,
+                height=stored.height,
+                revised_prompt=revised,
+                attempts=result.round,
+                request_id=request_id,
+                input_tokens=per_in,
+                output_tokens=per_out,
+                run_id=self.run_id,
+                batch_id=batch.get("id"),
+            )
+            await self._record(record, result)
+        if missing:
+            failure = TransientError(
+                f"{len(missing)} of {len(images)} images missing or not decodable in the batch output",
+                status=200,
+                code="malformed_response",
+                request_id=request_id,
+            )
+            await self._failed(cid, missing, failure, batch, last_round, result)
+
+    async def _bytes(self, item: Any, request_id: str | None) -> tuple[bytes | None, str | None]:
+        if not isinstance(item, dict):
+            return None, None
+        revised = (
+            item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+        )
+        if isinstance(item.get("b64_json"), str):
+            try:
+                return base64.b64decode(item["b64_json"], validate=True), revised
+            except (binascii.Error, ValueError):
+                return None, revised
+        if isinstance(item.get("url"), str):
+            try:
+                return await self.download(item["url"]), revised
+            except ApiError:
+                return None, revised
+        return None, revised
+
+    async def _failed(
+        self,
+        cid: str,
+        images: list[list[Any]],
+        error: ApiError,
+        batch: dict[str, Any],
+        last_round: bool,
+        result: Collected,
+    ) -> None:
+        if isinstance(error, TransientError) and not last_round:
+            result.retry.setdefault(cid, []).extend(images)
+            return
+        status = "rejected" if isinstance(error, RejectedError) else "failed"
+        for key, job_id, _stem, index in images:
+            record = ImageRecord(
+                key=key,
+                job_id=job_id,
+                index=index,
+                status=status,
+                attempts=result.round,
+                request_id=error.request_id,
+                error_code=error.error_code,
+                error_message=error.message[:500],
+                run_id=self.run_id,
+                batch_id=batch.get("id"),
+            )
+            await self._record(record, result)
+
+    async def _record(self, record: ImageRecord, result: Collected) -> None:
+        try:
+            await self.journal.record(record)
+        except OutputError:
+            raise
+        self.done[record.key] = record
+        result.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _not_run(
+        self,
+        result: Collected,
+        batch: dict[str, Any],
+        images: list[list[Any]],
+        code: str,
+        message: str,
+    ) -> None:
+        for key, job_id, _stem, index in images:
+            if self._succeeded(key):
+                continue
+            result.not_run.append(
+                ImageRecord(
+                    key=key,
+                    job_id=job_id,
+                    index=index,
+                    status="not_run",
+                    error_code=code,
+                    error_message=message,
+                    run_id=self.run_id,
+                    batch_id=batch.get("id"),
+                )
+            )
+
+
+def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | None, float | None]:
+    try:
+        return usage["input_tokens"] / n, usage["output_tokens"] / n  # type: ignore[index]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None, None
