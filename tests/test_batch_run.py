@@ -93,7 +93,8 @@ def assert_files_verify(out: Path, m: pd.DataFrame) -> None:
 MIXED = [
     {"id": "g2", "prompt": "a teapot", "model": "gpt-image-2", "n": 3, "quality": "low"},
     {"id": "g1", "prompt": "a lamp", "model": "gpt-image-1", "n": 12, "quality": "low"},
-    {"id": "d3", "prompt": "a fox", "model": "dall-e-3", "n": 3, "size": "1024x1024"},
+    # url results (DALL·E) are downloaded at once, as live ones are
+    {"id": "d3", "prompt": "a fox", "model": "dall-e-3", "n": 3, "response_format": "url"},
     {"id": "g2b", "prompt": "an owl", "model": "gpt-image-2", "n": 1, "quality": "medium"},
 ]
 
@@ -137,6 +138,7 @@ def test_mixed_catalog_goes_through_one_batch_with_n_split(sim, prefect_api, tmp
     # n split as the models allow: gpt-image-1 12 -> 10 + 2; dall-e-3 one per line.
     assert stats["lines_run"] == 1 + 2 + 3 + 1
     assert sim.stats()["images_billed"] == 19
+    assert sim.stats()["files_served"] == 3  # dall-e-3's url results, fetched at once
     # Waiting shows in Prefect too: the batches' progress as a table artifact.
     rows = json.loads(_latest_artifact("imagebatch-batches"))
     assert rows[-1]["batch"] == m.batch_id.iloc[0] and rows[-1]["status"] == "completed"
@@ -460,3 +462,47 @@ def test_sigkill_at_each_stage_then_rerun_completes_without_a_second_batch(
     assert len([r for r in journal if r["status"] == "succeeded"]) == requested
     # Input, output and temp files under batch/ are ours and are gone once collected.
     assert not any((out / "batch").iterdir())
+
+
+def test_killed_after_collecting_but_before_recording_it_collects_again_without_duplicates(
+    sim, prefect_api, tmp_path
+):
+    """The last window: every image journaled, the ledger's `collected` line not yet written
+    (simulated by cutting it off). The rerun downloads the batch's files again and finds
+    every image already done: nothing stored twice, nothing submitted or billed again."""
+    jobs = write_jobs(tmp_path / "jobs.csv", MIXED[:2])
+    out = tmp_path / "out"
+    cfg = config(tmp_path)
+    assert (
+        run_cli(
+            sim, [str(jobs), "--out", str(out), "--batch", "--config", str(cfg), "-q"]
+        ).exit_code
+        == 0
+    )
+    events = (out / "batches.jsonl").read_text().splitlines()
+    assert json.loads(events[-1])["event"] == "collected"
+    (out / "batches.jsonl").write_text("\n".join(events[:-1]) + "\n")
+    journal_before = (out / "journal.jsonl").read_text()
+
+    result = run_cli(sim, [str(jobs), "--out", str(out), "--batch", "--config", str(cfg), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "journal.jsonl").read_text() == journal_before
+    assert json.loads((out / "batches.jsonl").read_text().splitlines()[-1])["event"] == "collected"
+    assert batch_stats(sim)["batches_created"] == 1
+    assert sim.stats()["images_billed"] == 15
+    assert set(manifest(out).status) == {"succeeded"}
+
+
+def test_python_api_and_dry_run_know_batch_mode(sim, prefect_api, tmp_path, monkeypatch):
+    import imagebatch
+
+    for name, value in env(sim).items():
+        monkeypatch.setenv(name, value)
+    frame = pd.DataFrame(MIXED[:1])
+    m = imagebatch.run(frame, out=tmp_path / "out", mode="batch", poll_seconds=0.05)
+    assert set(m.status) == {"succeeded"} and set(m.transport) == {"batch"}
+    assert m.attrs["imagebatch"]["exit_code"] == 0
+
+    live = imagebatch.api.estimate(frame).plan
+    batch = imagebatch.api.estimate(frame, mode="batch").plan
+    assert live.usd > 0 and batch.usd == live.usd / 2  # the price book's batch discount
