@@ -3,7 +3,9 @@
 Every call goes limiter -> client -> store -> journal here, under the retry policy, so a
 budget, a cost cap or another backend (the Batch API) has exactly one seat to take.
 Outcomes are recorded per image. A fatal error or Ctrl-C sets `stop`: units not yet
-started become `not_run`, and units in flight finish.
+started become `not_run`, and units in flight finish. A model the server does not serve
+(404 model_not_found) fails that model's units not yet sent, without sending them; the
+other models' units go on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
     FatalError,
+    ModelUnavailable,
     OutputError,
     RateLimited,
     RejectedError,
@@ -66,6 +69,8 @@ class Dispatcher:
     fatal: BaseException | None = None
     stats: Counter = field(default_factory=Counter)
     on_image: Any = None  # callback(record) for progress display
+    # (model, deployment) -> the server's answer that it does not serve it
+    unavailable: dict[tuple[str, str], ModelUnavailable] = field(default_factory=dict)
 
     def halt(self, reason: BaseException) -> None:
         """Stop dispatching new units; the first reason is the one reported."""
@@ -109,6 +114,7 @@ class Dispatcher:
         """One request for the images still missing; a short answer is retried as malformed."""
         if self.stop.is_set():
             raise Stopped()
+        self._raise_if_unavailable(progress.unit)
         sub = RequestUnit(progress.unit.planned, tuple(progress.remaining))
         result = await self._send(sub, progress)
         progress.last_request_id = result.request_id
@@ -126,6 +132,7 @@ class Dispatcher:
         async with self.limiter.slot(sub.n) as permit:
             if self.stop.is_set():
                 raise Stopped()
+            self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
             progress.attempts += 1
             try:
                 result = await self.client.send(sub)
@@ -137,9 +144,34 @@ class Dispatcher:
                 if isinstance(error, RateLimited):
                     self.stats["rate_limited"] += 1
                     self.limiter.rate_limited(error.retry_after, error.headers)
+                if isinstance(error, ModelUnavailable):
+                    self._mark_unavailable(sub, error)
                 raise
             permit.record(result.headers, result.latency)
         return result
+
+    def _raise_if_unavailable(self, unit: RequestUnit) -> None:
+        """The server already said it does not serve this model: fail without a request."""
+        known = self.unavailable.get(_model_key(unit))
+        if known is not None:
+            raise ModelUnavailable(
+                known.message,
+                status=known.status,
+                code=known.code,
+                type=known.type,
+                request_id=known.request_id,
+            )
+
+    def _mark_unavailable(self, sub: RequestUnit, error: ModelUnavailable) -> None:
+        key = _model_key(sub)
+        if key not in self.unavailable:
+            self.unavailable[key] = error
+            self.stats["models_unavailable"] += 1
+            log.warning(
+                "the server does not serve %s (%s): its remaining images fail, other models go on",
+                key[0],
+                error,
+            )
 
     async def _store(self, sub: RequestUnit, result: ApiResult, progress: _Progress) -> None:
         """Save and journal each decodable image; the ones that are not stay remaining."""
@@ -198,6 +230,11 @@ class Dispatcher:
     def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
         """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
         return self._count(self._image_record(unit, index, status="not_run"))
+
+
+def _model_key(unit: RequestUnit) -> tuple[str, str]:
+    job = unit.planned.job
+    return job.model.name, job.deployment or job.model.name
 
 
 def _task_logger() -> logging.Logger | logging.LoggerAdapter:

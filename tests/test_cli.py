@@ -166,9 +166,8 @@ def test_model_the_server_does_not_serve_fails_only_its_rows(prefect_api, fresh_
     models.write_text(
         '[models."my-model"]\nendpoints = ["generate"]\nsizes = ["1024x1024"]\nqualities = ["auto"]\nprompt_max = 100\n'
     )
-    rows = [{"prompt": f"x {i}", "model": "my-model"} for i in range(5)]
-    rows += [{"prompt": f"y {i}", "model": "gpt-image-2"} for i in range(3)]
-    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    rows = [{"prompt": f"x{i}", "model": "my-model"} for i in range(5)]
+    jobs = write_jobs(tmp_path / "jobs.csv", [*rows, {"prompt": "y", "model": "gpt-image-2"}])
     out = tmp_path / "out"
     result = invoke(
         [
@@ -184,12 +183,15 @@ def test_model_the_server_does_not_serve_fails_only_its_rows(prefect_api, fresh_
         ],
         env=api_env(fresh_sim),
     )
-    assert result.exit_code == 1, result.output  # some images failed; the run was not stopped
-    manifest = pd.read_csv(out / "manifest.csv")
+    assert result.exit_code == 1, result.output  # not stopped: the other model ran
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     mine = manifest[manifest.model == "my-model"]
-    assert set(mine.status) == {"failed"}
-    assert set(mine.error_code) == {"model_not_found"}
-    assert set(manifest[manifest.model == "gpt-image-2"].status) == {"succeeded"}
+    assert (mine.status == "failed").all() and (mine.error_code == "model_not_found").all()
+    assert mine.error_message.str.contains("my-model").all()  # the server's words
+    assert manifest[manifest.model == "gpt-image-2"].status.tolist() == ["succeeded"]
+    # once the server said so, the model's other rows were not sent
+    assert fresh_sim.stats()["requests_seen"] == 2
+    assert sorted(mine.attempts.tolist()) == [0, 0, 0, 0, 1]
 
 
 def test_rerun_requests_nothing_and_keeps_the_manifest(prefect_api, fresh_sim, tmp_path):
