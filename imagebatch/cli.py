@@ -685,7 +685,8 @@ def models(
         _check_models(registry, base_url, config)
         return
     table = Table(show_header=True)
-    for col in ("model", "operations", "n/call", "sizes", "qualities", "retired on api.openai.com"):
+    columns = ("model", "operations", "n/call", "sizes", "qualities", "released", "retired")
+    for col in columns:
         table.add_column(col)
     for name in registry.names():
         m = registry.get(name)
@@ -697,9 +698,15 @@ def models(
             str(m.max_n_per_call),
             sizes,
             ", ".join(m.qualities),
+            m.released.isoformat() if m.released else "",
             m.retired.isoformat() if m.retired else "",
         )
     Console().print(table)
+    Console().print(
+        "Retired: the date api.openai.com stopped serving it. A dated snapshot "
+        "(<model>-YYYY-MM-DD) has its model's rules; a model not listed is sent unchecked "
+        "(--strict-models refuses it)."
+    )
 
 
 def _check_models(registry: Any, base_url: str | None, config: Path | None) -> None:
