@@ -83,3 +83,13 @@ def test_check_needs_a_target():
 def test_list_shows_current_models(tmp_path: Path):
     result = invoke(["models"], {"COLUMNS": "200"})
     assert result.exit_code == 0 and "gpt-image-2.5-sunburst" in result.output
+
+
+def test_check_against_an_azure_resource_uses_its_list_and_api_key(other_server, tmp_path):
+    config = tmp_path / "azure.toml"
+    config.write_text(
+        f'[api]\nbase_url = "{other_server.url}"\napi_type = "azure"\n', encoding="utf-8"
+    )
+    result = invoke(["models", "--check", "--config", str(config)], {"OPENAI_API_KEY": KEY})
+    assert result.exit_code == 0, result.output
+    assert "/openai/models lists" in result.output and "gpt-image-3-preview" in result.output

@@ -49,7 +49,7 @@ from .faults import (
 )
 from .request import Parsed, check_auth
 from .responses import build_body
-from .rules import LABEL, parse_request
+from .rules import LABEL, newest_family, parse_request
 from .state import SimState
 
 log = logging.getLogger("imagebatch.simulator")
@@ -275,7 +275,7 @@ class Simulator:
                 json_bytes({"object": "list", "data": [entry(m) for m in served]}),
                 media_type="application/json",
             )
-        if reg.get(name) is None:
+        if reg.get(name) is None and newest_family(reg, name) is None:
             failure = ApiFailure(
                 404,
                 f"The model `{name}` does not exist or you do not have access to it.",
