@@ -24,8 +24,8 @@ from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
     malformed_response_error,
-    retrying,
 )
+from imagebatch.tasks.retry_policy import retrying
 from imagebatch.tasks.store import fsync_dir
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")

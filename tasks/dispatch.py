@@ -35,7 +35,8 @@ from imagebatch.tasks.errors import (
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.plan import RequestUnit
-from imagebatch.tasks.retry import malformed_response_error, retrying
+from imagebatch.tasks.retry import malformed_response_error
+from imagebatch.tasks.retry_policy import retrying
 from imagebatch.tasks.store import CorruptImage, ImageStore
 
 log = logging.getLogger("imagebatch")

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from imagebatch.configs.settings import LimitSettings
-from imagebatch.tasks.retry import lower_headers, parse_reset, parse_retry_after
+from imagebatch.tasks.headers import lower_headers, parse_reset, parse_retry_after
 
 _INFLIGHT = -1.0  # `_blocked` result: wait for a slot to be released
 _EPS = 1e-9

@@ -1,4 +1,4 @@
-"""Error classification and the retry policy for Images API calls.
+"""Error classification for Images API calls: what came back becomes one ApiError class.
 
 Classification turns what came back (a status with headers and body, a transport exception,
 or a 200 that cannot be used) into one of the `tasks.errors.ApiError` classes; the class says
@@ -42,7 +42,7 @@ the prompt.
   and bad credentials do not heal.
 - `false` turns a 408/409/5xx TransientError into a RequestError (failed, not retried). A 429
   stays RateLimited so that the caller still pauses the run, but with `should_retry=False` the
-  policy below does not retry that request.
+  retry policy (tasks/retry_policy.py) does not retry that request.
 
 Messages carry only what the server put in the response body (or a description of the transport
 failure). Request headers, and so the API key, are never read here; anything that looks like an
@@ -51,21 +51,13 @@ OpenAI key in a message is masked anyway.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
-import random
 import re
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
-import tenacity
 
-from imagebatch.configs.settings import RetrySettings
 from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
@@ -76,6 +68,7 @@ from imagebatch.tasks.errors import (
     RequestError,
     TransientError,
 )
+from imagebatch.tasks.headers import lower_headers, parse_duration, parse_reset, parse_retry_after
 
 MESSAGE_LIMIT = 500
 REJECTION_CODES = frozenset(
@@ -106,17 +99,6 @@ EMPTY_BODIES = ("empty response body", "empty error body")
 # Keys in a validation-error item that echo the request back (the whole prompt, say).
 _ECHO_KEYS = frozenset({"input", "ctx", "url", "body"})
 
-_UNITS = {
-    "h": 3600.0,
-    "m": 60.0,
-    "s": 1.0,
-    "ms": 1e-3,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ns": 1e-9,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
 _TRY_AGAIN = re.compile(
     r"try again in\s+((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|μs|ns|h|m|s))+)", re.I
 )
@@ -125,58 +107,8 @@ _RETRY_AFTER_WORDS = re.compile(
     r"(?:try again|retry) (?:in|after)\s+(\d+(?:\.\d+)?)\s*(milliseconds?|ms|seconds?|secs?|s)\b",
     re.I,
 )
-# A reset "duration" this large is an absolute Unix time (some compatible servers send one).
-_EPOCH_SECONDS = 1e9
-_EPOCH_MILLIS = 1e12
 RESET_BUCKETS = ("requests", "tokens", "images", "input-images")
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Durations and headers
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in a Go-style duration (`1s`, `6m0s`, `240ms`, `1h2m3.5s`); a plain number is seconds.
-
-    Returns None for anything else, including negative, infinite or empty values.
-    """
-    if text is None:
-        return None
-    s = str(text).strip()
-    if not s:
-        return None
-    try:
-        value = float(s)
-    except ValueError:
-        pass
-    else:
-        return value if math.isfinite(value) and value >= 0 else None
-    total = 0.0
-    pos = 0
-    for match in _DURATION_PART.finditer(s):
-        if match.start() != pos:
-            return None
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(s) or pos == 0:
-        return None
-    return total
-
-
-def parse_reset(text: str | None, now: float | None = None) -> float | None:
-    """Seconds until an `x-ratelimit-reset-*` value: a Go duration (`6m0s`), plain seconds, or
-    an absolute Unix time in seconds or milliseconds (no real duration is 30 years long)."""
-    if text is None:
-        return None
-    seconds = parse_duration(text)
-    if seconds is None:
-        return None
-    if seconds >= _EPOCH_SECONDS:
-        wall = time.time() if now is None else now
-        absolute = seconds / 1000.0 if seconds >= _EPOCH_MILLIS else seconds
-        return max(0.0, absolute - wall)
-    return seconds
 
 
 def _reset_hint(headers: Mapping[str, str]) -> float | None:
@@ -190,54 +122,6 @@ def _reset_hint(headers: Mapping[str, str]) -> float | None:
         if remaining is None or remaining.strip() in ("0", "0.0"):
             waits.append(reset)
     return max(waits) if waits else None
-
-
-def lower_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
-    """A mapping whose lookups by lower-case name work (httpx.Headers is returned as it is)."""
-    if not headers:
-        return {}
-    if isinstance(headers, httpx.Headers):
-        return headers
-    return {str(k).lower(): v for k, v in headers.items()}
-
-
-def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """The server's wait hint in seconds, read the way the official SDK reads it.
-
-    `retry-after-ms` (float milliseconds) first, then `retry-after` as seconds, then `retry-after`
-    as an HTTP-date measured from `now` (epoch seconds, default the wall clock; a date in the past
-    gives 0). Malformed, negative or infinite values count as absent.
-    """
-    h = lower_headers(headers)
-    raw_ms = h.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            ms = float(raw_ms)
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(ms) and ms >= 0:
-                return ms / 1000.0
-    raw = h.get("retry-after")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
 
 
 def _should_retry_header(headers: Mapping[str, str]) -> bool | None:
@@ -514,120 +398,4 @@ def malformed_response_error(
         status=status,
         code="malformed_response",
         request_id=request_id,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Policy
-
-
-def is_retryable(error: BaseException, settings: RetrySettings) -> bool:
-    """Whether the policy may retry after `error` at all (ignoring attempt and time budgets)."""
-    if not isinstance(error, TransientError):
-        return False
-    if isinstance(error, AmbiguousError) and settings.on_ambiguous != "retry":
-        return False
-    if error.should_retry is False:
-        return False
-    hint = error.retry_after
-    if hint is not None and math.isfinite(hint) and hint > settings.max_server_hint:
-        return False
-    return True
-
-
-def retry_wait(
-    error: BaseException,
-    retries_so_far: int,
-    settings: RetrySettings,
-    rand: Callable[[], float] = random.random,
-) -> float | None:
-    """Seconds to wait before the next attempt, or None when `error` must not be retried.
-
-    A server hint with 0 < hint <= max_server_hint is waited exactly (no jitter); a longer hint
-    means give up. Without a usable hint: full jitter, rand() * min(backoff_max,
-    backoff_initial * 2**retries_so_far).
-    """
-    if not is_retryable(error, settings):
-        return None
-    hint = getattr(error, "retry_after", None)
-    if hint is not None and 0 < hint <= settings.max_server_hint:
-        return float(hint)
-    ceiling = min(
-        settings.backoff_max, settings.backoff_initial * 2.0 ** min(max(retries_so_far, 0), 64)
-    )
-    return rand() * ceiling
-
-
-_WAIT_ATTR = "_imagebatch_wait"
-_LIMITED_ATTR = "_imagebatch_rate_limited"
-_LIMITED_SEEN_ATTR = "_imagebatch_rate_limited_seen"
-
-
-def retrying(
-    settings: RetrySettings,
-    *,
-    on_retry: Callable[[ApiError, int, float], None] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    rand: Callable[[], float] = random.random,
-) -> tenacity.AsyncRetrying:
-    """A tenacity policy for one request: `async for attempt in retrying(s): with attempt: ...`.
-
-    Retries what `is_retryable` allows, waits `retry_wait`, stops after `max_attempts` attempts
-    (429 rate-limit answers do not count) or
-    before a sleep that would end past `max_total_seconds` from the first attempt, and re-raises
-    the last ApiError (never tenacity.RetryError). `on_retry(error, attempt_number, wait)` runs
-    before each sleep, where attempt_number is the attempt that just failed (1 for the first).
-    """
-
-    def wait_for(state: tenacity.RetryCallState) -> float:
-        # Computed once per attempt: tenacity 9 asks `wait` before `stop`, 8.x the other way round.
-        cached = getattr(state, _WAIT_ATTR, None)
-        if cached is not None and cached[0] == state.attempt_number:
-            return cached[1]
-        error = state.outcome.exception() if state.outcome is not None else None
-        value = (
-            retry_wait(error, state.attempt_number - 1, settings, rand)
-            if error is not None
-            else None
-        )
-        value = 0.0 if value is None else value
-        setattr(state, _WAIT_ATTR, (state.attempt_number, value))
-        return value
-
-    def should_retry(state: tenacity.RetryCallState) -> bool:
-        if state.outcome is None or not state.outcome.failed:
-            return False
-        error = state.outcome.exception()
-        return error is not None and is_retryable(error, settings)
-
-    def should_stop(state: tenacity.RetryCallState) -> bool:
-        # A 429 rate_limit_exceeded is the limiter's business and costs nothing, so it does not
-        # use up an attempt; the time budget still bounds it.
-        limited = getattr(state, _LIMITED_ATTR, 0)
-        if state.outcome is not None and isinstance(state.outcome.exception(), RateLimited):
-            if getattr(state, _LIMITED_SEEN_ATTR, None) != state.attempt_number:
-                limited += 1
-                setattr(state, _LIMITED_ATTR, limited)
-                setattr(state, _LIMITED_SEEN_ATTR, state.attempt_number)
-        if state.attempt_number - limited >= settings.max_attempts:
-            return True
-        elapsed = max(time.monotonic() - state.start_time, state.idle_for)
-        return elapsed + wait_for(state) > settings.max_total_seconds
-
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        if on_retry is None or state.outcome is None:
-            return
-        error = state.outcome.exception()
-        if not isinstance(error, ApiError):
-            return
-        seconds = state.next_action.sleep if state.next_action is not None else wait_for(state)
-        on_retry(error, state.attempt_number, seconds)
-
-    return tenacity.AsyncRetrying(
-        sleep=sleep,
-        retry=should_retry,
-        wait=wait_for,
-        stop=should_stop,
-        before_sleep=before_sleep,
-        reraise=True,
     )

@@ -15,7 +15,8 @@ from imagebatch.tasks.errors import (
     RequestError,
     TransientError,
 )
-from imagebatch.tasks.retry import error_from_response, parse_reset
+from imagebatch.tasks.headers import parse_reset
+from imagebatch.tasks.retry import error_from_response
 
 SAFETY = (
     "Your request was rejected by the safety system. If you believe this is an error, contact us."

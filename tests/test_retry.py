@@ -17,15 +17,13 @@ from imagebatch.tasks.errors import (
     RequestError,
     TransientError,
 )
+from imagebatch.tasks.headers import parse_duration, parse_retry_after
 from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
     malformed_response_error,
-    parse_duration,
-    parse_retry_after,
-    retry_wait,
-    retrying,
 )
+from imagebatch.tasks.retry_policy import retry_wait, retrying
 
 
 def body(code=None, type=None, message="boom", param=None, **extra):
