@@ -52,6 +52,7 @@ from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
 from imagebatch.tasks.report import publish_after_run
 from imagebatch.tasks.store import ImageStore
+from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec
 from imagebatch.tasks.validate import Checked, Problem, Validator
 
 log = logging.getLogger("imagebatch")
@@ -342,6 +343,7 @@ class _Run:
     started: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     batch_stats: dict[str, Any] = field(default_factory=dict)  # --batch: the batches' counters
+    thumbnailer: Thumbnailer | None = None  # thumbnails made while the run waits
 
 
 async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
@@ -368,6 +370,8 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         )
         report = _report(run, dispatcher, manifest, checked.problems, simulator, skipped)
         _write_final_run_json(run, report, dispatch_seconds)
+        if run.thumbnailer is not None:
+            run.thumbnailer.close()
         notice = publish_after_run(
             run.out_dir, manifest, read_run_json(run.out_dir) or {}, run.settings.gallery
         )
@@ -375,6 +379,8 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
             run.reporter.notice(notice)
         return report
     finally:
+        if run.thumbnailer is not None:
+            run.thumbnailer.close()
         if simulator is not None:
             simulator.stop()
 
@@ -440,10 +446,17 @@ def _dispatcher(
     client = ImagesClient(run.settings.api, max_connections=run.limits.max_in_flight_ceiling)
     dispatcher = Dispatcher(client, limiter, run.settings.retry, store, journal, run.run_id)
     reporter = run.reporter
+    gallery = run.settings.gallery
+    if gallery.enabled:
+        spec = ThumbSpec(size=gallery.thumb_size, format=gallery.thumb_format)
+        run.thumbnailer = Thumbnailer(run.out_dir, spec)
+    thumbnailer = run.thumbnailer
 
     def on_image(record: ImageRecord) -> None:
         if record.status != "not_run":
             records[record.key] = record
+        if thumbnailer is not None and record.status == "succeeded" and record.file:
+            thumbnailer.submit(record.file, record.sha256)
         reporter.image(record)
 
     dispatcher.on_image = on_image

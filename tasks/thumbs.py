@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,6 +102,47 @@ def sync_thumbnails(
     keep = {t.rsplit("/", 1)[-1] for f, t in wanted.items() if f not in failed}
     _remove_stale(folder, keep)
     return {f: t for f, t in wanted.items() if f not in failed}
+
+
+class Thumbnailer:
+    """Makes thumbnails in the background while a run goes on, as images are stored.
+
+    One worker thread at the lowest CPU priority (Linux lets a thread be niced on its own),
+    so it uses the time the run spends waiting on the network and yields the CPU to
+    dispatching otherwise; whatever it has not reached when the run ends is made by
+    `sync_thumbnails`. Failures are left to that pass too, which reports them."""
+
+    def __init__(self, out_dir: Path, spec: ThumbSpec) -> None:
+        self.out_dir = out_dir
+        self.spec = spec
+        (out_dir / THUMBS_DIR).mkdir(exist_ok=True)
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="imagebatch-thumbs", initializer=_lowest_priority
+        )
+
+    def submit(self, image_file: str, sha256: str | None) -> None:
+        if _is_image_path(image_file):
+            self._pool.submit(self._one, image_file, thumb_name(image_file, sha256, self.spec))
+
+    def _one(self, image_file: str, thumb: str) -> None:
+        if (self.out_dir / thumb).is_file():
+            return
+        try:
+            make_thumbnail(self.out_dir / image_file, self.out_dir / thumb, self.spec)
+        except Exception:  # the end-of-run pass retries it, and reports what still fails
+            pass
+
+    def close(self) -> None:
+        """Finish the thumbnail in progress and drop the queue: the end-of-run pass makes the
+        rest faster, on every core at normal priority."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _lowest_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _is_image_path(rel: str) -> bool:

@@ -30,7 +30,7 @@ from imagebatch.cli import main
 from imagebatch.configs.settings import GallerySettings
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.report import publish
-from imagebatch.tasks.thumbs import ThumbSpec, sync_thumbnails
+from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec, sync_thumbnails
 
 HOSTILE_PROMPT = (
     '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
@@ -167,6 +167,19 @@ def test_thumbnails_follow_the_image_bytes_and_leave_other_files(tmp_path):
     ]
     with Image.open(tmp_path / again["images/a_0.png"]) as thumb:
         assert (thumb.format, thumb.size, thumb.mode) == ("JPEG", (128, 256), "RGB")
+
+
+def test_background_thumbnailer_works_at_the_lowest_priority(tmp_path):
+    sha = _image(tmp_path / "images" / "a_0.png", (600, 300), "red")
+    thumbnailer = Thumbnailer(tmp_path, ThumbSpec())
+    try:
+        thumbnailer.submit("images/a_0.png", sha)
+        thumbnailer.submit("../outside.png", None)  # not an image of this folder: ignored
+        niceness = thumbnailer._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(60)
+    finally:
+        thumbnailer.close()
+    assert niceness == 19
+    assert [p.name for p in (tmp_path / "thumbs").iterdir()] == [f"a_0.png.{sha[:12]}.webp"]
 
 
 def test_an_unreadable_image_gets_a_card_without_thumbnail(tmp_path):
