@@ -29,6 +29,7 @@ main { display:grid; grid-template-columns:repeat(auto-fill, minmax(260px, 1fr))
   display:flex; flex-direction:column; }
 .thumb { display:flex; align-items:center; justify-content:center; height:260px;
   background:repeating-conic-gradient(#8881 0 25%, transparent 0 50%) 0 0/16px 16px; }
+.thumb.none { height:96px; }
 .thumb img { max-width:256px; max-height:256px; }
 .noimage { color:var(--muted); font-size:13px; padding:12px; text-align:center; }
 .body { padding:10px 12px 12px; display:flex; flex-direction:column; gap:6px; }
@@ -120,6 +121,7 @@ JS = r"""
       link.rel = "noopener";
       box.appendChild(link);
     } else {
+      box.className = "thumb none";
       box.appendChild(el("div", "noimage", row.status === "succeeded" ? "no file" : "no image: " + row.status));
     }
     return box;

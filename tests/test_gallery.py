@@ -13,12 +13,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Before datasets is imported: never reach for the Hub, keep its cache out of $HOME.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "imagebatch-tests-hf"))
 
+import datasets  # the test extra; offline, set above
 import pandas as pd
 import pytest
 from browser import GALLERY_READY as READY
@@ -311,7 +314,6 @@ def test_ten_thousand_rows_render_one_page_at_a_time(tmp_path, browser):
 
 
 def test_datasets_loads_the_folder_as_an_imagefolder(folder, tmp_path):
-    datasets = pytest.importorskip("datasets")
     m = manifest(folder)
     done = m[m.status == "succeeded"]
     # thumbs/ and superseded/ hold images too; the metadata decides what is in the dataset
