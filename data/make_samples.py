@@ -2,7 +2,8 @@
 
     python data/make_samples.py             # sources + data/edits.csv + data/variations.csv
     python data/make_samples.py --examples  # also run them against the simulator and draw
-                                            # data/examples/*.png (before, sent, after)
+                                            # data/examples/*.png: before (as displayed),
+                                            # the mask, what was sent, what came back
 
 The sources are the kinds of files people actually hold: a phone photo stored sideways with
 an EXIF orientation tag, a CMYK product shot, a palette PNG logo, a 16-bit greyscale scan
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 DATA = Path(__file__).resolve().parent
 SOURCES = DATA / "sources"
@@ -122,7 +123,7 @@ def jobs_files() -> None:
         {
             "id": "scan-16bit",
             "operation": "edit",
-            "model": "gpt-image-1.5",
+            "model": "gpt-image-2.5-flare",
             "prompt": "colourise this scan",
             "image": "sources/scan16.png",
             "mask": "",
@@ -167,7 +168,7 @@ def _thumb(img: Image.Image, edge: int = 200) -> Image.Image:
 
 
 def examples() -> None:
-    """Run both jobs files against the simulator; draw before | sent | after per row."""
+    """Run both jobs files against the simulator; draw before | mask | sent | after per row."""
     from imagebatch.flows.run_jobs import run_jobs
     from imagebatch.simulator import SimConfig, SimulatorServer
 
@@ -181,16 +182,23 @@ def examples() -> None:
                 if row.status != "succeeded":
                     print(f"{row.job_id}: {row.status} {row.error_message}", file=sys.stderr)
                     continue
-                with Image.open(DATA / str(row.input_files).split("|")[0]) as before:
-                    before.load()
-                sent = sorted((out / "prepared").glob(f"{row.job_id}_image*"))
-                with Image.open(sent[0]) as prepared, Image.open(out / str(row.file)) as after:
-                    tiles = [_thumb(before), _thumb(prepared), _thumb(after)]
-                strip = Image.new("RGB", (620, 200), (255, 255, 255))
+                tiles = []
+                with Image.open(DATA / str(row.input_files)) as before:
+                    tiles.append(_thumb(ImageOps.exif_transpose(before)))  # as displayed
+                if isinstance(row.input_mask, str) and row.input_mask:
+                    with Image.open(DATA / row.input_mask) as mask:
+                        tiles.append(_thumb(mask))
+                sent = sorted((out / "prepared").glob(f"{row.job_id}_*"))
+                for path in sorted(sent, key=lambda p: "_mask" in p.name):
+                    with Image.open(path) as prepared:
+                        tiles.append(_thumb(prepared))
+                with Image.open(out / str(row.file)) as after:
+                    tiles.append(_thumb(after))
+                strip = Image.new("RGB", (210 * len(tiles) - 10, 200), (255, 255, 255))
                 for i, tile in enumerate(tiles):
                     strip.paste(tile, (i * 210, 0))
                 strip.save(EXAMPLES / f"{row.job_id}.png", optimize=True)
-                print(f"{row.job_id}: {row.input_preparation}")
+                print(f"| `{row.job_id}` | {row.input_preparation} |")
 
 
 def main() -> None:

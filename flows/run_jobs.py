@@ -460,6 +460,7 @@ def _dispatcher(
         reporter.image(record)
 
     dispatcher.on_image = on_image
+    dispatcher.keep_prepared = run.settings.inputs.keep_prepared
     return dispatcher
 
 
@@ -550,6 +551,7 @@ def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float)
                 "job": asdict(settings.job),
                 "limits": asdict(run.limits),
                 "retry": asdict(settings.retry),
+                "inputs": asdict(settings.inputs),
                 "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
             },
             "versions": _versions(),

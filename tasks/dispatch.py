@@ -35,6 +35,7 @@ from imagebatch.tasks.errors import (
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.plan import RequestUnit
+from imagebatch.tasks.prepare import PreparedInputs, SourceError, prepare_job, save_prepared
 from imagebatch.tasks.retry import malformed_response_error
 from imagebatch.tasks.retry_policy import retrying
 from imagebatch.tasks.store import CorruptImage, ImageStore
@@ -56,6 +57,7 @@ class _Progress:
     attempts: int = 0
     ambiguous: int = 0
     last_request_id: str | None = None
+    inputs: PreparedInputs | None = None  # edits and variations: the bytes sent
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Dispatcher:
     on_image: Any = None  # callback(record) for progress display
     # (model, deployment) -> the server's answer that it does not serve it
     unavailable: dict[tuple[str, str], ModelUnavailable] = field(default_factory=dict)
+    keep_prepared: bool = False  # [inputs] keep_prepared: write the bytes sent to prepared/
 
     def halt(self, reason: BaseException) -> None:
         """Stop dispatching new units; the first reason is the one reported."""
@@ -92,6 +95,13 @@ class Dispatcher:
     async def run_unit(self, unit: RequestUnit) -> list[ImageRecord]:
         """Send one unit with retries; store what comes back; return one record per image."""
         progress = _Progress(unit, list(unit.indices))
+        if self.stop.is_set():
+            return [self.not_run(unit, i) for i in progress.remaining]
+        try:
+            progress.inputs = await self._prepare(unit)
+        except (SourceError, OSError, ValueError) as error:
+            await self._record_input_error(progress, error)
+            return progress.done
         try:
             async for attempt in retrying(self.retry, on_retry=self._on_retry):
                 with attempt:
@@ -106,6 +116,31 @@ class Dispatcher:
                 self.halt(error)
             await self._record_failure(progress, error)
         return progress.done
+
+    async def _prepare(self, unit: RequestUnit) -> PreparedInputs | None:
+        """Edits and variations: the sources as the model takes them, prepared once per unit
+        (off the event loop) and reused by its retries."""
+        if unit.planned.job.operation == "generate":
+            return None
+        inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
+        if inputs is not None and self.keep_prepared:
+            await asyncio.to_thread(
+                save_prepared, self.store.out_dir, unit.planned.file_stem, inputs
+            )
+        return inputs
+
+    async def _record_input_error(self, progress: _Progress, error: Exception) -> None:
+        """A source that cannot be prepared now (changed or gone since validation): its
+        images fail without a request."""
+        for index in progress.remaining:
+            record = self._image_record(
+                progress.unit,
+                index,
+                status="failed",
+                error_code="input_error",
+                error_message=str(error)[:500],
+            )
+            progress.done.append(await self._record(record))
 
     def _on_retry(self, error: ApiError, attempt: int, wait: float) -> None:
         self.stats["retries"] += 1
@@ -136,7 +171,7 @@ class Dispatcher:
             self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
             progress.attempts += 1
             try:
-                result = await self.client.send(sub)
+                result = await self.client.send(sub, progress.inputs)
             except ApiError as error:
                 permit.record(error.headers, None)
                 if isinstance(error, AmbiguousError):
@@ -198,6 +233,7 @@ class Dispatcher:
                 ambiguous_retries=progress.ambiguous,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
+                **_input_fields(progress.inputs),
             )
             progress.done.append(await self._record(record))
             progress.remaining.remove(index)
@@ -215,6 +251,7 @@ class Dispatcher:
                 error_code=error.error_code,
                 error_message=error.message[:500],
                 ambiguous_retries=progress.ambiguous,
+                **_input_fields(progress.inputs),
             )
             progress.done.append(await self._record(record))
 
@@ -236,6 +273,17 @@ class Dispatcher:
 def _model_key(unit: RequestUnit) -> tuple[str, str]:
     job = unit.planned.job
     return job.model.name, job.deployment or job.model.name
+
+
+def _input_fields(inputs: PreparedInputs | None) -> dict[str, Any]:
+    """What an image's record says about the bytes sent for it."""
+    if inputs is None:
+        return {}
+    return {
+        "input_sha256": "|".join(f.sha256 for f in inputs.images),
+        "input_mask_sha256": inputs.mask.sha256 if inputs.mask is not None else None,
+        "input_preparation": inputs.description,
+    }
 
 
 def _task_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -45,6 +45,10 @@ class ImageRecord:
     ambiguous_retries: int = 0
     input_tokens: float | None = None
     output_tokens: float | None = None
+    # Edits and variations: what was sent (sha256 of the prepared bytes) and how it was made.
+    input_sha256: str | None = None  # one per source image, "|"-separated
+    input_mask_sha256: str | None = None
+    input_preparation: str | None = None
     run_id: str | None = None
     batch_id: str | None = None  # the Batch API batch that made it (None: sent live)
     finished_at: float = field(default_factory=time.time)

@@ -33,6 +33,11 @@ COLUMNS = [
     "style",
     "background",
     "output_format",
+    "input_files",
+    "input_mask",
+    "input_preparation",
+    "input_sha256",
+    "input_mask_sha256",
     "status",
     "error_code",
     "error_message",
@@ -65,6 +70,9 @@ FROM_RECORD = (
     "input_tokens",
     "output_tokens",
     "batch_id",
+    "input_preparation",
+    "input_sha256",
+    "input_mask_sha256",
 )
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
@@ -95,6 +103,9 @@ def build_rows(
             "style": job.get("style") or None,
             "background": job.get("background") or None,
             "output_format": job.get("output_format") or None,
+            # the source files as the row names them (relative to the jobs file)
+            "input_files": job.get("image") or None,
+            "input_mask": job.get("mask") or None,
         }
         if plan is None:
             message = "; ".join(str(p) for p in invalid.get(job.row, []))
