@@ -99,6 +99,9 @@ class Dispatcher:
             return [self.not_run(unit, i) for i in progress.remaining]
         try:
             progress.inputs = await self._prepare(unit)
+        except OutputError as error:  # keep_prepared could not write: the disk, not the row
+            self.halt(error)
+            return [self.not_run(unit, i) for i in progress.remaining]
         except (SourceError, OSError, ValueError) as error:
             await self._record_input_error(progress, error)
             return progress.done

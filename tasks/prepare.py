@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
 
 from imagebatch.configs.registry import ModelSpec
+from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.store import write_atomic
 
 if TYPE_CHECKING:
@@ -633,7 +634,10 @@ def save_prepared(out_dir: Path, stem: str, inputs: PreparedInputs) -> list[Path
     """Keep the exact bytes sent, for audit: prepared/<stem>_image<i>.<ext> and <stem>_mask.png.
     A file already holding the same bytes is left alone."""
     folder = out_dir / PREPARED_DIR
-    folder.mkdir(exist_ok=True)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from None
     named = [(f"{stem}_image{i}", f) for i, f in enumerate(inputs.images)]
     if inputs.mask is not None:
         named.append((f"{stem}_mask", inputs.mask))
