@@ -685,8 +685,8 @@ def models(
         _check_models(registry, base_url, config)
         return
     table = Table(show_header=True)
-    columns = ("model", "operations", "n/call", "sizes", "qualities", "released", "retired")
-    for col in columns:
+    table.add_column("model", no_wrap=True)  # names are what users copy: never cut
+    for col in ("operations", "n/call", "sizes", "qualities", "retired on api.openai.com"):
         table.add_column(col)
     for name in registry.names():
         m = registry.get(name)
@@ -698,12 +698,11 @@ def models(
             str(m.max_n_per_call),
             sizes,
             ", ".join(m.qualities),
-            m.released.isoformat() if m.released else "",
             m.retired.isoformat() if m.retired else "",
         )
     Console().print(table)
     Console().print(
-        "Retired: the date api.openai.com stopped serving it. A dated snapshot "
+        "A dated snapshot "
         "(<model>-YYYY-MM-DD) has its model's rules; a model not listed is sent unchecked "
         "(--strict-models refuses it)."
     )
