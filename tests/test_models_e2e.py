@@ -69,6 +69,13 @@ def test_current_snapshot_and_unknown_models_run_and_a_missing_model_fails_alone
             "image": "mug.png",
             "moderation": "low",
         },
+        {
+            "id": "new-edit",
+            "prompt": "a scarf on the mug",
+            "model": "gpt-image-9",
+            "operation": "edit",
+            "image": "mug.png",
+        },
         {"id": "gone-1", "prompt": "a fox", "model": "flux-pro", "n": 2},
         {"id": "gone-2", "prompt": "a cat", "model": "flux-pro"},
     ]
@@ -83,6 +90,7 @@ def test_current_snapshot_and_unknown_models_run_and_a_missing_model_fails_alone
         "snap": {"succeeded"},
         "flare": {"succeeded"},
         "edit": {"succeeded"},
+        "new-edit": {"succeeded"},
         "gone-1": {"failed"},
         "gone-2": {"failed"},
     }
@@ -94,11 +102,12 @@ def test_current_snapshot_and_unknown_models_run_and_a_missing_model_fails_alone
     # one warning per unknown model, naming its rows and how to add it
     text = " ".join(result.output.split())
     assert text.count("'gpt-image-9' is not in the model registry") == 1
+    assert "3 row(s) (1, 2, 6)" in text
     assert text.count("'flux-pro' is not in the model registry") == 1
     assert "moderation" in text and "not sent" in text  # dropped from the edit form
     stats = fresh.stats()
-    assert stats["per_model"]["gpt-image-9"]["images"] == 3  # unchecked: one image per call
-    assert stats["per_model"]["gpt-image-9"]["requests"] == 3
+    assert stats["per_model"]["gpt-image-9"]["images"] == 4  # unchecked: one image per call
+    assert stats["per_model"]["gpt-image-9"]["requests"] == 4
 
 
 def test_strict_models_refuses_unknown_models(prefect_api, fresh, tmp_path):
