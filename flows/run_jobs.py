@@ -36,6 +36,7 @@ from imagebatch.configs.settings import (
 )
 from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.batch import check_batch_target
 from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
@@ -354,8 +355,10 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         previous = _check_folder(run)
         jobs: list[Job] = read_jobs(run.source)
         run.settings, simulator = _target(run.settings, run.reporter)
-        if simulator is not None and run.settings.batch.mode == "batch":
-            run.settings = _wait_for_simulated_batches(run.settings, run.reporter)
+        if run.settings.batch.mode == "batch":
+            check_batch_target(run.settings.api)
+            if simulator is not None:
+                run.settings = _wait_for_simulated_batches(run.settings, run.reporter)
         checked = _validate(run, jobs)
         planned = plan_jobs(checked.valid)
         store, journal, records = _open_output(run, previous)

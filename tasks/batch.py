@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebatch.configs.settings import BatchSettings
+from imagebatch.configs.settings import ApiSettings, BatchSettings
 from imagebatch.tasks.batch_api import BatchApi, batch_error_summary, is_terminal
 from imagebatch.tasks.batch_collect import Collector, Download
 from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
 from imagebatch.tasks.batch_lines import publish, refusal, write_input_files
-from imagebatch.tasks.errors import ApiError, FatalError, OutputError
+from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, units_for
 from imagebatch.tasks.store import ImageStore
@@ -397,6 +397,15 @@ class BatchRun:
         path = self.out_dir / rel
         if path.parent == self.folder:
             path.unlink(missing_ok=True)
+
+
+def check_batch_target(api: ApiSettings) -> None:
+    """Refuse --batch where this transport would send to the wrong paths (usage error)."""
+    if api.is_azure:
+        raise ConfigError(
+            "--batch is not supported against Azure OpenAI: its Batch API uses global-batch "
+            "deployments and other paths; run live, or target api.openai.com"
+        )
 
 
 def _as_work(units: Any) -> Work:

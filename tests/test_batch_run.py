@@ -260,14 +260,16 @@ def test_failed_lines_and_refusals_are_recorded_like_live_errors(sim, prefect_ap
     assert stats["batches_created"] == 2 and stats["lines_run"] == 4
     assert sim.stats()["images_billed"] == 1
 
-    # Retry the transient line live instead: the succeeded image is left alone.
-    sim.configure(batch_error_word="")
+    # --retry-failed sends the failed images again; with retry_lines = "live" a line that
+    # fails transiently in the batch goes live (the 5xx word only breaks batch lines), and
+    # the succeeded image is left alone.
     cfg = config(tmp_path, retry_lines="live")
     result = run_cli(
         sim, [str(jobs), "--out", str(out), "--batch", "--retry-failed", "--config", str(cfg), "-q"]
     )
     m = manifest(out).set_index("job_id")
-    assert m.loc["flaky", "status"] == "succeeded" and m.loc["ok", "status"] == "succeeded"
+    assert m.loc["flaky", "status"] == "succeeded" and m.loc["flaky", "transport"] == "live"
+    assert m.loc["ok", "status"] == "succeeded" and m.loc["ok", "transport"] == "batch"
     assert m.loc["bad", "status"] == "rejected"
     assert sim.stats()["images_billed"] == 2
 
@@ -506,3 +508,14 @@ def test_python_api_and_dry_run_know_batch_mode(sim, prefect_api, tmp_path, monk
     live = imagebatch.api.estimate(frame).plan
     batch = imagebatch.api.estimate(frame, mode="batch").plan
     assert live.usd > 0 and batch.usd == live.usd / 2  # the price book's batch discount
+
+
+def test_batch_against_azure_is_refused_before_anything_is_sent(prefect_api, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.csv", MIXED[:1])
+    azure = {"OPENAI_BASE_URL": "https://res.openai.azure.com", "OPENAI_API_KEY": KEY}
+    result = CliRunner().invoke(
+        main, ["run", str(jobs), "--out", str(tmp_path / "out"), "--batch", "-q"], env=azure
+    )
+    assert result.exit_code == 2
+    assert "--batch is not supported against Azure OpenAI" in result.output
+    assert not (tmp_path / "out" / "batches.jsonl").exists()
