@@ -276,3 +276,19 @@ api_version = "2025-04-01-preview"
         tmp_path, rows, "--config", str(config), "--force", env={"OPENAI_API_KEY": KEY}
     )
     assert result.exit_code == 2
+
+
+def test_a_429_that_is_not_a_rate_limit_is_retried_without_pausing_the_run(
+    prefect_api, fresh, tmp_path
+):
+    # seed 0, rate 0.3: of the first 20 requests only the 7th (an overload 429) and the 17th
+    # draw a fault, so 8 jobs meet exactly one 429 whatever order their requests arrive in
+    fresh.configure(error_rate=0.3, overload_status=429, seed=0)
+    rows = [{"id": f"r{i}", "prompt": f"p{i}", "model": "gpt-image-2"} for i in range(8)]
+    result, _, out = run(tmp_path, rows, env=env_for(fresh))
+    assert result.exit_code == 0, result.output
+    sim_stats = fresh.stats()
+    assert sim_stats["status"]["429"] == 1 and sim_stats["requests_seen"] == 9
+    stats = json.loads((out / "run.json").read_text())["stats"]
+    assert stats.get("rate_limited", 0) == 0 and stats["limiter"]["pauses"] == 0
+    assert stats["retries"] == 1

@@ -36,6 +36,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
         "prompts containing it are refused ('' disables)",
     ),
     ("--error-rate", "error_rate", float, "share of requests answered 500/503"),
+    ("--overload-status", "overload_status", int, "injected overloads answer 503 or 429"),
     ("--stall-rate", "stall_rate", float, "share of requests stalled for --stall-seconds"),
     ("--stall-seconds", "stall_seconds", float, "length of a stall"),
     ("--drop-rate", "drop_rate", float, "share of requests billed then dropped"),

@@ -209,7 +209,7 @@ class Simulator:
             return Silent()
         if fault == "error":
             st.faults["error"] += 1
-            raise server_error(u2)
+            raise server_error(u2, cfg.overload_status)
         if fault == "drop":
             st.faults["drop"] += 1
             bill()

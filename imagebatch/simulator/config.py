@@ -119,7 +119,8 @@ class SimConfig:
     # prompts containing this word (case-insensitive) are refused; "" disables
     moderation_word: str = "forbidden"
     # fault injection, probabilities per admitted request (their sum must be <= 1)
-    error_rate: float = 0.0  # 500 server_error or 503 overloaded
+    error_rate: float = 0.0  # 500 server_error or an overload (overload_status)
+    overload_status: int = 503  # 503, or 429 as some servers answer an overload
     stall_rate: float = 0.0  # wait stall_seconds before answering
     stall_seconds: float = 600.0
     drop_rate: float = 0.0  # bill, then close the connection without a response
@@ -228,6 +229,8 @@ class SimConfig:
             raise ValueError("omit_retry_after_rate must be within 0..1")
         if self.error_style not in ERROR_STYLES:
             raise ValueError(f"error_style must be one of {', '.join(ERROR_STYLES)}")
+        if self.overload_status not in (429, 503):
+            raise ValueError("overload_status must be 503 or 429")
         if self.quota_error not in ("insufficient_quota", "billing_hard_limit_reached"):
             raise ValueError("quota_error must be insufficient_quota or billing_hard_limit_reached")
         if self.reset_format not in ("duration", "unix"):

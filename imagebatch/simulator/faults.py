@@ -28,8 +28,17 @@ def pick_fault(config: SimConfig, u: float) -> str | None:
     return None
 
 
-def server_error(u2: float) -> ApiFailure:
-    """An injected 500 or 503 (half each)."""
+def server_error(u2: float, overload_status: int = 503) -> ApiFailure:
+    """An injected 500 or an overload (half each), the overload as a 503 or, as some servers
+    send it, a 429 that is not a rate limit."""
+    if overload_status == 429 and u2 >= 0.5:
+        return ApiFailure(
+            429,
+            "The engine is currently overloaded, please try again later.",
+            "server_error",
+            None,
+            "engine_overloaded",
+        )
     if u2 < 0.5:
         return ApiFailure(
             500,
