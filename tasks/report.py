@@ -21,7 +21,7 @@ from imagebatch.tasks.contact_sheet import write_contact_sheet
 from imagebatch.tasks.errors import ImagebatchError, InputError
 from imagebatch.tasks.gallery import json_cell, write_page
 from imagebatch.tasks.hf_metadata import write_metadata
-from imagebatch.tasks.journal import Journal
+from imagebatch.tasks.journal import JOURNAL_NAME, Journal
 from imagebatch.tasks.manifest import COLUMNS, INT_COLUMNS, SERVER_TEXT, STATUSES
 from imagebatch.tasks.outdir import RUN_JSON, read_run_json
 from imagebatch.tasks.thumbs import ThumbSpec, sync_thumbnails
@@ -189,7 +189,7 @@ def _number(value: Any) -> float | None:
 def _made_last_run(folder: RunFolder) -> int | None:
     """Images the journal says the last run (run.json's run_id) made."""
     run_id = folder.run.get("run_id")
-    if not run_id:
+    if not run_id or not (folder.out_dir / JOURNAL_NAME).is_file():
         return None
     try:
         records = Journal(folder.out_dir).load()
