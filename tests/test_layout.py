@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -50,6 +51,7 @@ def test_cli_works_beside_a_users_own_tasks_package(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "imagebatch.cli", "models"],
         cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
         capture_output=True,
         text=True,
         check=False,

@@ -537,12 +537,10 @@ def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(
     wait_for(lambda: len(journal_lines(out)) >= 3, 60, "3 journal lines", p, log)
     wait_for(lambda: sim.stats()["in_flight"] >= 1, 10, "a request in flight", p, log)
     p.send_signal(sig)
-    t0 = time.monotonic()
-    code = p.wait(15)
-    elapsed = time.monotonic() - t0
+    # A hang detector, not a speed test: the stop is proven below by what was and was not sent.
+    code = p.wait(120)
     output = " ".join(log.read_text(errors="replace").split())
     assert code == 2, output[-3000:]
-    assert elapsed < 6, f"took {elapsed:.1f}s to stop after {sig.name}"
     assert "interrupted" in output.lower()
 
     m = assert_manifest_verifies(out, all_succeeded=False)
