@@ -66,7 +66,7 @@ class OutputRule:
         if factor is None or width <= 0 or height <= 0:
             return None
         long_edge, short_edge = max(width, height), min(width, height)
-        # round(factor * short / long), a half rounding down, in integers
+        # round(factor * short / long), halves rounding up, in integers
         short = (2 * factor * short_edge + long_edge) // (2 * long_edge)
         return -(-factor * short * (width * height + self.area_offset) // self.area_scale)
 

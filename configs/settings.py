@@ -135,6 +135,10 @@ class FlowSettings:
 
 @dataclass(frozen=True)
 class CostSettings:
+    # USD; 0 means no cap. max_cost caps one run; max_cost_total caps the output folder,
+    # counting what earlier runs into it spent.
+    max_cost: float = 0.0
+    max_cost_total: float = 0.0
     # A TOML file overlaying configs/prices.toml (empty: the bundled prices only).
     prices: str = ""
 
@@ -277,6 +281,8 @@ def load_settings(
         raise ConfigError("simulate must be true or false")
     if settings.retry.on_ambiguous not in ("retry", "fail"):
         raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
+    if settings.cost.max_cost < 0 or settings.cost.max_cost_total < 0:
+        raise ConfigError("[cost] max_cost and max_cost_total must be 0 (no cap) or more")
     if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
         raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
     if settings.api.api_type not in API_TYPES:

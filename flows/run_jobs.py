@@ -19,12 +19,14 @@ import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
 from prefect import flow
 
+from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import (
     LimitSettings,
@@ -37,6 +39,8 @@ from imagebatch.configs.settings import (
 from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.batch import check_batch_target
+from imagebatch.tasks.budget import Budget, cost_report
+from imagebatch.tasks.cost import cost_plan
 from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
@@ -99,6 +103,7 @@ class RunReport:
     stopped: str | None = None  # why the run stopped early: a fatal API error, Ctrl-C, a disk error
     skipped: int = 0  # images already done by an earlier run
     stats: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)  # spend, estimate, cap (run.json "cost")
 
     @property
     def exit_code(self) -> int:
@@ -341,6 +346,7 @@ class _Run:
     source: Any
     base_dir: Path
     reporter: Reporter
+    prices: PriceBook
     started: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     batch_stats: dict[str, Any] = field(default_factory=dict)  # --batch: the batches' counters
@@ -365,6 +371,7 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         work, skipped = _pending(
             planned, records, store, retry_failed=params.retry_failed, force=params.force
         )
+        plan = cost_plan(run.prices, (u for p, idx in work for u in units_for(p, idx)))
         dispatcher = _dispatcher(run, store, journal, records)
         run.reporter.start(sum(len(idx) for _, idx in work), skipped)
         dispatch_seconds = await _dispatch(run, dispatcher, work, records, planned)
@@ -372,6 +379,8 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
             jobs, planned, checked.invalid, records, store, run.settings, run.reporter
         )
         report = _report(run, dispatcher, manifest, checked.problems, simulator, skipped)
+        this_run = [r for r in records.values() if r.run_id == run.run_id]
+        report.cost = cost_report(plan, dispatcher.budget, this_run)
         _write_final_run_json(run, report, dispatch_seconds)
         if run.thumbnailer is not None:
             run.thumbnailer.close()
@@ -401,7 +410,8 @@ def _setup(params: _Params, handoff: _Handoff) -> _Run:
     )
     reporter = handoff.reporter or LogReporter()
     out_dir = _out_dir(params.out, handoff.settings)
-    return _Run(params, settings, limits, registry, out_dir, source, base_dir, reporter)
+    prices = PriceBook.load(settings.cost.prices or None)
+    return _Run(params, settings, limits, registry, out_dir, source, base_dir, reporter, prices)
 
 
 def _check_folder(run: _Run) -> dict[str, Any] | None:
@@ -443,11 +453,27 @@ def _open_output(
 def _dispatcher(
     run: _Run, store: ImageStore, journal: Journal, records: dict[str, ImageRecord]
 ) -> Dispatcher:
-    """The dispatcher, with a fresh limiter and client; finished images update `records`."""
+    """The dispatcher, with a fresh limiter, client and budget; finished images update
+    `records`. The budget's caps count what earlier runs into the folder spent."""
     limiter = Limiter.from_settings(run.limits)
+    cost = run.settings.cost
+    budget = Budget(
+        Decimal(str(cost.max_cost)) if cost.max_cost else None,
+        Decimal(str(cost.max_cost_total)) if cost.max_cost_total else None,
+        journal.spent()[0],
+    )
     journal.open()
     client = ImagesClient(run.settings.api, max_connections=run.limits.max_in_flight_ceiling)
-    dispatcher = Dispatcher(client, limiter, run.settings.retry, store, journal, run.run_id)
+    dispatcher = Dispatcher(
+        client,
+        limiter,
+        run.settings.retry,
+        store,
+        journal,
+        run.run_id,
+        budget=budget,
+        prices=run.prices,
+    )
     reporter = run.reporter
     gallery = run.settings.gallery
     if gallery.enabled:
@@ -456,7 +482,8 @@ def _dispatcher(
     thumbnailer = run.thumbnailer
 
     def on_image(record: ImageRecord) -> None:
-        if record.status != "not_run":
+        # A not_run with a reason (the cost cap) shows in the manifest; it is never journaled.
+        if record.status != "not_run" or record.error_code:
             records[record.key] = record
         if thumbnailer is not None and record.status == "succeeded" and record.file:
             thumbnailer.submit(record.file, record.sha256)
@@ -549,12 +576,14 @@ def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float)
             "skipped_already_done": report.skipped,
             "stopped": report.stopped,
             "stats": report.stats,
+            "cost": report.cost,
             "shaping": _shaping(settings),
             "settings": {
                 "job": asdict(settings.job),
                 "limits": asdict(run.limits),
                 "retry": asdict(settings.retry),
                 "inputs": asdict(settings.inputs),
+                "cost": asdict(settings.cost),
                 "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
             },
             "versions": _versions(),
@@ -639,7 +668,8 @@ def run_jobs(
     """Run jobs (a CSV/Parquet path or a DataFrame) and return the report; `report.manifest` is a DataFrame.
 
     Overrides are settings by name: model, size, quality, n, output_format (job defaults),
-    rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry).
+    rpm, ipm, max_in_flight, tier (limits), base_url, read_timeout (api), on_ambiguous (retry),
+    max_cost, max_cost_total, prices (cost).
     """
     sections = route_overrides(overrides)
     is_frame = isinstance(jobs, pd.DataFrame)

@@ -1,5 +1,5 @@
 """imagebatch: bulk image jobs against the OpenAI Images API and compatible servers."""
 
-from imagebatch.api import run, run_report, validate
+from imagebatch.api import estimate, run, run_report, validate
 
-__all__ = ["run", "run_report", "validate"]
+__all__ = ["estimate", "run", "run_report", "validate"]

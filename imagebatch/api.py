@@ -110,6 +110,7 @@ class CostEstimate:
     prices: PriceBook
     max_cost: Decimal | None
     max_cost_total: Decimal | None
+    folder_spent: Decimal  # what earlier runs into the output folder spent
 
 
 def estimate(
@@ -143,10 +144,11 @@ def estimate(
     )
     checked = validator.check(rows)
     done: dict[str, Any] = {}
-    if out is not None and not force:
+    journal = Journal(Path(out).expanduser()) if out is not None else None
+    if journal is not None and not force:
         done = {
             key: rec
-            for key, rec in Journal(Path(out).expanduser()).load().items()
+            for key, rec in journal.load().items()
             if rec.status == "succeeded" or not retry_failed
         }
     units: list[RequestUnit] = []
@@ -155,13 +157,15 @@ def estimate(
         todo = [i for i, key in enumerate(planned.keys) if key not in done]
         skipped += planned.job.n - len(todo)
         units.extend(units_for(planned, todo))
-    book = PriceBook.load(settings.cost.prices or None)
+    cost = settings.cost
+    book = PriceBook.load(cost.prices or None)
     return CostEstimate(
         checked,
         len(rows),
         cost_plan(book, units, batch=_batchable if settings.batch.mode == "batch" else None),
         skipped,
         book,
-        None,
-        None,
+        Decimal(str(cost.max_cost)) if cost.max_cost else None,
+        Decimal(str(cost.max_cost_total)) if cost.max_cost_total else None,
+        journal.spent()[0] if journal is not None else Decimal(0),
     )

@@ -123,6 +123,7 @@ def _summary(report: Any) -> None:
         )
     if extras:
         console.print("; ".join(extras))
+    _cost_summary(console, report.cost)
     console.print(f"manifest: {escape(report.out_dir / 'manifest.csv')}")
     if report.used_simulator:
         console.print("[yellow]These images came from the built-in simulator, not from OpenAI.[/]")
@@ -134,10 +135,36 @@ def _usd(amount: Any) -> str:
     return "unknown" if amount is None else f"${amount:,.4f}"
 
 
+def _cost_summary(console: Any, cost: dict[str, Any]) -> None:
+    """Spend of the run against its estimate, what may have been paid twice, and the cap."""
+    if not cost:
+        return
+    parts = [f"cost {_usd(cost['actual_usd'])} this run"]
+    if cost.get("images_compared"):
+        parts.append(
+            f"{cost['images_compared']} image(s) made for {_usd(cost['actual_usd_of_made'])} "
+            f"against an estimate of {_usd(cost['estimated_usd_of_made'])}"
+        )
+    if cost.get("unpriced_calls"):
+        parts.append(f"{cost['unpriced_calls']} call(s) with no price (unknown)")
+    if cost.get("possibly_paid_twice_images"):
+        parts.append(
+            f"{cost['possibly_paid_twice_images']} image(s) may have been paid twice: "
+            f"up to {_usd(cost['possibly_paid_usd'])}"
+        )
+    if cost.get("folder_spent_before_usd"):
+        parts.append(f"folder total {_usd(cost['folder_spent_usd'])}")
+    console.print("; ".join(parts))
+    if cost.get("stopped_by_cap"):
+        console.print(
+            f"[yellow]Dispatching stopped at the cost cap: {escape(cost['stopped_by_cap'])}. "
+            "The images not sent are not_run (reason 'cost cap'); re-run with a higher cap "
+            "to make them.[/]"
+        )
+
+
 def _print_plan(est: Any) -> None:
     """The plan of a dry run or `validate`: requests, images and their estimated cost."""
-    from rich.markup import escape
-
     console = _console()
     plan = est.plan
     console.print(
@@ -159,16 +186,22 @@ def _print_plan(est: Any) -> None:
         "Billing follows the response's usage; prices from configs/prices.toml "
         "(checked dates and sources there; override with --prices)."
     )
-    for flag, cap in (("--max-cost", est.max_cost), ("--max-cost-total", est.max_cost_total)):
+    if est.folder_spent:
+        console.print(f"Earlier runs into the output folder spent {_usd(est.folder_spent)}")
+    caps = (
+        ("--max-cost", est.max_cost, plan.worst_usd),
+        ("--max-cost-total", est.max_cost_total, plan.worst_usd + est.folder_spent),
+    )
+    for flag, cap, worst in caps:
         if cap is None:
             continue
         if plan.unknown_images:
             console.print(f"[yellow]{flag} {_usd(cap)}: unpriced images will not be sent[/]")
-        if plan.worst_usd <= cap:
-            console.print(f"Worst case {_usd(plan.worst_usd)} fits under {flag} {_usd(cap)}")
+        if worst <= cap:
+            console.print(f"Worst case {_usd(worst)} fits under {flag} {_usd(cap)}")
         else:
             console.print(
-                f"[yellow]Worst case {_usd(plan.worst_usd)} exceeds {flag} {_usd(cap)}: "
+                f"[yellow]Worst case {_usd(worst)} exceeds {flag} {_usd(cap)}: "
                 "dispatching would stop before the end[/]"
             )
 
@@ -254,6 +287,17 @@ def main() -> None:
     "models_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML file adding or overriding models in the registry.",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    help="Stop dispatching before this run's spend (USD, worst case of requests in flight "
+    "included) could pass this; the rest become not_run. Default: [cost] max_cost, 0 = none.",
+)
+@click.option(
+    "--max-cost-total",
+    type=click.FloatRange(min=0),
+    help="The same cap for the output folder's total: what earlier runs into it spent counts.",
 )
 @click.option(
     "--prices",

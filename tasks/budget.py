@@ -15,9 +15,13 @@ exceeded by actual spend, as long as the price book's worst case bounds a call's
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+
+from imagebatch.tasks.cost import CostPlan
+from imagebatch.tasks.journal import ImageRecord
 
 ZERO = Decimal(0)
 
@@ -135,3 +139,25 @@ class Budget:
             "peak_requests_in_flight": self.peak_requests_in_flight,
             "stopped_by_cap": self.stopped,
         }
+
+
+def cost_report(plan: CostPlan, budget: Budget, records: Iterable[ImageRecord]) -> dict[str, Any]:
+    """The run's spend for run.json and the summary: the plan's estimate, the actual cost,
+    the estimate of just the images made (to compare with their cost), what may have been
+    paid twice, and the folder's total. `records`: this run's image records."""
+    made = [r for r in records if r.status == "succeeded"]
+    # Like with like: images that have both an estimate and a price.
+    both = [r for r in made if r.estimated_usd is not None and r.cost_usd is not None]
+    return {
+        "currency": "USD",
+        "plan": plan.as_dict(),
+        "actual_usd": float(budget.spent),
+        "images_compared": len(both),
+        "estimated_usd_of_made": sum(r.estimated_usd or 0.0 for r in both),
+        "actual_usd_of_made": sum(r.cost_usd or 0.0 for r in both),
+        "unestimated_images": sum(1 for r in made if r.estimated_usd is None),
+        "unpriced_images": sum(1 for r in made if r.cost_usd is None),
+        "possibly_paid_twice_images": sum(r.ambiguous_retries for r in records),
+        "folder_spent_usd": float(budget.folder_spent + budget.committed),
+        **budget.snapshot(),
+    }

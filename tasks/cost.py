@@ -103,7 +103,8 @@ def estimate_unit(book: PriceBook, job: ValidJob, n: int, *, batch: bool = False
     worst_usd = (
         None if worst is None or worst_inputs is None else (worst * n + worst_inputs) * factor
     )
-    return Estimate(usd, worst_usd, _basis(prices, job, quality, size, first) + basis)
+    basis = _basis(prices, job, quality, size, first) + (basis if first is not None else "")
+    return Estimate(usd, worst_usd, basis)
 
 
 def _input_costs(

@@ -1,11 +1,12 @@
 """Dispatch: the one place a request unit becomes images on disk and journal lines.
 
-Every call goes limiter -> client -> store -> journal here, under the retry policy, so a
-budget, a cost cap or another backend (the Batch API) has exactly one seat to take.
-Outcomes are recorded per image. A fatal error or Ctrl-C sets `stop`: units not yet
-started become `not_run`, and units in flight finish. A model the server does not serve
-(404 model_not_found) fails that model's units not yet sent, without sending them; the
-other models' units go on.
+Every call goes limiter -> budget -> client -> store -> journal here, under the retry
+policy, so the cost cap has exactly one seat. Outcomes are recorded per image. A fatal
+error or Ctrl-C sets `stop`: units not yet started become `not_run`, and units in flight
+finish. The cost cap stops dispatching the same way without being fatal: its `not_run`
+images carry the reason `cost_cap`. A model the server does not serve (404
+model_not_found) fails that model's units not yet sent, without sending them; the other
+models' units go on.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ import contextvars
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.states import Failed
 
+from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.settings import RetrySettings
 from imagebatch.tasks.api_client import ApiResult, ImagesClient
+from imagebatch.tasks.budget import Budget, CapReached, Reservation
+from imagebatch.tasks.cost import CallCost, Estimate, estimate_unit, price_call
 from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
@@ -58,6 +63,8 @@ class _Progress:
     ambiguous: int = 0
     last_request_id: str | None = None
     inputs: PreparedInputs | None = None  # edits and variations: the bytes sent
+    lost: Decimal = Decimal(0)  # worst case of its requests that may have been billed unanswered
+    cost: dict[str, Any] = field(default_factory=dict)  # journal cost fields of the last answer
 
 
 @dataclass
@@ -75,11 +82,22 @@ class Dispatcher:
     # (model, deployment) -> the server's answer that it does not serve it
     unavailable: dict[tuple[str, str], ModelUnavailable] = field(default_factory=dict)
     keep_prepared: bool = False  # [inputs] keep_prepared: write the bytes sent to prepared/
+    budget: Budget = field(default_factory=Budget)
+    prices: PriceBook = field(default_factory=PriceBook.load)
+    # Why units not sent become not_run (error_code, message), when the reason is ours to give.
+    not_run_reason: tuple[str, str] | None = None
 
     def halt(self, reason: BaseException) -> None:
         """Stop dispatching new units; the first reason is the one reported."""
         if self.fatal is None:
             self.fatal = reason
+        self.stop.set()
+
+    def stop_at_cap(self, reason: str) -> None:
+        """The cost cap was reached: stop dispatching; requests in flight finish. Not fatal:
+        the run ends normally (exit 1) with the rest not_run."""
+        if not self.stop.is_set():
+            self.not_run_reason = ("cost_cap", reason)
         self.stop.set()
 
     async def _record(self, record: ImageRecord) -> ImageRecord:
@@ -111,6 +129,11 @@ class Dispatcher:
                     await self._attempt(progress)
         except Stopped:
             return progress.done + [self.not_run(unit, i) for i in progress.remaining]
+        except CapReached as cap:
+            if cap.stops:
+                self.stop_at_cap(cap.reason)
+            reason = ("cost_cap", cap.reason)
+            return progress.done + [self.not_run(unit, i, reason) for i in progress.remaining]
         except OutputError as error:
             self.halt(error)
             return progress.done + [self.not_run(unit, i) for i in progress.remaining]
@@ -167,15 +190,19 @@ class Dispatcher:
             )
 
     async def _send(self, sub: RequestUnit, progress: _Progress) -> ApiResult:
-        """The request under a limiter slot; the limiter learns from every answer."""
+        """The request under a limiter slot and the budget; the limiter learns from every
+        answer, the budget books the request's worst case before it goes and its cost after."""
         async with self.limiter.slot(sub.n) as permit:
             if self.stop.is_set():
                 raise Stopped()
             self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
+            est = estimate_unit(self.prices, sub.planned.job, sub.n)
+            reservation = self.budget.reserve(est.worst_usd, _describe(sub))
             progress.attempts += 1
             try:
                 result = await self.client.send(sub, progress.inputs)
             except ApiError as error:
+                self._settle_error(reservation, est, error, progress)
                 permit.record(error.headers, None)
                 if isinstance(error, AmbiguousError):
                     progress.ambiguous += 1
@@ -186,7 +213,13 @@ class Dispatcher:
                 if isinstance(error, ModelUnavailable):
                     self._mark_unavailable(sub, error)
                 raise
+            except BaseException:  # abandoned in flight (a second Ctrl-C): may have been billed
+                self.budget.settle(reservation, lost=True)
+                raise
             permit.record(result.headers, result.latency)
+            call = price_call(self.prices, sub.planned.job, len(result.images), result.usage)
+            self.budget.settle(reservation, call.usd)
+        progress.cost = _cost_fields(call, est, sub.n)
         return result
 
     def _raise_if_unavailable(self, unit: RequestUnit) -> None:
@@ -211,6 +244,16 @@ class Dispatcher:
                 key[0],
                 error,
             )
+
+    def _settle_error(
+        self, reservation: Reservation, est: Estimate, error: ApiError, progress: _Progress
+    ) -> None:
+        """An error answer costs nothing; a request lost after sending, or a 2xx with an
+        unusable body, may have been billed: its worst case stays booked as possibly paid."""
+        billed = isinstance(error, AmbiguousError) or 200 <= (error.status or 0) < 300
+        self.budget.settle(reservation, lost=billed)
+        if billed:
+            progress.lost += est.worst_usd or 0
 
     async def _store(self, sub: RequestUnit, result: ApiResult, progress: _Progress) -> None:
         """Save and journal each decodable image; the ones that are not stay remaining."""
@@ -237,6 +280,8 @@ class Dispatcher:
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 **_input_fields(progress.inputs),
+                possibly_paid_usd=float(progress.lost / progress.unit.n),
+                **progress.cost,
             )
             progress.done.append(await self._record(record))
             progress.remaining.remove(index)
@@ -255,6 +300,7 @@ class Dispatcher:
                 error_message=error.message[:500],
                 ambiguous_retries=progress.ambiguous,
                 **_input_fields(progress.inputs),
+                possibly_paid_usd=float(progress.lost / progress.unit.n),
             )
             progress.done.append(await self._record(record))
 
@@ -268,9 +314,16 @@ class Dispatcher:
             **fields,
         )
 
-    def not_run(self, unit: RequestUnit, index: int) -> ImageRecord:
-        """Never sent, so nothing to remember: the manifest shows a missing record as not_run."""
-        return self._count(self._image_record(unit, index, status="not_run"))
+    def not_run(
+        self, unit: RequestUnit, index: int, reason: tuple[str, str] | None = None
+    ) -> ImageRecord:
+        """Never sent, so not journaled (a re-run sends it); the manifest shows the reason."""
+        code, message = reason or self.not_run_reason or (None, None)
+        return self._count(
+            self._image_record(
+                unit, index, status="not_run", error_code=code, error_message=message
+            )
+        )
 
 
 def _model_key(unit: RequestUnit) -> tuple[str, str]:
@@ -305,6 +358,27 @@ def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | Non
         return usage["input_tokens"] / n, usage["output_tokens"] / n  # type: ignore[index]
     except (KeyError, TypeError, ZeroDivisionError):
         return None, None
+
+
+def _describe(sub: RequestUnit) -> str:
+    """The request as a cap message names it: model, quality, size."""
+    params = sub.planned.job.params
+    parts = (sub.planned.job.model.name, params.get("quality"), params.get("size"))
+    return " ".join(str(p) for p in parts if p)
+
+
+def _cost_fields(call: CallCost, est: Estimate, n: int) -> dict[str, Any]:
+    """Journal fields of each image of a call: the call's usage as integers, the image's
+    share of its cost, and its share of the estimate made before sending."""
+    share = call.share()
+    return {
+        "call_images": call.images,
+        "call_text_tokens": call.text_tokens,
+        "call_image_tokens": call.image_tokens,
+        "call_output_tokens": call.output_tokens,
+        "cost_usd": None if share is None else float(share),
+        "estimated_usd": None if est.usd is None else float(est.usd / n),
+    }
 
 
 # The flow sets this before fanning out; tasks awaited in the flow's event loop see it.

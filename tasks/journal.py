@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +44,30 @@ class ImageRecord:
     error_code: str | None = None
     error_message: str | None = None
     ambiguous_retries: int = 0
-    input_tokens: float | None = None
+    input_tokens: float | None = None  # this image's share of the call's usage
     output_tokens: float | None = None
     # Edits and variations: what was sent (sha256 of the prepared bytes) and how it was made.
     input_sha256: str | None = None  # one per source image, "|"-separated
     input_mask_sha256: str | None = None
     input_preparation: str | None = None
+    call_images: int | None = None  # images the call that made this one returned
+    call_text_tokens: int | None = None  # the call's usage as reported (whole call)
+    call_image_tokens: int | None = None
+    call_output_tokens: int | None = None
+    cost_usd: float | None = None  # this image's share of the call's price; None: unknown
+    estimated_usd: float | None = None  # its share of the estimate before sending
+    possibly_paid_usd: float = 0.0  # worst case of its requests lost after sending
     run_id: str | None = None
     batch_id: str | None = None  # the Batch API batch that made it (None: sent live)
     finished_at: float = field(default_factory=time.time)
+
+
+def _amount(value: Any) -> Decimal | None:
+    """A journal amount as the decimal it was written as (sums of 0.01 stay exact)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    amount = Decimal(repr(value))
+    return amount if amount.is_finite() and amount >= 0 else None
 
 
 def _encode(record: ImageRecord) -> bytes:
@@ -84,6 +100,18 @@ class Journal:
                 continue
             records[rec.key] = rec
         return records
+
+    def spent(self) -> tuple[Decimal, int]:
+        """What every run into this folder was billed, or may have been (lost requests at
+        their worst case): the sum over every line, since a redone image was paid again.
+        Also returns how many succeeded lines carry no price (unknown, not counted)."""
+        total, unknown = Decimal(0), 0
+        for data in self._lines():
+            cost, lost = _amount(data.get("cost_usd")), _amount(data.get("possibly_paid_usd"))
+            if cost is None and data.get("status") == "succeeded":
+                unknown += 1
+            total += (cost or 0) + (lost or 0)
+        return total, unknown
 
     def _lines(self) -> Iterator[dict[str, Any]]:
         try:

@@ -50,6 +50,12 @@ COLUMNS = [
     "request_id",
     "input_tokens",
     "output_tokens",
+    "call_images",
+    "call_text_tokens",
+    "call_image_tokens",
+    "call_output_tokens",
+    "cost_usd",
+    "estimated_usd",
     "transport",
     "batch_id",
     "key",
@@ -69,13 +75,30 @@ FROM_RECORD = (
     "request_id",
     "input_tokens",
     "output_tokens",
+    "call_images",
+    "call_text_tokens",
+    "call_image_tokens",
+    "call_output_tokens",
+    "cost_usd",
+    "estimated_usd",
     "batch_id",
     "input_preparation",
     "input_sha256",
     "input_mask_sha256",
 )
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
-INT_COLUMNS = ("row", "image_index", "width", "height", "attempts", "ambiguous_retries")
+INT_COLUMNS = (
+    "row",
+    "image_index",
+    "width",
+    "height",
+    "attempts",
+    "ambiguous_retries",
+    "call_images",
+    "call_text_tokens",
+    "call_image_tokens",
+    "call_output_tokens",
+)
 
 
 def _invalid_n(job: Job) -> int:
@@ -176,7 +199,7 @@ def to_frame(
     frame = pd.DataFrame(list(rows), columns=COLUMNS + [names[c] for c in extra_columns])
     for col in INT_COLUMNS:
         frame[col] = pd.array(frame[col], dtype="Int64")
-    for col in ("input_tokens", "output_tokens"):
+    for col in ("input_tokens", "output_tokens", "cost_usd", "estimated_usd"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     for col, dtype in (extra_dtypes or {}).items():
         if col in names:

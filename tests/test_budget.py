@@ -97,7 +97,8 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "out"
-    result = invoke(["run", str(jobs), "--out", str(out), "--dry-run", "--simulate"])
+    args = ["run", str(jobs), "--out", str(out), "--dry-run", "--simulate", "--max-cost", "0.5"]
+    result = invoke(args)
     assert result.exit_code == 1, result.output  # row 3 is invalid, as in a real run
     text = result.output
     assert "Plan: 2 jobs, 4 requests, 4 images (nothing sent)" in text
@@ -106,6 +107,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
     assert "7024 output tokens/image at $30/1M" in text
     # 0.36 + 7024 x $30/1M (0.21072) + ~3 prompt tokens at $5/1M
     assert "Estimated cost: $0.5707 (worst case $0.5708)" in text
+    assert "Worst case $0.5708 exceeds --max-cost $0.5000" in text
     assert not out.exists()  # nothing written, no simulator started
 
 
@@ -139,3 +141,26 @@ def test_a_prices_file_changes_the_estimate(tmp_path):
     result = invoke(["run", str(jobs), "--dry-run", "--prices", str(prices), "--simulate"])
     assert result.exit_code == 0, result.output
     assert "Estimated cost: $1.5000" in result.output
+
+
+def test_estimate_leaves_out_what_the_folder_has_and_counts_its_spend(tmp_path):
+    import json
+
+    import imagebatch
+    from imagebatch.tasks.journal import ImageRecord
+    from imagebatch.tasks.plan import plan_jobs
+
+    jobs = pd.DataFrame([{"prompt": p, "model": "dall-e-3", "quality": "hd"} for p in "xy"])
+    first = imagebatch.estimate(jobs, simulate=True)
+    assert (first.plan.images, first.skipped, first.folder_spent) == (2, 0, 0)
+    key = plan_jobs(first.checked.valid)[0].keys[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    made = ImageRecord(key=key, job_id="j", index=0, status="succeeded", cost_usd=0.08)
+    lost = ImageRecord(key="other", job_id="k", index=0, status="failed", possibly_paid_usd=0.5)
+    lines = [json.dumps(r.__dict__) for r in (made, lost)]
+    (out / "journal.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    again = imagebatch.estimate(jobs, out, simulate=True, max_cost_total=0.6)
+    assert (again.plan.images, again.skipped) == (1, 1)
+    assert again.folder_spent == D("0.58") and again.plan.usd == D("0.08")
+    assert again.max_cost_total == D("0.6")

@@ -114,8 +114,9 @@ def test_dalle_is_priced_per_image(book, model, size, quality, each):
         ("gpt-image-2", "1024x1024", "low", 196, 30),
         ("gpt-image-2", "1536x1024", "high", 5488, 30),
         ("gpt-image-2", "1280x720", "medium", None, 30),
-        ("gpt-image-2", "2048x2048", "high", 14272, 30),
-        ("gpt-image-2", "1024x1536", "medium", 1372, 30),
+        ("gpt-image-2-2026-04-21", "2048x2048", "high", 14272, 30),
+        ("gpt-image-2.5-flare", "2048x2048", "high", 14272, 30),
+        ("gpt-image-2.5-sunburst-2026-09-08", "1024x1536", "medium", 1372, 30),
     ],
 )
 def test_gpt_image_generation_is_output_tokens_plus_prompt_tokens(
@@ -133,6 +134,16 @@ def test_gpt_image_generation_is_output_tokens_plus_prompt_tokens(
     assert est.usd == expected
     assert est.worst_usd == worst
     assert f"{out_tokens} output tokens/image" in est.basis
+
+
+@pytest.mark.parametrize("quality", ["xhigh", "max"])
+def test_25_qualities_without_published_figures_are_unknown(book, quality):
+    job = one({"prompt": "x", "model": "gpt-image-2.5-sunburst", "quality": quality})
+    est = estimate_unit(book, job, 1)
+    assert est.usd is None and est.worst_usd is None
+    assert f"no price for gpt-image-2.5-sunburst {quality} 1024x1024" in est.basis
+    usage = {"input_tokens": 4, "output_tokens": 9000}
+    assert price_call(book, job, 1, usage).usd == 4 * D(8) / M + 9000 * D(30) / M
 
 
 def test_auto_quality_estimates_medium_and_reserves_high(book):
