@@ -495,14 +495,13 @@ def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(
     )
     wait_for(lambda: sim.stats()["requests_seen"] >= 1, 30, "the first request", p, log)
 
-    t0 = time.monotonic()
+    flow_runs_before = _flow_run_count()
     r = invoke([str(jobs), "--out", str(out), "-q"], sim)
-    elapsed = time.monotonic() - t0
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
     assert "in use by another imagebatch run" in text and f"pid {p.pid}" in text
     assert p.poll() is None, "the first run should still be going"
-    assert elapsed < 8, f"the second run took {elapsed:.1f}s to refuse"
+    assert _flow_run_count() == flow_runs_before, "refused before starting a Prefect flow run"
     assert not (out / "manifest.csv").exists()
     # the holder records its shaping settings before its first image; the refused run wrote nothing
     assert json.loads((out / "run.json").read_text()).get("in_progress") is True
@@ -517,6 +516,13 @@ def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(
     assert r.exit_code == 0, r.output
     assert_manifest_verifies(out, all_succeeded=True)
     assert sim.stats()["images_billed"] == len(rows) - done_before
+
+
+def _flow_run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(limit=200))
 
 
 # --------------------------------------------------------------------------- 6. Ctrl-C
@@ -578,12 +584,10 @@ def test_second_sigint_abandons_requests_in_flight(prefect_api, make_sim, procs,
     time.sleep(0.5)
     assert p.poll() is None, "the first SIGINT must wait for requests in flight"
     p.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    code = p.wait(15)
-    elapsed = time.monotonic() - t0
+    code = p.wait(120)  # a hang detector; the abandonment is proven by the outcomes below
     assert code == 2, log.read_text(errors="replace")[-3000:]
-    assert elapsed < 5, f"took {elapsed:.1f}s to stop after the second SIGINT (latency is 8 s)"
     m = assert_manifest_verifies(out, all_succeeded=False)
+    # Had the run waited for its requests (8 s each), they would have succeeded.
     assert m.status.value_counts().to_dict() == {"not_run": len(rows)}
     assert tmp_leftovers(out) == []
 
