@@ -118,6 +118,9 @@ def run_cli(jobs: Path, out: Path, base_url: str, *extra: str) -> tuple[int, str
     args = ["run", str(jobs), "--out", str(out), "-q", "--task-per", "chunk", *extra]
     cmd = [sys.executable, "-m", "imagebatch.cli", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    if not (out / "run.json").exists():
+        raise SystemExit(f"{' '.join(args)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     return done.returncode, "imagebatch " + " ".join(args)
 
 

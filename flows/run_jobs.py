@@ -39,10 +39,11 @@ from imagebatch.configs.settings import (
 from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.batch import check_batch_target
+from imagebatch.tasks.batch_lines import refusal
 from imagebatch.tasks.budget import Budget, cost_report
-from imagebatch.tasks.cost import cost_plan
+from imagebatch.tasks.cost import CostPlan, cost_plan
 from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
-from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.errors import ConfigError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.manifest import (
@@ -371,7 +372,7 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
         work, skipped = _pending(
             planned, records, store, retry_failed=params.retry_failed, force=params.force
         )
-        plan = cost_plan(run.prices, (u for p, idx in work for u in units_for(p, idx)))
+        plan = _cost_plan(run, work)
         dispatcher = _dispatcher(run, store, journal, records)
         run.reporter.start(sum(len(idx) for _, idx in work), skipped)
         dispatch_seconds = await _dispatch(run, dispatcher, work, records, planned)
@@ -411,7 +412,23 @@ def _setup(params: _Params, handoff: _Handoff) -> _Run:
     reporter = handoff.reporter or LogReporter()
     out_dir = _out_dir(params.out, handoff.settings)
     prices = PriceBook.load(settings.cost.prices or None)
+    if settings.batch.mode == "batch" and (settings.cost.max_cost or settings.cost.max_cost_total):
+        raise ConfigError(
+            "--max-cost and --max-cost-total are enforced per request on live runs; a --batch "
+            "run is not capped. Drop the cap, or run live; `run --dry-run --batch` shows the "
+            "batch price"
+        )
     return _Run(params, settings, limits, registry, out_dir, source, base_dir, reporter, prices)
+
+
+def _cost_plan(run: _Run, work: list[tuple[PlannedJob, list[int]]]) -> CostPlan:
+    """The estimate of what this run sets out to send (Batch API lines at the batch price)."""
+    batch = run.settings.batch.mode == "batch"
+    return cost_plan(
+        run.prices,
+        (u for p, idx in work for u in units_for(p, idx)),
+        batch=(lambda unit: refusal(unit) is None) if batch else None,
+    )
 
 
 def _check_folder(run: _Run) -> dict[str, Any] | None:

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.settings import ApiSettings, BatchSettings
 from imagebatch.tasks.batch_api import BatchApi, batch_error_summary, is_terminal
 from imagebatch.tasks.batch_collect import Collector, Download
 from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
 from imagebatch.tasks.batch_lines import publish, refusal, write_input_files
+from imagebatch.tasks.cost import cost_fields, estimate_unit, price_call
 from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, units_for
@@ -53,6 +55,7 @@ class BatchRun:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     fatal: BaseException | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    prices: PriceBook | None = None  # prices each collected line at the batch discount
 
     def __post_init__(self) -> None:
         self.out_dir = self.store.out_dir
@@ -62,8 +65,23 @@ class BatchRun:
         self._rounds = 0
         self._shown: dict[str, tuple[Any, ...]] = {}
         self.collector = Collector(
-            self.store, self.journal, self.run_id, self.download, self.records, self._recorded
+            self.store,
+            self.journal,
+            self.run_id,
+            self.download,
+            self.records,
+            self._recorded,
+            self._price if self.prices is not None else None,
         )
+
+    def _price(self, key: str, images: int, usage: dict[str, Any] | None) -> dict[str, Any]:
+        """Cost fields of a collected line's images: its usage at the batch discount."""
+        found = self.by_key.get(key)
+        if found is None or self.prices is None:
+            return {}
+        job = found[0].job
+        call = price_call(self.prices, job, images, usage, batch=True)
+        return cost_fields(call, estimate_unit(self.prices, job, images, batch=True), images)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n

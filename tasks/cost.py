@@ -11,7 +11,7 @@ the call. Anything without a price is `None` (unknown), never zero.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -154,13 +154,43 @@ def _count(value: Any) -> int | None:
 
 
 def price_call(
-    book: PriceBook, job: ValidJob, images: int, usage: dict[str, Any] | None
+    book: PriceBook,
+    job: ValidJob,
+    images: int,
+    usage: dict[str, Any] | None,
+    *,
+    batch: bool = False,
 ) -> CallCost:
-    """The cost of one answered call that returned `images` images.
+    """The cost of one answered call that returned `images` images (a Batch API line: at
+    the model's batch discount).
 
     GPT image models: `usage` at the token rates (a call without usage is unknown). DALL·E:
     the per-image price of the size and quality asked for.
     """
+    cost = _price_call(book, job, images, usage)
+    prices = book.get(job.model.name)
+    if batch and cost.usd is not None and prices is not None:
+        return replace(cost, usd=cost.usd * prices.batch_discount)
+    return cost
+
+
+def cost_fields(call: CallCost, est: Estimate, n: int) -> dict[str, Any]:
+    """Journal fields of each image of a call: the call's usage as integers, the image's
+    share of its cost, and its share of the estimate made before sending."""
+    share = call.share()
+    return {
+        "call_images": call.images,
+        "call_text_tokens": call.text_tokens,
+        "call_image_tokens": call.image_tokens,
+        "call_output_tokens": call.output_tokens,
+        "cost_usd": None if share is None else float(share),
+        "estimated_usd": None if est.usd is None else float(est.usd / n),
+    }
+
+
+def _price_call(
+    book: PriceBook, job: ValidJob, images: int, usage: dict[str, Any] | None
+) -> CallCost:
     prices = book.get(job.model.name)
     if not job.model.usage:
         size, quality = _size_quality(job)

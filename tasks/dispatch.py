@@ -27,7 +27,7 @@ from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.settings import RetrySettings
 from imagebatch.tasks.api_client import ApiResult, ImagesClient
 from imagebatch.tasks.budget import Budget, CapReached, Reservation
-from imagebatch.tasks.cost import CallCost, Estimate, estimate_unit, price_call
+from imagebatch.tasks.cost import Estimate, cost_fields, estimate_unit, price_call
 from imagebatch.tasks.errors import (
     AmbiguousError,
     ApiError,
@@ -219,7 +219,7 @@ class Dispatcher:
             permit.record(result.headers, result.latency)
             call = price_call(self.prices, sub.planned.job, len(result.images), result.usage)
             self.budget.settle(reservation, call.usd)
-        progress.cost = _cost_fields(call, est, sub.n)
+        progress.cost = cost_fields(call, est, sub.n)
         return result
 
     def _raise_if_unavailable(self, unit: RequestUnit) -> None:
@@ -365,20 +365,6 @@ def _describe(sub: RequestUnit) -> str:
     params = sub.planned.job.params
     parts = (sub.planned.job.model.name, params.get("quality"), params.get("size"))
     return " ".join(str(p) for p in parts if p)
-
-
-def _cost_fields(call: CallCost, est: Estimate, n: int) -> dict[str, Any]:
-    """Journal fields of each image of a call: the call's usage as integers, the image's
-    share of its cost, and its share of the estimate made before sending."""
-    share = call.share()
-    return {
-        "call_images": call.images,
-        "call_text_tokens": call.text_tokens,
-        "call_image_tokens": call.image_tokens,
-        "call_output_tokens": call.output_tokens,
-        "cost_usd": None if share is None else float(share),
-        "estimated_usd": None if est.usd is None else float(est.usd / n),
-    }
 
 
 # The flow sets this before fanning out; tasks awaited in the flow's event loop see it.

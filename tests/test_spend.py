@@ -207,3 +207,24 @@ def test_requests_lost_after_sending_are_priced_as_possibly_paid(prefect_api, fr
     assert run_json["cost"]["possibly_paid_usd"] == pytest.approx(0.01)
     assert run_json["cost"]["possibly_paid_twice_images"] == 1
     assert fresh_sim.stats()["requests_seen"] == 1
+
+
+def test_batch_lines_are_priced_at_the_batch_discount(prefect_api, fresh_sim, tmp_path):
+    config = tmp_path / "batch.toml"
+    config.write_text("[batch]\npoll_seconds = 0.05\n", encoding="utf-8")
+    jobs, out = tmp_path / "jobs.csv", tmp_path / "out"
+    pd.DataFrame([{"prompt": "a lamp", "model": "gpt-image-2", "quality": "low", "n": 2}]).to_csv(
+        jobs, index=False
+    )
+    args = [str(jobs), "--out", str(out), "--batch", "--config", str(config)]
+    assert run(fresh_sim, args).exit_code == 0
+    manifest, run_json = outcome(out)
+    assert set(manifest.transport) == {"batch"}
+    text = int(manifest.call_text_tokens.iloc[0])
+    live = text * D(5) / M + 2 * 196 * D(30) / M
+    assert total(manifest.cost_usd) == pytest.approx(live / 2, abs=D("1e-12"))
+    assert D(str(run_json["cost"]["actual_usd"])) == pytest.approx(live / 2, abs=D("1e-12"))
+    assert run_json["cost"]["plan"]["estimate_usd"] == pytest.approx(float(live / 2), rel=0.01)
+    # A cap is enforced per live request; a batch run refuses it rather than ignore it.
+    capped = run(fresh_sim, [*args, "--max-cost", "1", "--force"])
+    assert capped.exit_code == 2 and "a --batch run is not capped" in capped.output
