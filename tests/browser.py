@@ -93,7 +93,7 @@ class Browser:
             "--disable-extensions",
             "--mute-audio",
             # A request that slipped past the checks still reaches nobody.
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--proxy-server=127.0.0.1:9",
             f"--window-size={self.width},{self.height}",
             "about:blank",
@@ -233,7 +233,9 @@ class Browser:
             ):
                 found.append(json.dumps(params.get("args", []))[:500])
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-                found.append(params["entry"].get("text", "")[:500])
+                entry = params["entry"]
+                where = f" ({entry['url']})" if entry.get("url") else ""
+                found.append(entry.get("text", "")[:500] + where)
         return found
 
     def requested_urls(self) -> list[str]:

@@ -7,13 +7,16 @@ protocol by tests/browser.py) and the folder is loaded with the `datasets` libra
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Before datasets is imported: never reach for the Hub, keep its cache out of $HOME.
@@ -227,6 +230,30 @@ def test_page_fetches_nothing_but_its_own_files(run_dir, browser):
     # a thumbnail opens its full image, which is in the folder
     links = browser.eval("Array.from(document.querySelectorAll('.thumb a')).map(a => a.href)")
     assert len(links) == 4 and all((run_dir / u[len(folder) :]).is_file() for u in links)
+
+
+def test_page_works_from_a_static_web_server(run_dir, browser):
+    """The same page over http (any static host): its CSP still lets its own images in."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(run_dir))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            base = f"http://127.0.0.1:{server.server_address[1]}/"
+            browser.open(base + "index.html", READY)
+            browser.wait_for(
+                "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+            )
+            # the browser asks any web server for /favicon.ico by itself; not the page's doing
+            errors = [e for e in browser.errors() if not e.endswith("/favicon.ico)")]
+            assert errors == []
+            assert browser.eval("document.querySelectorAll('.card').length") == len(
+                manifest(run_dir)
+            )
+            urls = browser.requested_urls()
+            assert all(u.startswith(base) for u in urls), urls
+            assert sum("/thumbs/" in u for u in urls) == 4
+        finally:
+            server.shutdown()
 
 
 def test_the_network_check_sees_a_request_off_disk(tmp_path, browser):
