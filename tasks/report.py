@@ -211,6 +211,11 @@ def publish_after_run(
         return None
     try:
         publish(out_dir, manifest, run, settings)
-    except (OSError, ValueError, ImagebatchError) as exc:
-        return f"the gallery (index.html, thumbs/, metadata.jsonl) was not written: {exc}"
+    except Exception as exc:  # even a bug here must not turn a finished run into a crash
+        log.debug("gallery not written", exc_info=True)
+        reason = str(exc) if isinstance(exc, OSError | ImagebatchError) else repr(exc)
+        return (
+            f"the gallery (index.html, thumbs/, metadata.jsonl) was not written: {reason}; "
+            "`imagebatch report` can make it later"
+        )
     return None

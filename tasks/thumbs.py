@@ -115,7 +115,10 @@ class Thumbnailer:
     def __init__(self, out_dir: Path, spec: ThumbSpec) -> None:
         self.out_dir = out_dir
         self.spec = spec
-        (out_dir / THUMBS_DIR).mkdir(exist_ok=True)
+        try:
+            (out_dir / THUMBS_DIR).mkdir(exist_ok=True)
+        except OSError:
+            pass  # each thumbnail then fails quietly; the end-of-run pass reports why
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="imagebatch-thumbs", initializer=_lowest_priority
         )

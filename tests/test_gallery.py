@@ -194,6 +194,20 @@ def test_an_unreadable_image_gets_a_card_without_thumbnail(tmp_path):
     assert sync_thumbnails(tmp_path, [("images/bad_0.png", None)], ThumbSpec()) == {}
 
 
+def test_a_gallery_that_cannot_be_written_is_a_notice_not_a_failed_run(prefect_api, sim, tmp_path):
+    jobs = tmp_path / "jobs.csv"
+    pd.DataFrame(JOBS[:2]).to_csv(jobs, index=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thumbs").write_text("a file where the thumbnails folder should be")
+    env = {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": "sk-test-gallery"}
+    result = invoke(["run", str(jobs), "--out", str(out), "--quiet"], env)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "the gallery (index.html, thumbs/, metadata.jsonl) was not written" in text
+    assert (manifest(out).status == "succeeded").all()
+
+
 # -- the page in a browser ---------------------------------------------------------------
 
 
