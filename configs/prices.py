@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from imagebatch.tasks.errors import ConfigError
+from imagebatch.configs.errors import ConfigError
 
 BUNDLED = Path(__file__).with_name("prices.toml")
 RATE_KEYS = (

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from imagebatch.tasks.errors import ConfigError
+from imagebatch.configs.errors import ConfigError
 
 BUNDLED = Path(__file__).with_name("models.toml")
 OPERATIONS = ("generate", "edit", "variation")
@@ -31,6 +31,15 @@ OPTIONAL_PARAMS = (
     "input_fidelity",
     "user",
 )
+# The values each enumerated parameter takes; the validator and the simulator both check them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "style": ("vivid", "natural"),
+    "background": ("transparent", "opaque", "auto"),
+    "output_format": ("png", "jpeg", "webp"),
+    "moderation": ("low", "auto"),
+    "input_fidelity": ("high", "low"),
+    "response_format": ("url", "b64_json"),
+}
 _SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # ASCII digits only
 _SNAPSHOT_RE = re.compile(r"^(?P<base>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
 # Optional parameters the multipart edit form has no field for (published schema); a model

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from imagebatch.tasks.errors import ConfigError
+from imagebatch.configs.errors import ConfigError
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 OPENAI_BASE_URL = "https://api.openai.com/v1"

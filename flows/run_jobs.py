@@ -42,7 +42,13 @@ from imagebatch.tasks.batch import check_batch_target
 from imagebatch.tasks.batch_lines import refusal
 from imagebatch.tasks.budget import Budget, cost_report
 from imagebatch.tasks.cost import CostPlan, cost_plan
-from imagebatch.tasks.dispatch import Dispatcher, current_dispatcher, process_chunk, process_job
+from imagebatch.tasks.dispatch import (
+    Dispatcher,
+    current_dispatcher,
+    process_chunk,
+    process_job,
+    quiet_expected_failures,
+)
 from imagebatch.tasks.errors import ConfigError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
@@ -528,7 +534,10 @@ async def _dispatch(
         return _FanOut(dispatcher, flow_settings.task_per, flow_settings.chunk_jobs).run(part)
 
     try:
-        with _interrupts(dispatcher, run.reporter, asyncio.current_task()):
+        with (
+            _interrupts(dispatcher, run.reporter, asyncio.current_task()),
+            quiet_expected_failures(),
+        ):
             if run.settings.batch.mode == "batch":
                 run.batch_stats = await run_batch_phase(
                     run.settings,

@@ -9,15 +9,16 @@ from typing import Any
 
 import click
 
+from imagebatch.configs.registry import CHOICES
+
 # Quiet, offline-friendly Prefect defaults; a user's own environment wins.
-for _name, _value in {
+PREFECT_DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # The ephemeral API logs CancelledError tracebacks at exit (events it drops); not ours to show.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "",
-}.items():
-    os.environ.setdefault(_name, _value)
+}
 
 
 def _console():
@@ -223,6 +224,9 @@ def main() -> None:
     Set OPENAI_API_KEY (and OPENAI_BASE_URL for another server), or try it with
     `imagebatch run JOBS.csv --simulate` against a built-in simulator.
     """
+    # Before any command imports Prefect, which reads its settings once.
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 @main.command()
@@ -239,7 +243,7 @@ def main() -> None:
 @click.option("--n", "n", type=int, help="Default images per row.")
 @click.option(
     "--output-format",
-    type=click.Choice(["png", "jpeg", "webp"]),
+    type=click.Choice(CHOICES["output_format"]),
     help="Default output_format (GPT image models).",
 )
 @click.option("--rpm", type=float, help="Requests per minute allowed (0: learn it).")
@@ -532,8 +536,8 @@ def jobs_from_folder_cmd(
     from rich.markup import escape
 
     from imagebatch.tasks.errors import ImagebatchError
+    from imagebatch.tasks.files import write_atomic
     from imagebatch.tasks.folder_jobs import jobs_from_folder
-    from imagebatch.tasks.store import write_atomic
 
     output = output or folder / "jobs.csv"
     if output.exists() and not force:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
 from imagebatch.tasks.batch_lines import publish, refusal, write_input_files
 from imagebatch.tasks.cost import cost_fields, estimate_unit, price_call
 from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputError
+from imagebatch.tasks.files import file_sha256
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, units_for
 from imagebatch.tasks.store import ImageStore
@@ -216,7 +216,7 @@ class BatchRun:
     async def _submit(self, part: Part) -> None:
         if part.file_id is None:
             path = self.out_dir / part.file
-            if _sha256(path) != part.sha256:
+            if file_sha256(path) != part.sha256:
                 raise ApiError(
                     f"the input file {part.file} is missing or changed", code="input_file_changed"
                 )
@@ -431,17 +431,6 @@ def _as_work(units: Any) -> Work:
     for unit in units:
         grouped.setdefault(id(unit.planned), (unit.planned, []))[1].extend(unit.indices)
     return list(grouped.values())
-
-
-def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 async def batch_status(out_dir: Path, api: BatchApi) -> list[dict[str, Any]]:

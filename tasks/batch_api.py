@@ -20,13 +20,13 @@ import httpx
 
 from imagebatch.configs.settings import ApiSettings, RetrySettings
 from imagebatch.tasks.api_client import auth_headers
+from imagebatch.tasks.files import fsync_dir
 from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
     malformed_response_error,
 )
 from imagebatch.tasks.retry_policy import retrying
-from imagebatch.tasks.store import fsync_dir
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 LIST_PAGE = 100

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagebatch.tasks.files import fsync_dir
 from imagebatch.tasks.plan import RequestUnit
 from imagebatch.tasks.prepare import PreparedFile, PreparedInputs, SourceError, prepare_job
-from imagebatch.tasks.store import fsync_dir
 
 URLS = {"generate": "/v1/images/generations", "edit": "/v1/images/edits"}
 # The JSON edit form (SPEC EditImageBodyJsonParam): sizes it takes, and fields it has not.

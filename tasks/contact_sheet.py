@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from imagebatch.tasks.store import write_atomic
+from imagebatch.tasks.files import write_atomic
 
 SHEET_NAME = "contact_sheet.png"
 LABEL_HEIGHT = 18

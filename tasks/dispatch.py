@@ -12,9 +12,11 @@ models' units go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -429,4 +431,13 @@ class _QuietExpectedFailures(logging.Filter):
         )
 
 
-logging.getLogger("prefect.task_runs").addFilter(_QuietExpectedFailures())
+@contextlib.contextmanager
+def quiet_expected_failures() -> Iterator[None]:
+    """While a run dispatches, Prefect's task-run logger drops those lines; afterwards it is as it was."""
+    logger = logging.getLogger("prefect.task_runs")
+    quiet = _QuietExpectedFailures()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -1,6 +1,6 @@
 """The exception hierarchy. Each class maps to one thing the pipeline does about it.
 
-ImagebatchError
+ImagebatchError        (with ConfigError, in configs/errors.py: configs never imports the stages)
 ├── ConfigError        bad settings, flags or registry: usage error, exit 2
 ├── InputError         the jobs file cannot be read at all: exit 2
 ├── OutputError        the output folder cannot hold the run (disk full, unwritable)
@@ -20,13 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from imagebatch.configs.errors import ConfigError, ImagebatchError
 
-class ImagebatchError(Exception):
-    """Base of every error this project raises on purpose."""
-
-
-class ConfigError(ImagebatchError):
-    pass
+__all__ = [
+    "AmbiguousError",
+    "ApiError",
+    "ConfigError",
+    "FatalError",
+    "ImagebatchError",
+    "InputError",
+    "ModelUnavailable",
+    "OutputError",
+    "RateLimited",
+    "RejectedError",
+    "RequestError",
+    "RunLocked",
+    "SettingsChanged",
+    "TransientError",
+]
 
 
 class InputError(ImagebatchError):

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from imagebatch.tasks.files import write_atomic
 from imagebatch.tasks.gallery_assets import CSS, JS
-from imagebatch.tasks.store import write_atomic
 
 PAGE_NAME = "index.html"
 # Columns the cards show, in this order; carried-through columns follow.

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from imagebatch.tasks.files import write_atomic
 from imagebatch.tasks.gallery import json_cell, safe_relative
-from imagebatch.tasks.store import write_atomic
 
 METADATA_NAME = "metadata.jsonl"
 TEXT_COLUMNS = [

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.store import fsync_dir as _fsync_dir
+from imagebatch.tasks.files import fsync_dir
 
 JOURNAL_NAME = "journal.jsonl"
 
@@ -187,7 +187,7 @@ class Journal:
                 )
             try:
                 for folder in self.sync_first:
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
                 view = memoryview(data)
                 while view:  # a nearly full disk may take part of a write without an error
                     written = os.write(self._fd, view)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from imagebatch.tasks.files import write_atomic
 from imagebatch.tasks.journal import ImageRecord
 from imagebatch.tasks.plan import PlannedJob
 from imagebatch.tasks.read_jobs import Job
-from imagebatch.tasks.store import write_atomic
 from imagebatch.tasks.validate import Problem, whole_number
 
 COLUMNS = [

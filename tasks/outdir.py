@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebatch.tasks.errors import OutputError, RunLocked, SettingsChanged
-from imagebatch.tasks.store import write_atomic
+from imagebatch.tasks.files import write_atomic
 
 LOCK_NAME = ".imagebatch.lock"
 RUN_JSON = "run.json"

@@ -17,7 +17,6 @@ since validation, and holds at most one decoded bitmap per file while it works.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import threading
@@ -30,7 +29,7 @@ from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
 
 from imagebatch.configs.registry import ModelSpec
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.store import write_atomic
+from imagebatch.tasks.files import file_sha256, sha256_hex, write_atomic
 
 if TYPE_CHECKING:
     from imagebatch.tasks.validate import ValidJob
@@ -193,7 +192,7 @@ def inspect_source(path: Path, max_pixels: int) -> SourceImage:
         raise SourceError(
             f"{path.name} is not a readable image (truncated or corrupt): {exc}"
         ) from None
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_hex(data)
     return SourceImage(
         path,
         sha,
@@ -271,7 +270,7 @@ def _parse_size(size: str) -> tuple[int, int] | None:
 def _open(src: SourceImage, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode `src` again, refusing a file that changed since validation checked it."""
     data = src.path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != src.sha256:
+    if sha256_hex(data) != src.sha256:
         raise SourceError(f"{src.path.name} changed after it was checked; run again")
     img = Image.open(io.BytesIO(data))
     if draft is not None and img.format == "JPEG":
@@ -491,7 +490,7 @@ class _Shaped:
 def _prepare_image(src: SourceImage, rules: InputRules, options: PrepOptions) -> _Shaped:
     if _passes_as_is(src, rules, options):
         data = src.path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != src.sha256:
+        if sha256_hex(data) != src.sha256:
             raise SourceError(f"{src.path.name} changed after it was checked; run again")
         w, h = src.display_size
         file = PreparedFile(src.path.name, data, MIME[src.format], src.sha256, w, h)
@@ -510,7 +509,7 @@ def _prepare_image(src: SourceImage, rules: InputRules, options: PrepOptions) ->
     data, fmt, img = _squeeze(img, _output_format(src, img.mode, rules), rules, ops, steps)
     steps.append(f"{fmt.upper()} {human_bytes(len(data))}")
     name = f"{src.path.stem}.{_extension(fmt)}"
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_hex(data)
     return _Shaped(
         PreparedFile(name, data, MIME[fmt], sha, img.width, img.height), steps, working, ops
     )
@@ -559,7 +558,7 @@ def _prepare_mask(
         and src.size_bytes < rules.mask_max_bytes
     ):
         data = src.path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != src.sha256:
+        if sha256_hex(data) != src.sha256:
             raise SourceError(f"{src.path.name} changed after it was checked; run again")
         return PreparedFile(src.path.name, data, MIME["png"], src.sha256, *img.size), ["sent as is"]
     del img
@@ -580,7 +579,7 @@ def _prepare_mask(
             f"the prepared mask is {human_bytes(len(data))}; the limit is {human_bytes(rules.mask_max_bytes)}"
         )
     steps.append(f"PNG {human_bytes(len(data))}")
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_hex(data)
     return PreparedFile(f"{src.path.stem}.png", data, MIME["png"], sha, *out.size), steps
 
 
@@ -622,7 +621,7 @@ def _unchecked(images: Sequence[SourceImage], mask: SourceImage | None) -> Prepa
     files = []
     for src in [*images, *([mask] if mask else [])]:
         data = src.path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != src.sha256:
+        if sha256_hex(data) != src.sha256:
             raise SourceError(f"{src.path.name} changed after it was checked; run again")
         mime = MIME.get(src.format, "application/octet-stream")
         files.append(PreparedFile(src.path.name, data, mime, src.sha256, *src.display_size))
@@ -644,7 +643,7 @@ def save_prepared(out_dir: Path, stem: str, inputs: PreparedInputs) -> list[Path
     written = []
     for name, file in named:
         path = folder / f"{name}.{EXTENSIONS.get(file.mime, 'bin')}"
-        if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == file.sha256):
+        if file_sha256(path) != file.sha256:
             write_atomic(path, file.data)
         written.append(path)
     return written

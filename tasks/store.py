@@ -6,8 +6,6 @@ leaves at most a `.tmp-*` file, which the next run removes.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import os
 import secrets
@@ -17,9 +15,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.files import TMP_PREFIX, file_sha256, sha256_hex, write_atomic
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
-TMP_PREFIX = ".tmp-"
 
 
 class CorruptImage(ValueError):
@@ -46,43 +44,6 @@ def decode(data: bytes) -> tuple[str, int, int]:
         raise CorruptImage(f"the image bytes do not decode: {exc}") from None
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames in `path` durable (the journal does this once per batch of records)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write `data` to `path` so that `path` is either absent, the old file, or all of `data`.
-
-    `sync_dir=False` leaves making the rename durable to the caller: images do it once per
-    batch of journal records instead of once per file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-        raise OutputError(f"cannot write {path}: {what}") from None
-    if sync_dir:
-        fsync_dir(path.parent)
-
-
 class ImageStore:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -106,9 +67,7 @@ class ImageStore:
         if not self.images_dir.is_dir():
             raise OutputError(f"the output folder {self.images_dir} vanished during the run")
         write_atomic(self.out_dir / rel, data, sync_dir=False)
-        return StoredImage(
-            rel, hashlib.sha256(data).hexdigest(), width, height, fmt.lower(), len(data)
-        )
+        return StoredImage(rel, sha256_hex(data), width, height, fmt.lower(), len(data))
 
     def set_aside(self, keep: set[str], folder: str = "superseded") -> list[str]:
         """Move files under images/ that no manifest row names into `folder`/; never delete paid work.
@@ -131,11 +90,4 @@ class ImageStore:
     def verify(self, rel: str, sha256: str) -> bool:
         """True when the file is there and its bytes hash to `sha256`."""
         path = self.out_dir / rel
-        h = hashlib.sha256()
-        try:
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError:
-            return False
-        return h.hexdigest() == sha256
+        return file_sha256(path) == sha256

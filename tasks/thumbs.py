@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imagebatch.tasks.store import TMP_PREFIX, write_atomic
+from imagebatch.tasks.files import TMP_PREFIX, write_atomic
 
 log = logging.getLogger("imagebatch")
 

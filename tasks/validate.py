@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebatch.configs.registry import ModelSpec, Registry, unchecked
+from imagebatch.configs.registry import CHOICES, OPERATIONS, ModelSpec, Registry, unchecked
 from imagebatch.configs.settings import InputSettings, JobDefaults, Settings
 from imagebatch.tasks.prepare import (
     FITS,
@@ -28,15 +28,6 @@ from imagebatch.tasks.prepare import (
 )
 from imagebatch.tasks.read_jobs import IMAGE_SEPARATOR, Job
 
-OPERATIONS = ("generate", "edit", "variation")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "style": ("vivid", "natural"),
-    "background": ("transparent", "opaque", "auto"),
-    "output_format": ("png", "jpeg", "webp"),
-    "moderation": ("low", "auto"),
-    "input_fidelity": ("high", "low"),
-    "response_format": ("url", "b64_json"),
-}
 # Columns that map one-to-one onto an optional API parameter of the same name.
 PASS_THROUGH = (
     "style",

@@ -659,7 +659,7 @@ def _assert_stopped_disk_full(r, out: Path, written: int) -> pd.DataFrame:
 
 
 def test_disk_full_writing_images_stops_the_run(prefect_api, make_sim, tmp_path, monkeypatch):
-    import imagebatch.tasks.store
+    import imagebatch.tasks.files
 
     sim = make_sim(latency=0.02)
     jobs, total = _disk_full_jobs(tmp_path)
@@ -674,7 +674,7 @@ def test_disk_full_writing_images_stops_the_run(prefect_api, make_sim, tmp_path,
             replaced.append(Path(dst).name)
         return os.replace(src, dst)
 
-    monkeypatch.setattr(imagebatch.tasks.store, "os", _OsProxy(replace=replace))
+    monkeypatch.setattr(imagebatch.tasks.files, "os", _OsProxy(replace=replace))
     r = invoke([str(jobs), "--out", str(out), "-q", "--max-in-flight", "2"], sim)
     m = _assert_stopped_disk_full(r, out, allowed)
     assert sorted(Path(f).name for f in m.loc[m.status == "succeeded", "file"]) == sorted(replaced)

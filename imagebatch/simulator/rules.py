@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from imagebatch.configs.registry import OPTIONAL_PARAMS, ModelSpec, Registry
+from imagebatch.configs.registry import CHOICES, OPTIONAL_PARAMS, ModelSpec, Registry
 
 from .failures import ApiFailure, bad, type_name, unknown_param
 from .request import (
@@ -52,14 +52,6 @@ OPTIONAL = {
     "edit": set(OPTIONAL_PARAMS) - {"style"},
     "edit_json": set(OPTIONAL_PARAMS) - {"style", "response_format"},
     "variation": {"response_format", "user"},
-}
-ENUMS = {
-    "response_format": ("url", "b64_json"),
-    "style": ("vivid", "natural"),
-    "output_format": ("png", "jpeg", "webp"),
-    "background": ("transparent", "opaque", "auto"),
-    "moderation": ("low", "auto"),
-    "input_fidelity": ("high", "low"),
 }
 GPT_IMAGE_PREFIX = "gpt-image-"
 JSON_EDIT_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
@@ -273,12 +265,12 @@ def _output_options(
 ) -> tuple[str | None, str, str, int | None, str]:
     """(style, response_format, output_format, compression, background), checked together.
     Only parameters the model accepts got this far."""
-    style = p.enum("style", ENUMS["style"])
+    style = p.enum("style", CHOICES["style"])
     if spec.is_gpt_image:
         response_format = "b64_json"
     else:
-        response_format = p.enum("response_format", ENUMS["response_format"]) or "url"
-    output_format = p.enum("output_format", ENUMS["output_format"]) or "png"
+        response_format = p.enum("response_format", CHOICES["response_format"]) or "url"
+    output_format = p.enum("output_format", CHOICES["output_format"]) or "png"
     compression = p.int("output_compression")
     if compression is not None:
         if not 0 <= compression <= 100:
@@ -291,7 +283,7 @@ def _output_options(
                 "output_compression",
                 "The 'output_compression' parameter is only supported for the 'jpeg' and 'webp' output formats.",
             )
-    background = p.enum("background", ENUMS["background"]) or "auto"
+    background = p.enum("background", CHOICES["background"]) or "auto"
     if background == "transparent":
         if output_format == "jpeg":
             raise bad(
@@ -305,8 +297,8 @@ def _output_options(
                 "unsupported_value",
             )
     background = "transparent" if background == "transparent" else "opaque"
-    p.enum("moderation", ENUMS["moderation"])
-    p.enum("input_fidelity", ENUMS["input_fidelity"])
+    p.enum("moderation", CHOICES["moderation"])
+    p.enum("input_fidelity", CHOICES["input_fidelity"])
     return style, response_format, output_format, compression, background
 
 
