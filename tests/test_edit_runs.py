@@ -107,3 +107,45 @@ def test_sample_variations_and_per_row_errors(prefect_api, sim, samples, tmp_pat
             assert image.size == (256, 256)
     assert manifest.loc["var-logo", "input_preparation"].startswith("palette -> RGBA")
     assert "padded (white) 400x300 -> 400x400" in manifest.loc["var-product", "input_preparation"]
+
+
+class _ReplacesSource:
+    """A reporter that overwrites a source file once the run has checked it and is about to
+    send: as if another program saved over the photo mid-run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def notice(self, message: str) -> None:
+        pass
+
+    def problems(self, problems) -> None:
+        pass
+
+    def start(self, total: int, skipped: int) -> None:
+        Image.new("RGB", (64, 64), "green").save(self.path)
+
+    def image(self, record) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_source_changed_after_validation_fails_without_a_request(prefect_api, sim, tmp_path):
+    from imagebatch.flows.run_jobs import run_jobs
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("prompt,operation,model,image\nadd a hat,edit,gpt-image-2,a.png\n")
+    before = sim.stats()["requests_seen"]
+    report = run_jobs(
+        jobs,
+        tmp_path / "out",
+        base_url=sim.base_url,
+        reporter=_ReplacesSource(tmp_path / "a.png"),
+    )
+    row = report.manifest.iloc[0]
+    assert row["status"] == "failed" and row["error_code"] == "input_error"
+    assert "a.png changed after it was checked" in row["error_message"]
+    assert sim.stats()["requests_seen"] == before
