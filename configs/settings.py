@@ -38,6 +38,8 @@ class JobDefaults:
 class ApiSettings:
     base_url: str = OPENAI_BASE_URL
     api_key: str | None = field(default=None, repr=False)
+    # The name of a Prefect Secret block holding the key (deployed and scheduled runs).
+    key_secret: str = ""
     organization: str | None = None
     project: str | None = None
     connect_timeout: float = 10.0
@@ -70,7 +72,12 @@ class ApiSettings:
     @property
     def has_no_target(self) -> bool:
         """No key, no base URL and no simulator opt-in: there is nowhere honest to send requests."""
-        return not self.simulate and not self.api_key and self.base_url == OPENAI_BASE_URL
+        return (
+            not self.simulate
+            and not self.api_key
+            and not self.key_secret
+            and self.base_url == OPENAI_BASE_URL
+        )
 
     @property
     def targets_openai(self) -> bool:
@@ -131,6 +138,8 @@ class FlowSettings:
     # (about 20-40 ms of CPU with its server) would be the bottleneck.
     task_per: str = "job"
     chunk_jobs: int = 200
+    # A run where some images did not succeed ends Failed (true) or Completed (false).
+    fail_on_image_errors: bool = True
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import platform
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,11 +37,15 @@ from imagebatch.configs.settings import (
     route_overrides,
 )
 from imagebatch.flows.batch_phase import run_batch_phase
+from imagebatch.flows.control import current_switch
+from imagebatch.flows.runlog import UiReporter, quiet_console
 from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.artifacts import ProgressArtifact, publish_summary
 from imagebatch.tasks.batch import check_batch_target
 from imagebatch.tasks.batch_lines import refusal
 from imagebatch.tasks.budget import Budget, cost_report
 from imagebatch.tasks.cost import CostPlan, cost_plan
+from imagebatch.tasks.credentials import load_secret_key
 from imagebatch.tasks.dispatch import (
     Dispatcher,
     current_dispatcher,
@@ -49,7 +53,7 @@ from imagebatch.tasks.dispatch import (
     process_job,
     quiet_expected_failures,
 )
-from imagebatch.tasks.errors import ConfigError, OutputError
+from imagebatch.tasks.errors import ConfigError, InputError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.manifest import (
@@ -63,6 +67,7 @@ from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, wr
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
 from imagebatch.tasks.report import publish_after_run
+from imagebatch.tasks.rundirs import dated_folder, mark_latest
 from imagebatch.tasks.store import ImageStore
 from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec
 from imagebatch.tasks.validate import Checked, Problem, Validator
@@ -267,6 +272,9 @@ def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.T
         elif main_task is not None:
             main_task.cancel()
 
+    switch = current_switch.get()
+    if switch is not None:  # a notebook run in a worker thread: the caller forwards Ctrl-C
+        switch.attach(loop, on_sigint)
     installed = False
     try:
         loop.add_signal_handler(signal.SIGINT, on_sigint)
@@ -277,6 +285,8 @@ def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.T
     try:
         yield
     finally:
+        if switch is not None:
+            switch.detach()
         if installed:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
@@ -284,7 +294,7 @@ def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.T
 
 @flow(name="imagebatch", persist_result=False, validate_parameters=False, log_prints=False)
 async def imagebatch_flow(
-    jobs: str,
+    jobs: str | list[dict[str, Any]],
     out: str | None = None,
     config: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
@@ -292,22 +302,126 @@ async def imagebatch_flow(
     force: bool = False,
     allow_changed_settings: bool = False,
     models: str | None = None,
-) -> RunReport:
-    """Run a jobs file (CSV or Parquet path) into `out`.
+    out_root: str | None = None,
+) -> Any:
+    """Run jobs (a CSV or Parquet path, or a list of row objects) into `out`, or into a new
+    dated folder under `out_root` (scheduled and deployed runs: never over an earlier run).
 
     The parameters are plain JSON so the flow can be deployed and scheduled. API keys are
-    never parameters: they come from the environment of the process that runs the flow.
+    never parameters: they come from the environment of the process that runs the flow, or
+    from the Prefect Secret block named by `[api] key_secret`. The final state is Failed
+    when the run stopped early, or (by default, `[flow] fail_on_image_errors`) when any
+    image did not succeed; its message carries the counts.
     """
-    params = _Params(
-        jobs, out, config, overrides or {}, retry_failed, force, allow_changed_settings, models
+    # Only module-level names here: `serve` cloudpickles this function by value, and a
+    # module global such as a ContextVar cannot travel (functions go by reference).
+    return await _run_flow(
+        _Params(
+            jobs,  # type: ignore[arg-type]  # rows are turned into a frame by _handoff_for
+            out,
+            config,
+            _refuse_key_parameter(overrides),
+            retry_failed,
+            force,
+            allow_changed_settings,
+            models,
+        ),
+        out_root,
     )
+
+
+async def _run_flow(params: _Params, out_root: str | None) -> Any:
+    """The flow run around `_execute`: its folder, its key, its UI reporting, its final state."""
+    started = time.time()
     handoff = _handoff.get()
-    if handoff is not None and handoff.ref == jobs:
-        return await _execute(params, handoff)
-    # Called directly (a deployment): load the settings and lock the folder here.
-    settings = load_settings(config)
-    with FolderLock(_out_dir(out, settings)):
-        return await _execute(params, _Handoff(jobs, None, None, settings))
+    lock: Any = contextlib.nullcontext()
+    if handoff is None or handoff.ref != params.jobs:
+        # Called directly (a deployment, a schedule): load the settings and lock the folder here.
+        params, handoff = _handoff_for(params, out_root)
+        lock = FolderLock(_out_dir(params.out, handoff.settings))
+    settings = _with_overrides(handoff.settings, params.overrides)
+    if settings.api.key_secret:
+        key = await load_secret_key(settings.api.key_secret)
+        api = {**params.overrides.get("api", {}), "api_key": key}  # in memory only
+        params = replace(params, overrides={**params.overrides, "api": api})
+    progress = ProgressArtifact()
+    reporter = UiReporter(handoff.reporter or LogReporter(), progress)
+    with lock:
+        try:
+            report = await _execute(params, replace(handoff, reporter=reporter))
+        finally:
+            await progress.finish()
+    elapsed = time.time() - started
+    await publish_summary(
+        report.manifest, elapsed, report.stopped, report.skipped, str(report.out_dir)
+    )
+    if out_root:
+        mark_latest(report.out_dir)
+    return final_state(report, settings.flow.fail_on_image_errors)
+
+
+def _refuse_key_parameter(
+    overrides: dict[str, dict[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    """A key passed as a parameter would be stored in Prefect's database: refuse it."""
+    overrides = dict(overrides or {})
+    if "api_key" in overrides.get("api", {}):
+        raise ConfigError(
+            "the API key is never a run parameter (it would be stored in Prefect's database): "
+            "set OPENAI_API_KEY where the run executes, or name a Prefect Secret block with key_secret"
+        )
+    return overrides
+
+
+def _with_overrides(settings: Settings, overrides: dict[str, dict[str, Any]]) -> Settings:
+    for section, values in overrides.items():
+        settings = settings.with_overrides(section, **values)
+    return settings
+
+
+def _handoff_for(params: _Params, out_root: str | None) -> tuple[_Params, _Handoff]:
+    """A deployed run's handoff: its settings, its rows as a frame, its dated folder."""
+    settings = load_settings(params.config)
+    frame = None
+    jobs: Any = params.jobs
+    if not isinstance(jobs, str):
+        if not isinstance(jobs, list) or not all(isinstance(r, dict) for r in jobs):
+            raise InputError("jobs must be a path to a CSV/Parquet file or a list of row objects")
+        frame = pd.DataFrame.from_records(jobs)
+        jobs = f"rows:{len(frame)}"
+    out = str(_run_folder(out_root)) if out_root else params.out
+    params = replace(params, jobs=jobs, out=out)
+    return params, _Handoff(jobs, frame, None, settings)
+
+
+def _run_folder(out_root: str) -> Path:
+    """This flow run's own dated folder under `out_root`, named by its (scheduled) start."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    flow_run = ctx.flow_run if ctx is not None else None
+    when = (flow_run.expected_start_time if flow_run else None) or dt.datetime.now(dt.UTC)
+    run_id = flow_run.id.hex if flow_run else uuid.uuid4().hex
+    return dated_folder(Path(out_root).expanduser().resolve(), when, run_id)
+
+
+def state_message(report: RunReport) -> str:
+    """`12 images: 10 succeeded, 1 failed, 1 invalid` (+ why the run stopped, if it did)."""
+    parts = [f"{n} {status}" for status, n in report.counts.items() if n]
+    message = f"{len(report.manifest)} images: {', '.join(parts) or 'none'}"
+    if report.skipped:
+        message += f" ({report.skipped} already done before)"
+    if report.stopped:
+        message += f"; stopped early: {report.stopped}"
+    return message + f"; output {report.out_dir}"
+
+
+def final_state(report: RunReport, fail_on_image_errors: bool) -> Any:
+    """Failed when the run stopped early, or when images were lost and that is to fail."""
+    from prefect.states import Completed, Failed
+
+    failed = bool(report.stopped) or (fail_on_image_errors and report.exit_code != 0)
+    return (Failed if failed else Completed)(message=state_message(report), data=report)
 
 
 @dataclass(frozen=True)
@@ -717,10 +831,25 @@ def run_jobs(
                 force,
                 allow_changed_settings,
                 str(models) if models else None,
+                return_state=True,
             )
-            return asyncio.run(coro)
+            with quiet_console():
+                return asyncio.run(_report_of(coro))
         finally:
             _handoff.reset(token)
+
+
+async def _report_of(call: Any) -> RunReport:
+    """The report a finished run carries in its state, Completed or Failed; errors re-raised."""
+    state = await call
+    result = await state.aresult(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    if not isinstance(result, RunReport):
+        raise RuntimeError(
+            f"the flow run ended {state.type.value} without a report: {state.message}"
+        )
+    return result
 
 
 def _preflight(settings: Settings, sections: dict[str, dict[str, Any]]) -> None:

@@ -1,28 +1,35 @@
-"""The Python API for notebooks and scripts.
+"""The Python API for notebooks, scripts and async code.
 
 import imagebatch
 manifest = imagebatch.run("jobs.csv", out="out", model="gpt-image-2")   # a DataFrame
+manifest = await imagebatch.arun(df, out="out")                       # from async code
 report = imagebatch.run_report(df, out="out")   # counts, problems, stats, .manifest
 checked = imagebatch.validate(df)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import load_settings, route_overrides
+from imagebatch.notebook import make_reporter
+from imagebatch.runner import call_async, call_blocking
 from imagebatch.tasks.cost import CostPlan, cost_plan
 from imagebatch.tasks.journal import Journal
 from imagebatch.tasks.plan import RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import read_jobs
 from imagebatch.tasks.validate import Checked, Validator
+
+if TYPE_CHECKING:
+    from imagebatch.flows.run_jobs import RunReport
 
 
 def check_jobs(
@@ -61,14 +68,69 @@ def validate(jobs: str | Path | pd.DataFrame, **kwargs: Any) -> Checked:
 
 
 def run(
-    jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    **kwargs: Any,
 ) -> pd.DataFrame:
     """Run jobs and return the manifest: one row per requested image.
 
-    `manifest.attrs["imagebatch"]` holds the output folder, counts, exit code and why the
-    run stopped early, if it did. Arguments as for `run_report`.
+    Works in scripts and in notebooks (Jupyter, IPython, VS Code) alike: inside a running
+    event loop the run gets its own loop in a worker thread. `progress`: None shows a bar in
+    a notebook or on a terminal, True always, False never. `manifest.attrs["imagebatch"]`
+    holds the output folder, counts, exit code and why the run stopped early, if it did.
+    Other arguments as for `run_report`.
     """
-    report = run_report(jobs, out, **kwargs)
+    return _with_attrs(run_report(jobs, out, progress=progress, **kwargs))
+
+
+async def arun(
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """`run` for async code: `manifest = await imagebatch.arun(df, out="out")`.
+
+    The caller's loop keeps running; cancelling the awaiting task stops the run as Ctrl-C
+    does (requests in flight finish, the manifest is written)."""
+    call = _call(jobs, out, progress, kwargs)
+    return _with_attrs(await call_async(call))
+
+
+def run_report(
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> RunReport:
+    """Run jobs and return the full RunReport (`.manifest`, `.counts`, `.problems`, `.stats`).
+
+    Keyword arguments: config, models, retry_failed, force, allow_changed_settings,
+    key_secret (the name of a Prefect Secret block holding the API key), and any setting
+    by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
+    read_timeout, on_ambiguous, task_per, ...). See flows.run_jobs.run_jobs.
+    """
+    return call_blocking(_call(jobs, out, progress, kwargs))
+
+
+def _call(
+    jobs: str | Path | pd.DataFrame,
+    out: str | Path | None,
+    progress: bool | None,
+    kwargs: dict[str, Any],
+) -> Callable[[], RunReport]:
+    from imagebatch.flows.run_jobs import run_jobs
+
+    if "reporter" not in kwargs:
+        kwargs["reporter"] = make_reporter(progress)
+    return lambda: run_jobs(jobs, out, **kwargs)
+
+
+def _with_attrs(report: RunReport) -> pd.DataFrame:
     report.manifest.attrs["imagebatch"] = {
         "out_dir": str(report.out_dir),
         "counts": report.counts,
@@ -76,20 +138,6 @@ def run(
         "stopped": report.stopped,
     }
     return report.manifest
-
-
-def run_report(jobs: str | Path | pd.DataFrame, out: str | Path | None = None, **kwargs: Any):
-    """Run jobs and return the full RunReport (`.manifest`, `.counts`, `.problems`, `.stats`).
-
-    Keyword arguments: config, models, retry_failed, force, allow_changed_settings, and any
-    setting by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
-    read_timeout, on_ambiguous, task_per, simulate, ...). See flows.run_jobs.run_jobs.
-    `simulate=True` runs against a built-in simulator (synthetic images, nothing billed);
-    with no OPENAI_API_KEY, no OPENAI_BASE_URL and no `simulate=True` the run is refused.
-    """
-    from imagebatch.flows.run_jobs import run_jobs
-
-    return run_jobs(jobs, out, **kwargs)
 
 
 def _batchable(unit: RequestUnit) -> bool:

@@ -337,6 +337,10 @@ def main() -> None:
     help="With --batch: wait for the batches (default), or submit, record and exit 0; "
     "rerunning the same command collects them.",
 )
+@click.option(
+    "--key-secret",
+    help="Name of a Prefect Secret block holding the API key (instead of $OPENAI_API_KEY).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
     jobs: Path,
@@ -655,6 +659,82 @@ def _print_summary(summary: Any, written: list[Path]) -> None:
         console.print(Text(note, style="yellow"))
     for path in written:
         console.print(Text(f"wrote {path}"))
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cron", required=True, help='When to run, e.g. "0 2 * * *" (02:00 daily).')
+@click.option("--timezone", default="UTC", show_default=True, help="Time zone of the cron.")
+@click.option(
+    "--out-root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Each run writes into its own dated folder here; `latest` names the newest.",
+)
+@click.option("--name", default="scheduled", show_default=True, help="The deployment's name.")
+@click.option("--model", help="Default model for rows that leave it empty.")
+@click.option("--size", help="Default size for rows that leave it empty.")
+@click.option("--quality", help="Default quality for rows that leave it empty.")
+@click.option("--n", "n", type=int, help="Default images per row.")
+@click.option("--ipm", type=float, help="Images per minute allowed (0: learn it).")
+@click.option("--rpm", type=float, help="Requests per minute allowed (0: learn it).")
+@click.option("--tier", help="Rate-limit preset from the config, e.g. openai-tier-3.")
+@click.option("--base-url", help="API base URL (default: $OPENAI_BASE_URL, in this process).")
+@click.option(
+    "--key-secret",
+    help="Name of a Prefect Secret block holding the API key (else $OPENAI_API_KEY here).",
+)
+@click.option(
+    "--simulate",
+    is_flag=True,
+    default=None,
+    help="Each run goes to a built-in simulator: synthetic images, nothing billed.",
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file overriding configs/defaults.toml.",
+)
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file adding or overriding models in the registry.",
+)
+def serve(
+    jobs: Path,
+    cron: str,
+    timezone: str,
+    out_root: Path,
+    name: str,
+    config: Path | None,
+    models_file: Path | None,
+    **overrides: Any,
+) -> None:
+    """Run JOBS on a schedule, from this process, until stopped (Ctrl-C).
+
+    Registers the deployment imagebatch/NAME on the Prefect server in $PREFECT_API_URL and
+    runs each scheduled or triggered run here. Each run writes into its own dated folder
+    under --out-root (never over an earlier run); OUT_ROOT/latest and OUT_ROOT/LATEST name
+    the newest finished one. The API key comes from this process's environment or the named
+    Secret block, never from the run's parameters.
+    """
+    from imagebatch.schedule import serve_schedule
+    from imagebatch.tasks.errors import ImagebatchError
+
+    try:
+        serve_schedule(
+            jobs,
+            out_root,
+            cron=cron,
+            timezone=timezone,
+            name=name,
+            config=config,
+            models=models_file,
+            overrides=overrides,
+        )
+    except ImagebatchError as exc:
+        _fail(str(exc))
 
 
 @main.command()

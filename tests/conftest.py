@@ -21,8 +21,15 @@ for _key in (
 ):
     os.environ.pop(_key, None)
 
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +43,99 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+class PrefectServer:
+    """A `prefect server start` subprocess: its URL, its home and its SQLite database."""
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.home = home
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.database = home / "prefect.db"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client, worker or `serve` process talking to this server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_API_URL=self.url,
+            PREFECT_HOME=str(self.home / "client"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="WARNING",
+        )
+        env.update(extra)
+        return env
+
+    def get(self, path: str, **kw: Any) -> Any:
+        reply = httpx.get(f"{self.url}{path}", timeout=30, **kw)
+        reply.raise_for_status()
+        return reply.json()
+
+    def post(self, path: str, body: Any) -> Any:
+        reply = httpx.post(f"{self.url}{path}", json=body, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect server (SQLite, loopback) in a temporary PREFECT_HOME, for schedules,
+    deployments and workers, which the test harness's API cannot serve."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    server = PrefectServer(home, _free_port())
+    env = server.env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{server.database}",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+        PREFECT_UI_ENABLED="false",
+        # Record task runs in batches (see shared/reference/prefect-notes.md).
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE="500",
+    )
+    env.pop("PREFECT_API_URL")
+    log = (home / "server.log").open("wb")
+    server.proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(server.port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(
+                    f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not become healthy within 180 s")
+            time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+        log.close()
