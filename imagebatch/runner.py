@@ -36,18 +36,21 @@ def call_blocking(call: Callable[[], T]) -> T:
         return call()
     switch, ctx = _run_context()
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
             box["result"] = ctx.run(_isolated, call)
         except BaseException as exc:
             box["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=target, name="imagebatch-run", daemon=True)
-    thread.start()
-    while thread.is_alive():
+    threading.Thread(target=target, name="imagebatch-run", daemon=True).start()
+    # Not Thread.join: interrupted by KeyboardInterrupt it can report a live thread as done.
+    while not done.is_set():
         try:
-            thread.join()
+            done.wait(0.5)
         except KeyboardInterrupt:
             # First interrupt: finish requests in flight; a second one abandons them.
             switch.press()
