@@ -112,7 +112,9 @@ def run_report(
     Keyword arguments: config, models, retry_failed, force, allow_changed_settings,
     key_secret (the name of a Prefect Secret block holding the API key), and any setting
     by name (model, size, quality, n, ipm, rpm, max_in_flight, tier, base_url,
-    read_timeout, on_ambiguous, task_per, ...). See flows.run_jobs.run_jobs.
+    read_timeout, on_ambiguous, task_per, simulate, ...). See flows.run_jobs.run_jobs.
+    `simulate=True` runs against a built-in simulator (synthetic images, nothing billed);
+    with no OPENAI_API_KEY, no OPENAI_BASE_URL and no `simulate=True` the run is refused.
     """
     return call_blocking(_call(jobs, out, progress, kwargs))
 
