@@ -48,6 +48,7 @@ async def run_batch_phase(
             on_record,
             on_progress=_artifact,
             stop=dispatcher.stop,
+            budget=dispatcher.budget,
             prices=dispatcher.prices,
         )
         try:

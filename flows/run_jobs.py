@@ -532,12 +532,6 @@ def _setup(params: _Params, handoff: _Handoff) -> _Run:
     reporter = handoff.reporter or LogReporter()
     out_dir = _out_dir(params.out, handoff.settings)
     prices = PriceBook.load(settings.cost.prices or None)
-    if settings.batch.mode == "batch" and (settings.cost.max_cost or settings.cost.max_cost_total):
-        raise ConfigError(
-            "--max-cost and --max-cost-total are enforced per request on live runs; a --batch "
-            "run is not capped. Drop the cap, or run live; `run --dry-run --batch` shows the "
-            "batch price"
-        )
     return _Run(params, settings, limits, registry, out_dir, source, base_dir, reporter, prices)
 
 

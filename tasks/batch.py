@@ -25,7 +25,8 @@ from imagebatch.configs.settings import ApiSettings, BatchSettings
 from imagebatch.tasks.batch_api import BatchApi, batch_error_summary, is_terminal
 from imagebatch.tasks.batch_collect import Collector, Download
 from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
-from imagebatch.tasks.batch_lines import publish, refusal, write_input_files
+from imagebatch.tasks.batch_lines import custom_id, publish, refusal, write_input_files
+from imagebatch.tasks.budget import Budget, CapReached, Reservation
 from imagebatch.tasks.cost import cost_fields, estimate_unit, price_call
 from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputError
 from imagebatch.tasks.files import file_sha256
@@ -53,9 +54,12 @@ class BatchRun:
     # Called with one row per batch whenever a batch's state changes (a Prefect artifact).
     on_progress: Callable[[list[dict[str, Any]]], Awaitable[None]] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # The run's budget and price book: batches are priced with the batch discount, and each
+    # line's worst case is booked against the cap before it is submitted.
+    budget: Budget | None = None
+    prices: PriceBook | None = None
     fatal: BaseException | None = None
     stats: dict[str, int] = field(default_factory=dict)
-    prices: PriceBook | None = None  # prices each collected line at the batch discount
 
     def __post_init__(self) -> None:
         self.out_dir = self.store.out_dir
@@ -64,6 +68,8 @@ class BatchRun:
         self.by_key = {key: (p, i) for p in self.planned for i, key in enumerate(p.keys)}
         self._rounds = 0
         self._shown: dict[str, tuple[Any, ...]] = {}
+        self._reserved: dict[str, Reservation] = {}  # custom_id -> its booked worst case
+        self._capped: str | None = None
         self.collector = Collector(
             self.store,
             self.journal,
@@ -71,17 +77,8 @@ class BatchRun:
             self.download,
             self.records,
             self._recorded,
-            self._price if self.prices is not None else None,
+            self._price,
         )
-
-    def _price(self, key: str, images: int, usage: dict[str, Any] | None) -> dict[str, Any]:
-        """Cost fields of a collected line's images: its usage at the batch discount."""
-        found = self.by_key.get(key)
-        if found is None or self.prices is None:
-            return {}
-        job = found[0].job
-        call = price_call(self.prices, job, images, usage, batch=True)
-        return cost_fields(call, estimate_unit(self.prices, job, images, batch=True), images)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n
@@ -123,7 +120,8 @@ class BatchRun:
             for unit in units_for(plan, free):
                 why = refusal(unit)
                 if why is None:
-                    batchable.append(unit)
+                    if self._book(unit):
+                        batchable.append(unit)
                 elif self.settings.not_batchable == "live":
                     live.append((unit, why))
                 else:
@@ -137,10 +135,57 @@ class BatchRun:
         await self._submit_open()
         return _as_work(u for u, _ in live)
 
-    def _refuse(self, unit: RequestUnit, why: str) -> None:
-        self._count("batch_refused", unit.n)
+    def _refuse(self, unit: RequestUnit, why: str, code: str = "not_batchable") -> None:
+        self._count("batch_refused" if code == "not_batchable" else f"batch_{code}", unit.n)
         for i in unit.indices:
-            self._mark(unit.planned.keys[i], unit.planned.job_id, i, "not_batchable", why, None)
+            self._mark(unit.planned.keys[i], unit.planned.job_id, i, code, why, None)
+
+    # ------------------------------------------------------------------ cost
+    def _book(self, unit: RequestUnit) -> bool:
+        """Book the line's worst case (at batch prices) against the cost cap; False (and the
+        images not_run, cost_cap) when it does not fit."""
+        if self.budget is None or self.prices is None:
+            return True
+        if self._capped is not None:
+            self._refuse(unit, self._capped, "cost_cap")
+            return False
+        est = estimate_unit(self.prices, unit.planned.job, unit.n, batch=True)
+        try:
+            self._reserved[custom_id(unit)] = self.budget.reserve(est.worst_usd, _what(unit))
+        except CapReached as cap:
+            if cap.stops:
+                self._capped = cap.reason
+            self._refuse(unit, cap.reason, "cost_cap")
+            return False
+        return True
+
+    def _price(self, cid: str, images: int, usage: dict[str, Any] | None) -> dict[str, Any]:
+        """Cost fields of each image of an answered line: its usage at the model's batch
+        discount. The line's booking is settled with that cost; a line booked by an earlier
+        run (collected now) adds its cost to this run's spend."""
+        line = next((imgs for p in self.ledger.parts.values() if (imgs := p.units.get(cid))), [])
+        found = self.by_key.get(line[0][0]) if line else None
+        if self.prices is None or found is None:
+            return {}
+        job = found[0].job
+        call = price_call(self.prices, job, images, usage, batch=True)
+        reservation = self._reserved.pop(cid, None)
+        if self.budget is not None:
+            if reservation is not None:
+                self.budget.settle(reservation, call.usd)
+            elif call.usd is not None:
+                self.budget.spent += call.usd
+        est = estimate_unit(self.prices, job, len(line), batch=True)
+        return cost_fields(call, est, len(line))
+
+    def _release(self, part: Part) -> None:
+        """Lines of a collected batch that were not answered with images cost nothing."""
+        if self.budget is None:
+            return
+        for cid in part.units:
+            reservation = self._reserved.pop(cid, None)
+            if reservation is not None:
+                self.budget.settle(reservation)
 
     def _mark(
         self, key: str, job_id: str, index: int, code: str, message: str, batch_id: str | None
@@ -341,6 +386,7 @@ class BatchRun:
                 rec.error_message or "",
                 rec.batch_id,
             )
+        self._release(part)
         self.ledger.record(
             {
                 "event": "collected",
@@ -381,6 +427,8 @@ class BatchRun:
                 by_plan.setdefault(id(plan), (plan, []))[1].append(i)
         for plan, indices in by_plan.values():
             units.extend(units_for(plan, indices))
+        if self.settings.retry_lines != "live":
+            units = [u for u in units if self._book(u)]
         self._count("batch_lines_retried", len(units))
         if self.settings.retry_lines == "live":
             return _as_work(units)
@@ -424,6 +472,11 @@ def check_batch_target(api: ApiSettings) -> None:
             "--batch is not supported against Azure OpenAI: its Batch API uses global-batch "
             "deployments and other paths; run live, or target api.openai.com"
         )
+
+
+def _what(unit: RequestUnit) -> str:
+    job = unit.planned.job
+    return f"{job.model.name} {job.operation} ({unit.n} image(s), batch)"
 
 
 def _as_work(units: Any) -> Work:

@@ -54,7 +54,7 @@ class Collector:
     download: Download  # fetches a `url` image (DALL·E) at once, without our credentials
     done: dict[str, ImageRecord]  # the journal's records: images already succeeded are skipped
     on_record: Callable[[ImageRecord], None] | None = None
-    # (first image key of a line, images, usage) -> the images' cost fields for the journal
+    # (custom_id, images the line returned, usage) -> each image's cost fields for the journal
     pricer: Callable[[str, int, dict[str, Any] | None], dict[str, Any]] | None = None
 
     async def collect(
@@ -175,7 +175,7 @@ class Collector:
         data: list[Any] = raw_data if isinstance(raw_data, list) else []
         usage = raw_usage if isinstance(raw_usage, dict) else None
         per_in, per_out = _tokens_per_image(usage, len(images))
-        costs = self.pricer(images[0][0], len(images), usage) if self.pricer and images else {}
+        costs = self.pricer(cid, len(data), usage) if self.pricer is not None else {}
         missing: list[list[Any]] = []
         # Images of one line map to its image keys in order, as a live call's `data` does.
         for image, item in zip(images, data + [None] * (len(images) - len(data))):

@@ -151,8 +151,8 @@ def cost_report(plan: CostPlan, budget: Budget, records: Iterable[ImageRecord]) 
     return {
         "currency": "USD",
         "plan": plan.as_dict(),
-        # Live calls settle in the budget; Batch API lines are priced as they are collected.
-        "actual_usd": float(budget.spent) + sum(r.cost_usd or 0.0 for r in records if r.batch_id),
+        # Live calls and collected Batch API lines both settle in the budget.
+        "actual_usd": float(budget.spent),
         "images_compared": len(both),
         "estimated_usd_of_made": sum(r.estimated_usd or 0.0 for r in both),
         "actual_usd_of_made": sum(r.cost_usd or 0.0 for r in both),

@@ -519,3 +519,63 @@ def test_batch_against_azure_is_refused_before_anything_is_sent(prefect_api, tmp
     assert result.exit_code == 2
     assert "--batch is not supported against Azure OpenAI" in result.output
     assert not (tmp_path / "out" / "batches.jsonl").exists()
+
+
+def test_batch_images_cost_half_and_the_cap_counts_batch_prices(sim, prefect_api, tmp_path):
+    rows = [
+        {"id": f"r{i}", "prompt": "a lamp", "model": "gpt-image-2", "quality": "low"}
+        for i in range(3)
+    ]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    cfg = config(tmp_path)
+    live = run_cli(sim, [str(jobs), "--out", str(tmp_path / "live"), "-q"])
+    assert live.exit_code == 0, live.output
+    batch = run_cli(
+        sim, [str(jobs), "--out", str(tmp_path / "batch"), "--batch", "--config", str(cfg), "-q"]
+    )
+    assert batch.exit_code == 0, batch.output
+    live_cost = manifest(tmp_path / "live").cost_usd
+    batch_cost = manifest(tmp_path / "batch").cost_usd
+    assert live_cost.notna().all() and (live_cost > 0).all()
+    assert list(batch_cost) == pytest.approx(list(live_cost / 2))
+
+    # The cap books each line's worst case at the batch price before submitting it:
+    # room for two lines, not three.
+    from decimal import Decimal
+
+    from imagebatch.configs.prices import PriceBook
+    from imagebatch.configs.registry import Registry
+    from imagebatch.configs.settings import JobDefaults
+    from imagebatch.tasks.cost import estimate_unit
+    from imagebatch.tasks.plan import plan_jobs, units_for
+    from imagebatch.tasks.read_jobs import read_jobs
+    from imagebatch.tasks.validate import Validator
+
+    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(
+        read_jobs(pd.DataFrame(rows[:1]))
+    )
+    [unit] = units_for(plan_jobs(checked.valid)[0], [0])
+    worst = estimate_unit(PriceBook.load(), unit.planned.job, 1, batch=True).worst_usd
+    cap = worst * Decimal("2.5")
+    live_worst = estimate_unit(PriceBook.load(), unit.planned.job, 1).worst_usd
+    assert cap < 2 * live_worst  # at live prices, two lines would not fit
+    out = tmp_path / "capped"
+    result = run_cli(
+        sim,
+        [
+            str(jobs),
+            "--out",
+            str(out),
+            "--batch",
+            "--max-cost",
+            str(cap),
+            "--config",
+            str(cfg),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    m = manifest(out)
+    assert list(m.status) == ["succeeded", "succeeded", "not_run"]
+    assert m.error_code.iloc[2] == "cost_cap"
+    assert [e["lines"] for e in ledger(out) if e["event"] == "part"] == [2]

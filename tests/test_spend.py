@@ -225,6 +225,10 @@ def test_batch_lines_are_priced_at_the_batch_discount(prefect_api, fresh_sim, tm
     assert total(manifest.cost_usd) == pytest.approx(live / 2, abs=D("1e-12"))
     assert D(str(run_json["cost"]["actual_usd"])) == pytest.approx(live / 2, abs=D("1e-12"))
     assert run_json["cost"]["plan"]["estimate_usd"] == pytest.approx(float(live / 2), rel=0.01)
-    # A cap is enforced per live request; a batch run refuses it rather than ignore it.
+    # A batch run is capped too: each line's worst case is booked before it is submitted
+    # (tests/test_batch_run.py proves a line that does not fit is never submitted).
     capped = run(fresh_sim, [*args, "--max-cost", "1", "--force"])
-    assert capped.exit_code == 2 and "a --batch run is not capped" in capped.output
+    assert capped.exit_code == 0, capped.output
+    manifest, run_json = outcome(out)
+    assert run_json["cost"]["max_cost"] == 1.0
+    assert D(str(run_json["cost"]["spent_usd"])) == pytest.approx(live / 2, abs=D("1e-12"))
