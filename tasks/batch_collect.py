@@ -132,7 +132,10 @@ class Collector:
         if images is None:
             return
         seen.add(cid)
-        todo = [img for img in images if not self._succeeded(img[0])]
+        # Already journaled from this very batch (a run stopped before the ledger said it was
+        # collected): never stored twice. An image made earlier by another call (`--force`)
+        # is stored again: this batch made and billed it anew.
+        todo = [img for img in images if not self._from_batch(img[0], batch.get("id"))]
         if not todo:
             return
         response = line.get("response") if isinstance(line.get("response"), dict) else None
@@ -156,6 +159,10 @@ class Collector:
             json.dumps(body).encode("utf-8"),
         )
         await self._failed(cid, todo, failure, batch, last_round, result)
+
+    def _from_batch(self, key: str, batch_id: Any) -> bool:
+        rec = self.done.get(key)
+        return rec is not None and rec.status == "succeeded" and rec.batch_id == batch_id
 
     def _succeeded(self, key: str) -> bool:
         rec = self.done.get(key)
