@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ def call_blocking(call: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            box["result"] = ctx.run(_isolated, call)
+            box["result"] = ctx.run(_in_worker, call)
         except BaseException as exc:
             box["error"] = exc
         finally:
@@ -62,7 +63,31 @@ def call_blocking(call: Callable[[], T]) -> T:
 async def call_async(call: Callable[[], T]) -> T:
     """Await `call()` run in a worker thread; cancelling the awaiting task stops the run."""
     switch, ctx = _run_context()
-    future = asyncio.get_running_loop().run_in_executor(None, ctx.run, _isolated, call)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = ctx.run(_in_worker, call)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the caller's loop is gone: nobody is waiting any more
+            pass
+
+    # Its own thread, not the loop's executor: the thread's signal mask is changed below.
+    threading.Thread(target=target, name="imagebatch-run", daemon=True).start()
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -76,6 +101,19 @@ def _run_context() -> tuple[StopSwitch, contextvars.Context]:
     ctx = contextvars.copy_context()
     ctx.run(current_switch.set, switch)
     return switch, ctx
+
+
+def _in_worker(call: Callable[[], T]) -> T:
+    """The worker thread's side: SIGINT blocked, then the call as a top-level flow run.
+
+    Jupyter interrupts a kernel by signalling its whole process group, which includes
+    Prefect's temporary API server once a run has started it. Processes inherit the signal
+    mask of the thread that starts them, so blocking SIGINT here (the kernel's main thread
+    still receives it and presses the run's stop switch) keeps that server alive through an
+    interrupt. Prefect stops it at exit with SIGTERM, which is not blocked.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return _isolated(call)
 
 
 def _isolated(call: Callable[[], T]) -> T:

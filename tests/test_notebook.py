@@ -148,16 +148,17 @@ def test_api_in_a_kernel_uses_its_own_loop_and_one_prefect_api(kernel):
     assert "loop ok" in out[5]
 
 
-def test_a_kernel_interrupt_stops_the_run_as_ctrl_c_does(kernel, prefect_server):
+@pytest.mark.parametrize("api", ["temporary", "server"])
+def test_a_kernel_interrupt_stops_the_run_as_ctrl_c_does(kernel, api, request):
     """The kernel's interrupt (SIGINT, KeyboardInterrupt in the main thread) reaches the run
     in its worker thread: requests in flight finish, the rest are not run, the manifest is
-    written, and the cell returns normally.
-
-    Against a Prefect server: Jupyter signals the kernel's whole process group, which also
-    stops Prefect's temporary API server (a child of the kernel); see the README."""
+    written, and the cell returns normally. Jupyter signals the kernel's whole process
+    group, so Prefect's temporary API server (a child of the kernel) must survive it too."""
     from jupyter_client.manager import start_new_kernel
 
-    env = {**kernel["env"], "PREFECT_API_URL": prefect_server.url}
+    env = dict(kernel["env"])
+    if api == "server":
+        env["PREFECT_API_URL"] = request.getfixturevalue("prefect_server").url
     km, kc = start_new_kernel(kernel_name="imagebatch-test", env=env, cwd=str(kernel["cwd"]))
     try:
         kc.execute_interactive("import imagebatch, pandas as pd", timeout=120)
