@@ -115,6 +115,8 @@ def start_simulator(log: Path) -> tuple[subprocess.Popen, str]:
 
 def run_cli(jobs: Path, out: Path, base_url: str, *extra: str) -> tuple[int, str]:
     env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "sk-bench"}
+    # The ephemeral Prefect API can take long to start on a busy machine.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = ["run", str(jobs), "--out", str(out), "-q", "--task-per", "chunk", *extra]
     cmd = [sys.executable, "-m", "imagebatch.cli", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)

@@ -232,3 +232,13 @@ def test_batch_lines_are_priced_at_the_batch_discount(prefect_api, fresh_sim, tm
     manifest, run_json = outcome(out)
     assert run_json["cost"]["max_cost"] == 1.0
     assert D(str(run_json["cost"]["spent_usd"])) == pytest.approx(live / 2, abs=D("1e-12"))
+
+
+def test_the_cap_can_come_from_the_config(prefect_api, fresh_sim, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[cost]\nmax_cost = 0.2\nprices = "{prices_file(tmp_path)}"\n', "utf-8")
+    jobs, out = dalle_jobs(tmp_path, 40), tmp_path / "out"
+    assert run(fresh_sim, [str(jobs), "--out", str(out), "--config", str(config)]).exit_code == 1
+    manifest, run_json = outcome(out)
+    assert (manifest.status == "succeeded").sum() == 20
+    assert run_json["settings"]["cost"]["max_cost"] == 0.2
