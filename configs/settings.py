@@ -248,27 +248,8 @@ def load_settings(
 ) -> Settings:
     """Defaults, then `config_file`, then the OpenAI environment variables the official SDK reads."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    raw = tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))
-    if config_file:
-        path = Path(config_file)
-        try:
-            raw = _merge(raw, tomllib.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    api = dict(raw.get("api", {}))
-    if "simulate" in raw:  # a top-level `simulate = true` reads as [api] simulate
-        api["simulate"] = raw["simulate"]
-    if environ.get("OPENAI_BASE_URL"):
-        api["base_url"] = environ["OPENAI_BASE_URL"]
-    elif environ.get("AZURE_OPENAI_ENDPOINT"):  # as the official SDK's AzureOpenAI reads it
-        api["base_url"] = environ["AZURE_OPENAI_ENDPOINT"]
-    api["api_key"] = environ.get("OPENAI_API_KEY") or environ.get("AZURE_OPENAI_API_KEY") or None
-    api["organization"] = environ.get("OPENAI_ORG_ID") or None
-    api["project"] = environ.get("OPENAI_PROJECT_ID") or None
-    if environ.get("OPENAI_API_VERSION"):
-        api["api_version"] = environ["OPENAI_API_VERSION"]
+    raw = _read_config(config_file)
+    api = _api_section(raw, environ)
     output = raw.get("output", {})
     settings = Settings(
         job=_section(JobDefaults, raw.get("job", {}), "job"),
@@ -286,6 +267,43 @@ def load_settings(
         manifest_formats=tuple(output.get("manifest_formats", ("csv", "parquet"))),
         tiers=raw.get("tiers", {}),
     )
+    _check(settings)
+    return settings
+
+
+def _read_config(config_file: str | Path | None) -> dict[str, Any]:
+    """The bundled defaults with `config_file` merged over them."""
+    raw = tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))
+    if config_file:
+        path = Path(config_file)
+        try:
+            raw = _merge(raw, tomllib.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return raw
+
+
+def _api_section(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """[api] from the config, then the environment variables the official SDKs read."""
+    api = dict(raw.get("api", {}))
+    if "simulate" in raw:  # a top-level `simulate = true` reads as [api] simulate
+        api["simulate"] = raw["simulate"]
+    if environ.get("OPENAI_BASE_URL"):
+        api["base_url"] = environ["OPENAI_BASE_URL"]
+    elif environ.get("AZURE_OPENAI_ENDPOINT"):  # as the official SDK's AzureOpenAI reads it
+        api["base_url"] = environ["AZURE_OPENAI_ENDPOINT"]
+    api["api_key"] = environ.get("OPENAI_API_KEY") or environ.get("AZURE_OPENAI_API_KEY") or None
+    api["organization"] = environ.get("OPENAI_ORG_ID") or None
+    api["project"] = environ.get("OPENAI_PROJECT_ID") or None
+    if environ.get("OPENAI_API_VERSION"):
+        api["api_version"] = environ["OPENAI_API_VERSION"]
+    return api
+
+
+def _check(settings: Settings) -> None:
+    """Refuse values that would only fail later."""
     if not isinstance(settings.api.simulate, bool):
         raise ConfigError("simulate must be true or false")
     if settings.retry.on_ambiguous not in ("retry", "fail"):
@@ -310,7 +328,6 @@ def load_settings(
     if gallery.contact_sheet < 0:
         raise ConfigError("[gallery] contact_sheet must be 0 (off) or a number of images")
     check_batch(settings.batch)
-    return settings
 
 
 def check_inputs(inputs: InputSettings) -> None:

@@ -1,19 +1,7 @@
-"""The exception hierarchy. Each class maps to one thing the pipeline does about it.
+"""The exception hierarchy; each class maps to one thing the pipeline does about it.
 
-ImagebatchError        (with ConfigError, in configs/errors.py: configs never imports the stages)
-├── ConfigError        bad settings, flags or registry: usage error, exit 2
-├── InputError         the jobs file cannot be read at all: exit 2
-├── OutputError        the output folder cannot hold the run (disk full, unwritable)
-│   ├── RunLocked      another run holds the folder
-│   └── SettingsChanged  the folder was made with settings that shape output differently
-└── ApiError           a request did not produce images
-    ├── TransientError   retry with backoff (408, 409, 5xx, transport, malformed body)
-    │   ├── RateLimited  429 rate_limit_exceeded: pause the whole run
-    │   └── AmbiguousError  sent, then lost: the server may have billed it
-    ├── RejectedError    moderation / content policy: never retried, status `rejected`
-    ├── RequestError     other 4xx: never retried, status `failed`
-    │   └── ModelUnavailable  404 model_not_found: that model's remaining images fail, others run
-    └── FatalError       401, 403, other 404, insufficient_quota, billing_hard_limit_reached: stop the run
+The tree, with what each class means, is in docs/design.md ("Errors"). ImagebatchError and
+ConfigError live in configs/errors.py so configs never imports the stages.
 """
 
 from __future__ import annotations

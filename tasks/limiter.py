@@ -6,37 +6,7 @@
         permit.record(response.headers, latency)
     if it was a 429: limiter.rate_limited(error.retry_after, response.headers)
 
-How it decides when to grant a slot (waiters are served strictly first come, first served):
-
-- Two buckets, requests (a grant costs 1) and images (a grant costs n). Each has a rate per
-  minute: the known limit (the configured value, or the `x-ratelimit-limit-*` header when nothing
-  is configured or the header is lower), else a working estimate learned from 429s, else none.
-- A bucket with a rate is enforced by a sliding window (at most `rate` units granted in any
-  60 s + `WINDOW_MARGIN`; the margin covers the delay between grant and arrival at the server)
-  and by a pacing token bucket refilling at rate/60 per second and holding `BURST_FRACTION` of a
-  minute's budget, so queued waiters are released at the limit rate, never all at once.
-- `x-ratelimit-remaining-* = 0` holds that bucket briefly (the header's reset, at most one unit's
-  refill time) so nothing is sent into an exhausted bucket.
-- A 429 (`rate_limited`) pauses every grant until now + retry_after (2 s if unknown), then
-  restarts the pacing buckets nearly empty: grants resume one by one at the rate, not as a burst.
-- A limit nobody told us about is learned AIMD-style. A 429 is blamed on the images bucket when
-  neither limit is known, on the unknown one when the known one still had room, on none when both
-  are known. The blamed bucket's estimate becomes BETA (0.9) x the units the server accepted from
-  us in the window (granted minus refused); only the first 429 after new grants counts (the rest
-  of a burst of refusals answers older requests), one 429 at most halves an estimate, and a 429
-  when nothing of ours was accepted teaches nothing (the budget went to traffic we cannot see).
-  While the estimate holds waiters back, at least 85 % of it is in use and no 429 comes, it grows
-  by a probing factor per second: 0.5 %/s, doubling every 30 s of calm, at most 5 %/s. An
-  estimate made within the run's first window is only a lower bound (the server may still count
-  a previous run) and grows at 5 %/s from the start. A limit header replaces any estimate.
-- Requests in flight: `max_in_flight` if set; otherwise, once a rate is known, Little's law
-  ceil(rate_rpm x latency / 60 x 1.5) + 2 clamped to [1, ceiling], with latency an EWMA of
-  `Permit.record(latency=...)` (the first sample replaces `initial_latency`); before any rate is
-  known, a slow start at 8 that doubles every max(1 s, latency), smoothly, while it is the binding
-  constraint, so an unlimited server is driven as fast as the ceiling allows.
-
-All bookkeeping is O(1) amortized per grant (deques, running sums); one background task per
-limiter serves the queue while there is one.
+How it decides when to grant a slot is in docs/design.md ("The limiter").
 """
 
 from __future__ import annotations

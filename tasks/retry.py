@@ -1,52 +1,8 @@
-"""Error classification for Images API calls: what came back becomes one ApiError class.
+"""Error classification: what came back from an Images API call becomes one ApiError class.
 
-Classification turns what came back (a status with headers and body, a transport exception,
-or a 200 that cannot be used) into one of the `tasks.errors.ApiError` classes; the class says
-what the pipeline does about it:
-
-    status / failure                                  class            retried
-    400, 422 moderation_blocked, content_policy_violation,
-             contentFilter / content_filter,
-             inner_error.code ResponsibleAIPolicyViolation, or (a proxy rewrote the
-             code, e.g. LiteLLM's "400") a safety-system message
-                                                      RejectedError    never
-    408, 409, 5xx                                     TransientError   yes
-    insufficient_quota, billing_hard_limit_reached (code or type, any status)
-                                                      FatalError       never, stops the run
-    429 "Request too large" (one request over a per-minute limit)
-                                                      RequestError     never (it cannot fit)
-    429 rate limit (rate_limit_exceeded, a bucket type, "rate limit" / "try again in",
-        or a bare 429 with nothing said)              RateLimited      yes (and the caller pauses the limiter)
-    429 anything else (e.g. "engine overloaded")      TransientError   yes, this request only
-    401, 403                                          FatalError       never, stops the run
-    404 model_not_found / DeploymentNotFound (or a "model ... does not exist" message),
-        any 4xx with those codes                      ModelUnavailable never; that model's rows fail
-    other 404 (a wrong base URL: every request would hit it)
-                                                      FatalError       never, stops the run
-    other 4xx, unexpected statuses                    RequestError     never
-    connect error/timeout, pool timeout, proxy error,
-    write error/timeout (the body never fully left)   TransientError   yes
-    read timeout/error, remote protocol error, close error
-    (sent, then the answer was lost)                  AmbiguousError   only if on_ambiguous == "retry"
-    200 with bad JSON or no image                     TransientError   yes (like a 5xx)
-
-Error bodies that are not OpenAI-shaped (FastAPI's `{"detail": [...]}`, `{"message": ...}`,
-HTML from a gateway) are summarised in one line, leaving out echoed request values such as
-the prompt.
-
-`x-should-retry` (a non-standard header the official SDK obeys) is recorded on the error as
-`should_retry` and adjusts the class:
-
-- `true` turns a would-be RequestError into a TransientError. It never overrides RejectedError
-  or FatalError: moderation and quota refusals are not worth repeating whatever the header says,
-  and bad credentials do not heal.
-- `false` turns a 408/409/5xx TransientError into a RequestError (failed, not retried). A 429
-  stays RateLimited so that the caller still pauses the run, but with `should_retry=False` the
-  retry policy (tasks/retry_policy.py) does not retry that request.
-
-Messages carry only what the server put in the response body (or a description of the transport
-failure). Request headers, and so the API key, are never read here; anything that looks like an
-OpenAI key in a message is masked anyway.
+The class says what the pipeline does about it (retry, pause, fail the row, stop the run);
+the full table, and how `x-should-retry` adjusts it, is in docs/design.md ("Error
+classification"). Messages carry only what the server said; keys are masked.
 """
 
 from __future__ import annotations

@@ -197,19 +197,11 @@ class Validator:
         return (str(default) if default not in (None, "") else ""), " (from the run default)"
 
     def _check_row(self, job: Job, errs: list[Problem], warns: list[Problem]) -> ValidJob | None:
+        """The row's request, resolved, or None with `errs` saying why; checks run in column order."""
         row = job.row
-        operation, src = self._value(job, "operation")
-        operation = operation.lower()
-        if operation not in OPERATIONS:
-            errs.append(
-                Problem(
-                    row,
-                    "operation",
-                    f"unknown operation {operation!r}{src}; use one of {', '.join(OPERATIONS)}",
-                )
-            )
+        operation = self._operation(job, errs)
+        if operation is None:
             return None
-
         model_name, src = self._value(job, "model")
         if not model_name:
             errs.append(Problem(row, "model", "no model: set the column or a run default"))
@@ -229,6 +221,59 @@ class Validator:
                 )
             )
             return None
+        self._check_model_use(row, operation, model, errs, warns)
+        prompt = self._prompt(job, operation, model, errs, warns)
+        n = self._check_n(job, errs)
+
+        params: dict[str, Any] = {"model": model.name}
+        if operation != "variation":
+            params["prompt"] = prompt
+
+        size = self._size_and_quality(job, operation, model, params, errs)
+        self._pass_through(job, operation, model, params, errs, warns)
+        self._format_rules(row, model, params, errs)
+        self._response_format(job, model, params, errs)
+        images, mask, prep = self._row_sources(job, model, operation, size, errs)
+        if errs:
+            return None
+        job_id = job.get("id") or ""
+        return ValidJob(
+            job,
+            job_id,
+            operation,
+            model,
+            n,
+            params,
+            images,
+            mask,
+            self._deployment(job, model),
+            prep,
+        )
+
+    def _operation(self, job: Job, errs: list[Problem]) -> str | None:
+        row = job.row
+        operation, src = self._value(job, "operation")
+        operation = operation.lower()
+        if operation not in OPERATIONS:
+            errs.append(
+                Problem(
+                    row,
+                    "operation",
+                    f"unknown operation {operation!r}{src}; use one of {', '.join(OPERATIONS)}",
+                )
+            )
+            return None
+        return operation
+
+    def _check_model_use(
+        self,
+        row: int,
+        operation: str,
+        model: ModelSpec,
+        errs: list[Problem],
+        warns: list[Problem],
+    ) -> None:
+        """The model serves the operation and is not retired (a warning when it soon is)."""
         if operation not in model.endpoints:
             errs.append(
                 Problem(
@@ -261,6 +306,15 @@ class Validator:
                     )
                 )
 
+    def _prompt(
+        self,
+        job: Job,
+        operation: str,
+        model: ModelSpec,
+        errs: list[Problem],
+        warns: list[Problem],
+    ) -> str:
+        row = job.row
         prompt = job.get("prompt")
         if operation == "variation":
             if prompt:
@@ -282,13 +336,18 @@ class Validator:
                     f"prompt has {len(prompt)} characters; {model.name} allows at most {model.prompt_max}",
                 )
             )
+        return prompt
 
-        n = self._check_n(job, errs)
-
-        params: dict[str, Any] = {"model": model.name}
-        if operation != "variation":
-            params["prompt"] = prompt
-
+    def _size_and_quality(
+        self,
+        job: Job,
+        operation: str,
+        model: ModelSpec,
+        params: dict[str, Any],
+        errs: list[Problem],
+    ) -> str:
+        """Size and quality into `params` (defaults from the run, then the model); returns size."""
+        row = job.row
         size, src = self._value(job, "size")
         size = size.lower() or model.default_size
         why = model.size_error(size, operation)
@@ -310,7 +369,19 @@ class Validator:
             params["quality"] = quality
         elif job.get("quality"):
             errs.append(Problem(row, "quality", f"{model.name} takes no quality for {operation}"))
+        return size
 
+    def _pass_through(
+        self,
+        job: Job,
+        operation: str,
+        model: ModelSpec,
+        params: dict[str, Any],
+        errs: list[Problem],
+        warns: list[Problem],
+    ) -> None:
+        """Optional parameters the model takes, checked against their choices into `params`."""
+        row = job.row
         for column in PASS_THROUGH:
             value, src = self._value(job, column)
             if not value:
@@ -338,17 +409,9 @@ class Validator:
                 params["user"] = value
                 continue
             if column == "output_compression":
-                comp = whole_number(value)
-                if comp is None or not 0 <= comp <= 100:
-                    errs.append(
-                        Problem(
-                            row,
-                            column,
-                            f"output_compression must be a whole number from 0 to 100, got {value!r}{src}",
-                        )
-                    )
-                    continue
-                params[column] = comp
+                comp = _compression(row, value, src, errs)
+                if comp is not None:
+                    params[column] = comp
                 continue
             value = value.lower()
             if column == "output_format" and value == "jpg":
@@ -364,6 +427,11 @@ class Validator:
                 continue
             params[column] = value
 
+    @staticmethod
+    def _format_rules(
+        row: int, model: ModelSpec, params: dict[str, Any], errs: list[Problem]
+    ) -> None:
+        """Compression and transparency need a format that has them."""
         fmt = params.get("output_format", "png")
         if "output_compression" in params and fmt not in ("jpeg", "webp"):
             errs.append(
@@ -391,6 +459,11 @@ class Validator:
                     )
                 )
 
+    @staticmethod
+    def _response_format(
+        job: Job, model: ModelSpec, params: dict[str, Any], errs: list[Problem]
+    ) -> None:
+        row = job.row
         if "response_format" in model.params:
             rf = job.get("response_format").lower() or "b64_json"
             if rf not in CHOICES["response_format"]:
@@ -411,37 +484,22 @@ class Validator:
                 )
             )
 
-        images: list[SourceImage] = []
-        mask: SourceImage | None = None
-        prep: PrepOptions | None = None
+    def _row_sources(
+        self, job: Job, model: ModelSpec, operation: str, size: str, errs: list[Problem]
+    ) -> tuple[list[SourceImage], SourceImage | None, PrepOptions | None]:
+        """Source images and mask for edits and variations; other rows must not name any."""
         if operation in ("edit", "variation"):
-            images, mask, prep = self._check_sources(job, model, operation, size, errs)
-        else:
-            for column in ("image", "mask", "fit"):
-                if job.get(column):
-                    errs.append(
-                        Problem(
-                            row,
-                            column,
-                            f"'{column}' is only used by edit and variation rows; set operation",
-                        )
+            return self._check_sources(job, model, operation, size, errs)
+        for column in ("image", "mask", "fit"):
+            if job.get(column):
+                errs.append(
+                    Problem(
+                        job.row,
+                        column,
+                        f"'{column}' is only used by edit and variation rows; set operation",
                     )
-
-        if errs:
-            return None
-        job_id = job.get("id") or ""
-        return ValidJob(
-            job,
-            job_id,
-            operation,
-            model,
-            n,
-            params,
-            images,
-            mask,
-            self._deployment(job, model),
-            prep,
-        )
+                )
+        return [], None, None
 
     def _check_n(self, job: Job, errs: list[Problem]) -> int:
         n_text, src = self._value(job, "n")
@@ -485,17 +543,9 @@ class Validator:
             if not value:
                 continue
             if column == "output_compression":
-                comp = whole_number(value)
-                if comp is None or not 0 <= comp <= 100:
-                    errs.append(
-                        Problem(
-                            row,
-                            column,
-                            f"output_compression must be a whole number from 0 to 100, got {value!r}{src}",
-                        )
-                    )
-                    continue
-                params[column] = comp
+                comp = _compression(row, value, src, errs)
+                if comp is not None:
+                    params[column] = comp
             else:
                 params[column] = value
         images: list[SourceImage] = []
@@ -631,3 +681,18 @@ class Validator:
                     except SourceError as exc:
                         errs.append(Problem(row, "mask", str(exc)))
         return images, mask, prep
+
+
+def _compression(row: int, value: str, src: str, errs: list[Problem]) -> int | None:
+    """output_compression as a whole number from 0 to 100, or None with a problem recorded."""
+    comp = whole_number(value)
+    if comp is None or not 0 <= comp <= 100:
+        errs.append(
+            Problem(
+                row,
+                "output_compression",
+                f"output_compression must be a whole number from 0 to 100, got {value!r}{src}",
+            )
+        )
+        return None
+    return comp

@@ -25,6 +25,30 @@ def revised_prompt(prompt: str, style: str | None) -> str:
 
 async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str, Any]:
     """The 200 body for a parsed request; URL images are stored in `state.files`."""
+    spec = parsed.spec
+    images = await _images(state, parsed)
+    created = int(time.time())
+    revised = (
+        revised_prompt(parsed.prompt, parsed.style)
+        if spec.revised_prompt and parsed.op == "generate"
+        else None
+    )
+    data = _items(state, base_url, parsed, images, revised)
+    body: dict[str, Any] = {"created": created, "data": data}
+    if spec.is_gpt_image:
+        body["background"] = parsed.background
+        body["output_format"] = parsed.output_format
+        body["size"] = f"{parsed.width}x{parsed.height}"
+        if parsed.quality:
+            body["quality"] = parsed.quality
+    if spec.usage:
+        body["usage"] = usage(parsed)
+    return body
+
+
+async def _images(state: SimState, parsed: Parsed) -> list[bytes]:
+    """The encoded images: rendered, or for an edit, rendered into the source's masked area.
+    Big renders and every edit run in a thread."""
     cfg = state.config
     spec = parsed.spec
     fmt = parsed.output_format
@@ -60,40 +84,31 @@ async def build_body(state: SimState, base_url: str, parsed: Parsed) -> dict[str
 
     editing = parsed.op in ("edit", "edit_json") and bool(parsed.inputs)
     if editing:
-        images = await asyncio.to_thread(edit_all)
-    elif parsed.width * parsed.height * parsed.n <= 2_500_000:
-        images = render_all()
-    else:
-        images = await asyncio.to_thread(render_all)
-    created = int(time.time())
-    data: list[dict[str, Any]] = []
-    revised = (
-        revised_prompt(parsed.prompt, parsed.style)
-        if spec.revised_prompt and parsed.op == "generate"
-        else None
-    )
+        return await asyncio.to_thread(edit_all)
+    if parsed.width * parsed.height * parsed.n <= 2_500_000:
+        return render_all()
+    return await asyncio.to_thread(render_all)
+
+
+def _items(
+    state: SimState, base_url: str, parsed: Parsed, images: list[bytes], revised: str | None
+) -> list[dict[str, Any]]:
+    """One `data` item per image: a URL to the simulator's file store, or base64."""
+    cfg = state.config
     base = base_url.rstrip("/")
     now = time.monotonic()
+    data: list[dict[str, Any]] = []
     for blob in images:
         item: dict[str, Any] = {}
         if parsed.response_format == "url":
-            token = state.files.put(blob, CONTENT_TYPES[fmt], cfg.url_ttl, now)
+            token = state.files.put(blob, CONTENT_TYPES[parsed.output_format], cfg.url_ttl, now)
             item["url"] = f"{base}/v1/_sim/files/{token}"
         else:
             item["b64_json"] = base64.b64encode(blob).decode("ascii")
         if revised is not None:
             item["revised_prompt"] = revised
         data.append(item)
-    body: dict[str, Any] = {"created": created, "data": data}
-    if spec.is_gpt_image:
-        body["background"] = parsed.background
-        body["output_format"] = fmt
-        body["size"] = f"{parsed.width}x{parsed.height}"
-        if parsed.quality:
-            body["quality"] = parsed.quality
-    if spec.usage:
-        body["usage"] = usage(parsed)
-    return body
+    return data
 
 
 def usage(parsed: Parsed) -> dict[str, Any]:
