@@ -18,6 +18,7 @@ import platform
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -53,7 +54,7 @@ from imagebatch.tasks.dispatch import (
     process_job,
     quiet_expected_failures,
 )
-from imagebatch.tasks.errors import ConfigError, InputError, OutputError
+from imagebatch.tasks.errors import ConfigError, ImagebatchError, InputError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
 from imagebatch.tasks.manifest import (
@@ -64,6 +65,7 @@ from imagebatch.tasks.manifest import (
     write_manifest,
 )
 from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
+from imagebatch.tasks.owned import Files
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
 from imagebatch.tasks.report import publish_after_run
@@ -73,6 +75,43 @@ from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec
 from imagebatch.tasks.validate import Checked, Problem, Validator
 
 log = logging.getLogger("imagebatch")
+
+
+def _expected_errors() -> tuple[str, ...]:
+    found, todo = [], [ImagebatchError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return tuple(found)
+
+
+class _QuietExpectedErrors(logging.Filter):
+    """An ImagebatchError (a jobs file or output folder problem, a refused run) ends the flow
+    run Failed with its one-line message, which the caller prints; Prefect's traceback of it
+    is noise. Anything else (a bug) is still logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        if exc is not None and issubclass(exc, ImagebatchError):
+            return False
+        message = record.getMessage()
+        prefix = "Finished in state Failed('Flow run encountered an exception: "
+        return not (
+            message.startswith(prefix) and message[len(prefix) :].startswith(_expected_errors())
+        )
+
+
+@contextlib.contextmanager
+def _quiet_expected_errors() -> Iterator[None]:
+    """While run_jobs runs the flow, an expected error is one clean line, not a traceback."""
+    logger = logging.getLogger("prefect.flow_runs")
+    quiet = _QuietExpectedErrors()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Reporter(Protocol):
@@ -148,38 +187,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def _pending(
-    planned: list[PlannedJob],
-    records: dict[str, ImageRecord],
-    store: ImageStore,
-    *,
-    retry_failed: bool,
-    force: bool,
-) -> tuple[list[tuple[PlannedJob, list[int]]], int]:
-    """Which images still need a request; a finished image counts only if its file verifies."""
-    work: list[tuple[PlannedJob, list[int]]] = []
-    skipped = 0
-    for plan in planned:
-        todo = []
-        for index, key in enumerate(plan.keys):
-            rec = records.get(key)
-            if force or rec is None:
-                todo.append(index)
-            elif rec.status == "succeeded":
-                if rec.file and rec.sha256 and store.verify(rec.file, rec.sha256):
-                    skipped += 1
-                else:
-                    todo.append(index)
-                    records.pop(key)
-            elif rec.status in ("failed", "rejected", "not_run") and retry_failed:
-                todo.append(index)
-            else:
-                skipped += 1
-        if todo:
-            work.append((plan, todo))
-    return work, skipped
 
 
 class _FanOut:
@@ -488,16 +495,18 @@ async def _execute(params: _Params, handoff: _Handoff) -> RunReport:
                 run.settings = _wait_for_simulated_batches(run.settings, run.reporter)
         checked = _validate(run, jobs)
         planned = plan_jobs(checked.valid)
-        store, journal, records = _open_output(run, previous)
-        work, skipped = _pending(
-            planned, records, store, retry_failed=params.retry_failed, force=params.force
+        files = _open_output(run, previous)
+        store, journal, records = files.store, files.journal, files.records
+        work, skipped = files.pending_work(
+            planned, retry_failed=params.retry_failed, force=params.force
         )
+        files.make_room(work)
         plan = _cost_plan(run, work)
         dispatcher = _dispatcher(run, store, journal, records)
         run.reporter.start(sum(len(idx) for _, idx in work), skipped)
         dispatch_seconds = await _dispatch(run, dispatcher, work, records, planned)
         manifest = _write_manifest(
-            jobs, planned, checked.invalid, records, store, run.settings, run.reporter
+            jobs, planned, checked.invalid, files, run.settings, run.reporter
         )
         report = _report(run, dispatcher, manifest, checked.problems, simulator, skipped)
         this_run = [r for r in records.values() if r.run_id == run.run_id]
@@ -565,20 +574,21 @@ def _validate(run: _Run, jobs: list[Job]) -> Checked:
     return checked
 
 
-def _open_output(
-    run: _Run, previous: dict[str, Any] | None
-) -> tuple[ImageStore, Journal, dict[str, ImageRecord]]:
-    """The image store and the journal's records so far; run.json marked in progress."""
+def _open_output(run: _Run, previous: dict[str, Any] | None) -> Files:
+    """The image store, the journal (open) and its records so far, with any moves a crash
+    interrupted finished; run.json marked in progress."""
     store = ImageStore(run.out_dir)
     store.prepare()
-    journal = Journal(run.out_dir, sync_first=(store.images_dir,))
-    records = journal.load()
+    journal = Journal(run.out_dir, sync_first=(store.staging_dir, store.images_dir))
+    files = Files(store, journal, journal.load())
+    journal.open()
+    files.recover()
     # Record what shapes the images before the first one is written, so a run killed
     # midway still protects its folder against a rerun with other defaults.
     write_run_json(
         run.out_dir, {**(previous or {}), "shaping": _shaping(run.settings), "in_progress": True}
     )
-    return store, journal, records
+    return files
 
 
 def _dispatcher(
@@ -593,7 +603,6 @@ def _dispatcher(
         Decimal(str(cost.max_cost_total)) if cost.max_cost_total else None,
         journal.spent()[0],
     )
-    journal.open()
     client = ImagesClient(run.settings.api, max_connections=run.limits.max_in_flight_ceiling)
     dispatcher = Dispatcher(
         client,
@@ -761,13 +770,13 @@ def _write_manifest(
     jobs: list[Job],
     planned: list[PlannedJob],
     invalid: dict[int, list[Problem]],
-    records: dict[str, ImageRecord],
-    store: ImageStore,
+    files: Files,
     settings: Settings,
     reporter: Reporter,
 ) -> pd.DataFrame:
-    """Rebuild the manifest from the journal's records; images/ keeps exactly the files it names."""
-    rows = build_rows(jobs, {p.job.job.row: p for p in planned}, invalid, records)
+    """Rebuild the manifest from the journal's records; the tool's files that no row names
+    move from images/ to superseded/ (files it did not write are never touched)."""
+    rows = build_rows(jobs, {p.job.job.row: p for p in planned}, invalid, files.records)
     extra = list(jobs[0].extra) if jobs else []
     renamed = {k: v for k, v in carried_names(extra).items() if k != v}
     if renamed:
@@ -777,13 +786,15 @@ def _write_manifest(
         )
     manifest = to_frame(rows, extra, getattr(jobs, "extra_dtypes", None))
     referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
-    moved = store.set_aside(referenced)
+    moved, error = files.set_aside(referenced)
     if moved:
         reporter.notice(
-            f"{len(moved)} image(s) under images/ belong to no row of these jobs (rows removed or changed, "
-            "or a crash before they were recorded): moved to superseded/"
+            f"{len(moved)} image(s) under images/ belong to no row of these jobs (rows removed "
+            "or changed): moved to superseded/, where a later run of those rows finds them"
         )
-    write_manifest(manifest, store.out_dir, settings.manifest_formats)
+    if error:
+        reporter.notice(f"images no row names stay in images/: {error}")
+    write_manifest(manifest, files.out_dir, settings.manifest_formats)
     return manifest
 
 
@@ -827,7 +838,7 @@ def run_jobs(
                 str(models) if models else None,
                 return_state=True,
             )
-            with quiet_console():
+            with quiet_console(), _quiet_expected_errors():
                 return asyncio.run(_report_of(coro))
         finally:
             _handoff.reset(token)

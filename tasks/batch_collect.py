@@ -192,7 +192,7 @@ class Collector:
                 missing.append(image)
                 continue
             try:
-                stored = await asyncio.to_thread(self.store.save, blob, stem, index)
+                stored = await asyncio.to_thread(self.store.save, blob, stem, index, key)
             except CorruptImage:
                 missing.append(image)
                 continue

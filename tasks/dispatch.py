@@ -261,9 +261,10 @@ class Dispatcher:
         """Save and journal each decodable image; the ones that are not stay remaining."""
         input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
         for index, image in zip(list(progress.remaining), result.images):
+            key = sub.planned.keys[index]
             try:
                 stored = await asyncio.to_thread(
-                    self.store.save, image.data, sub.planned.file_stem, index
+                    self.store.stage, image.data, sub.planned.image_stem(index), key
                 )
             except CorruptImage:
                 continue
@@ -284,8 +285,13 @@ class Dispatcher:
                 **_input_fields(progress.inputs),
                 possibly_paid_usd=float(progress.lost / progress.unit.n),
                 **progress.cost,
+                moved_from=stored.staged,
             )
-            progress.done.append(await self._record(record))
+            # Journaled while the bytes are still staged, then moved: a crash in between
+            # leaves a line the next run finishes (tasks/files.py), never an unrecorded image.
+            await self.journal.record(record)
+            await asyncio.to_thread(self.store.commit, stored)
+            progress.done.append(self._count(record))
             progress.remaining.remove(index)
 
     async def _record_failure(self, progress: _Progress, error: ApiError) -> None:

@@ -59,6 +59,9 @@ class ImageRecord:
     possibly_paid_usd: float = 0.0  # worst case of its requests lost after sending
     run_id: str | None = None
     batch_id: str | None = None  # the Batch API batch that made it (None: sent live)
+    # Where the bytes were when this line was written, if not yet at `file` (staged, or being
+    # moved to or from superseded/): the next run finishes the move instead of paying again.
+    moved_from: str | None = None
     finished_at: float = field(default_factory=time.time)
 
 
@@ -114,6 +117,7 @@ class Journal:
         return total, unknown
 
     def _lines(self) -> Iterator[dict[str, Any]]:
+        self._refuse_symlink()
         try:
             f = self.path.open("rb")
         except FileNotFoundError:
@@ -127,9 +131,18 @@ class Journal:
                 if isinstance(data, dict):
                     yield data
 
+    def _refuse_symlink(self) -> None:
+        if self.path.is_symlink():
+            raise OutputError(
+                f"{self.path} is a symbolic link; imagebatch keeps its journal only inside the "
+                "output folder. Replace it with the real file or use another --out"
+            )
+
     def open(self) -> None:
+        self._refuse_symlink()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             raise OutputError(
                 f"cannot open the journal {self.path}: {exc.strerror or exc}"

@@ -27,7 +27,8 @@ class FolderLock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never follow a link: the lock file is truncated and written.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
             raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from None
         try:

@@ -130,11 +130,16 @@ def test_write_is_atomic_and_disk_full_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "images").iterdir()) == []
 
 
-def test_prepare_removes_leftover_temp_files(tmp_path):
+def test_leftovers_are_cleared_only_from_the_tools_own_staging_folder(tmp_path):
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / ".tmp-job_0.png.abcd").write_bytes(b"half")
-    ImageStore(tmp_path).prepare()
-    assert list((tmp_path / "images").iterdir()) == []
+    theirs = tmp_path / "images" / ".tmp-job_0.png.abcd"  # a name like ours, not in a journal
+    theirs.write_bytes(b"half")
+    store = ImageStore(tmp_path)
+    store.prepare()
+    (store.staging_dir / "job_0.png.1234").write_bytes(b"half")
+    store.clear_staging()
+    assert theirs.read_bytes() == b"half"
+    assert list(store.staging_dir.iterdir()) == []
 
 
 def test_vanished_folder_is_an_output_error(tmp_path):
