@@ -68,6 +68,7 @@ from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, wr
 from imagebatch.tasks.owned import Files
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
 from imagebatch.tasks.read_jobs import Job, read_jobs
+from imagebatch.tasks.redact import mask_url
 from imagebatch.tasks.report import publish_after_run
 from imagebatch.tasks.rundirs import dated_folder, mark_latest
 from imagebatch.tasks.store import ImageStore
@@ -714,7 +715,7 @@ def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float)
             "dispatch_seconds": round(dispatch_seconds, 3),
             "jobs": params.jobs if isinstance(run.source, str) else "<DataFrame>",
             "simulator": report.used_simulator,
-            "base_url": api.base_url,
+            "base_url": mask_url(api.base_url),
             "counts": report.counts,
             "skipped_already_done": report.skipped,
             "stopped": report.stopped,
@@ -727,7 +728,10 @@ def _write_final_run_json(run: _Run, report: RunReport, dispatch_seconds: float)
                 "retry": asdict(settings.retry),
                 "inputs": asdict(settings.inputs),
                 "cost": asdict(settings.cost),
-                "api": {k: v for k, v in asdict(api).items() if k not in ("api_key",)},
+                "api": {
+                    **{k: v for k, v in asdict(api).items() if k not in ("api_key",)},
+                    "base_url": mask_url(api.base_url),
+                },
             },
             "versions": _versions(),
         },

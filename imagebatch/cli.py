@@ -120,7 +120,8 @@ def _summary(report: Any) -> None:
         extras.append(f"{stats['rate_limited']} rate-limit answers (429)")
     if stats.get("ambiguous"):
         extras.append(
-            f"{stats['ambiguous']} request(s) lost after sending: those images may have been paid twice"
+            f"{stats['ambiguous']} request(s) sent again after a lost or unusable answer "
+            "the server may have billed: those images may have been paid twice"
         )
     if extras:
         console.print("; ".join(extras))
@@ -857,7 +858,9 @@ def _check_models(registry: Any, base_url: str | None, config: Path | None) -> N
     try:
         result = check_models(api, registry)
     except ImagebatchError as exc:
-        _fail(f"cannot list the models of {api.base_url}: {exc}")
+        from imagebatch.tasks.redact import mask_url
+
+        _fail(f"cannot list the models of {mask_url(api.base_url)}: {exc}")
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{escape(result.url)} lists {result.listed} model(s).")
     sections = (

@@ -20,9 +20,10 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from imagebatch.configs.settings import ApiSettings
-from imagebatch.tasks.errors import ApiError, TransientError
+from imagebatch.tasks.errors import ApiError, RequestError, TransientError
 from imagebatch.tasks.plan import RequestUnit
 from imagebatch.tasks.prepare import PreparedInputs, prepare_job
+from imagebatch.tasks.redact import host_is_internal, scrub, secrets_of, shown_url
 from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
@@ -126,10 +127,14 @@ class ImagesClient:
         ]
         self._busy = [0] * shards
         self._http = self._pools[0]  # for building requests
-        # URLs in responses may point at another host: fetch them without our credentials.
+        # URLs in responses may point at another host: fetch them without our credentials,
+        # and follow redirects by hand so every hop is checked (see _check_url).
         self._download = httpx.AsyncClient(
-            timeout=self.timeout, limits=limits, follow_redirects=True
+            timeout=self.timeout, limits=limits, follow_redirects=False
         )
+        self._secrets = secrets_of(api.api_key, api.base_url)
+        base_host = httpx.URL(api.base_url).host
+        self._base_internal = host_is_internal(base_host) if base_host else False
 
     async def aclose(self) -> None:
         for pool in self._pools:
@@ -189,6 +194,21 @@ class ImagesClient:
         return self._http.build_request("POST", path, params=query, data=fields, files=files)
 
     async def send(self, unit: RequestUnit, inputs: PreparedInputs | None = None) -> ApiResult:
+        """One request; whatever the server echoes, the key never leaves in the result or
+        an error (it is removed by value from every text the server sent)."""
+        try:
+            result = await self._send_unit(unit, inputs)
+        except ApiError as error:
+            for name in ("message", "code", "param", "request_id", "type"):
+                setattr(error, name, scrub(getattr(error, name), self._secrets))
+            error.args = (error.message,)
+            raise
+        result.request_id = scrub(result.request_id, self._secrets)
+        for image in result.images:
+            image.revised_prompt = scrub(image.revised_prompt, self._secrets)
+        return result
+
+    async def _send_unit(self, unit: RequestUnit, inputs: PreparedInputs | None) -> ApiResult:
         if inputs is None and unit.planned.job.operation != "generate":
             # Decoding and encoding photos takes CPU time: never on the event loop.
             inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
@@ -198,6 +218,12 @@ class ImagesClient:
             response = await self._send(request)
         except httpx.TransportError as exc:
             raise error_from_transport(exc) from None
+        except httpx.DecodingError:  # a 2xx whose body does not decode (broken gzip)
+            raise malformed_response_error("the response body does not decode", 200, None) from None
+        except httpx.HTTPError as exc:  # too many redirects, an invalid URL: not transient
+            raise RequestError(
+                f"the request failed: {type(exc).__name__}: {exc}", code="http_error"
+            ) from None
         latency = time.monotonic() - started
         request_id = response.headers.get("x-request-id")
         if response.status_code >= 400:
@@ -244,54 +270,108 @@ class ImagesClient:
             "an image entry has neither b64_json nor url", 200, request_id
         )
 
-    async def download(self, url: str, request_id: str | None = None, tries: int = 3) -> bytes:
+    async def download(self, url: str, request_id: str | None = None, tries: int = 4) -> bytes:
         """Fetch an image URL at once (they expire), refusing bodies over the configured cap.
 
-        The image is already paid for, so a failed download is tried again here before the
-        error reaches the retry policy (which would pay for a new image)."""
+        The image is already paid for, so a download that fails for a transient reason is
+        tried again here, and one that still fails (or can never work: `file://`, a redirect
+        loop, an internal address) fails the image: asking again would pay for a new one."""
         for attempt in range(1, tries + 1):
             try:
                 return await self._download_once(url, request_id)
-            except TransientError:
+            except TransientError as error:
                 if attempt == tries:
-                    raise
-                await asyncio.sleep(0.5 * attempt)
-        raise AssertionError("unreachable")
-
-    async def _download_once(self, url: str, request_id: str | None) -> bytes:
-        cap = self.api.max_download_bytes
-        try:
-            async with self._download.stream("GET", url) as response:
-                if response.status_code >= 400:
-                    raise TransientError(
-                        f"downloading the image URL failed with HTTP {response.status_code}",
-                        status=response.status_code,
+                    raise RequestError(
+                        f"{error.message} (tried {tries} times; the image was not generated again)",
+                        status=error.status,
                         code="download_failed",
                         request_id=request_id,
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > cap:
-                    raise ApiError(
-                        f"the image at the URL is {declared} bytes, over the {cap:,} byte cap",
-                        code="download_too_large",
-                        request_id=request_id,
-                    )
-                chunks, total = [], 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > cap:
-                        raise ApiError(
-                            f"the image at the URL is over the {cap:,} byte cap",
-                            code="download_too_large",
-                            request_id=request_id,
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.TransportError as exc:
-            error = error_from_transport(exc)
-            # Whatever the class for an API call, a lost download is worth another try.
-            raise TransientError(
-                f"downloading the image URL failed: {error.message}",
-                code=error.code,
+                    ) from None
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def _check_url(self, url: httpx.URL, request_id: str | None) -> None:
+        """Only http(s) URLs, and internal addresses only when the base URL is internal too."""
+        shown = shown_url(str(url))
+        if url.scheme not in ("http", "https") or not url.host:
+            raise RequestError(
+                f"the image URL {shown} cannot be fetched (only absolute http and https URLs)",
+                code="image_url_unfetchable",
                 request_id=request_id,
-            ) from None
+            )
+        if not self._base_internal and await asyncio.to_thread(host_is_internal, url.host):
+            raise RequestError(
+                f"the image URL {shown} points at a loopback, private or link-local address; "
+                "refused, as the base URL is not one",
+                code="image_url_refused",
+                request_id=request_id,
+            )
+
+    async def _download_once(self, url: str, request_id: str | None, hops: int = 5) -> bytes:
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError, ValueError):
+            target = httpx.URL("invalid:")
+        for _ in range(hops + 1):
+            await self._check_url(target, request_id)
+            try:
+                async with self._download.stream("GET", target) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        target = target.join(response.headers["location"])
+                        continue
+                    return await self._read_image(response, str(target), request_id)
+            except httpx.TransportError as exc:
+                error = error_from_transport(exc)
+                # Whatever the class for an API call, a lost download is worth another try.
+                raise TransientError(
+                    f"downloading the image URL {shown_url(str(target))} failed: {error.message}",
+                    code=error.code,
+                    request_id=request_id,
+                ) from None
+            except httpx.HTTPError as exc:  # an invalid URL, a broken stream: never fetchable
+                raise RequestError(
+                    f"the image URL {shown_url(str(target))} cannot be fetched: {exc}",
+                    code="image_url_unfetchable",
+                    request_id=request_id,
+                ) from None
+        raise RequestError(
+            f"the image URL {shown_url(url)} redirects more than {hops} times",
+            code="image_url_unfetchable",
+            request_id=request_id,
+        )
+
+    async def _read_image(
+        self, response: httpx.Response, url: str, request_id: str | None
+    ) -> bytes:
+        cap = self.api.max_download_bytes
+        shown = shown_url(url)
+        if response.status_code >= 400:
+            error_class = (
+                TransientError
+                if response.status_code >= 500 or response.status_code in (408, 429)
+                else RequestError
+            )
+            raise error_class(
+                f"downloading the image URL {shown} failed with HTTP {response.status_code}",
+                status=response.status_code,
+                code="download_failed",
+                request_id=request_id,
+            )
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise RequestError(
+                f"the image at {shown} is {declared} bytes, over the {cap:,} byte cap",
+                code="download_too_large",
+                request_id=request_id,
+            )
+        chunks, total = [], 0
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > cap:
+                raise RequestError(
+                    f"the image at {shown} is over the {cap:,} byte cap",
+                    code="download_too_large",
+                    request_id=request_id,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)

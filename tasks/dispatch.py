@@ -126,7 +126,9 @@ class Dispatcher:
             await self._record_input_error(progress, error)
             return progress.done
         try:
-            async for attempt in retrying(self.retry, on_retry=self._on_retry):
+            async for attempt in retrying(
+                self.retry, on_retry=lambda e, a, w: self._on_retry(e, a, w, progress)
+            ):
                 with attempt:
                     await self._attempt(progress)
         except Stopped:
@@ -143,6 +145,11 @@ class Dispatcher:
             if isinstance(error, FatalError):
                 self.halt(error)
             await self._record_failure(progress, error)
+        except Exception as exc:  # a bug: its images fail with its name, and the run stops
+            bug = ApiError(f"{type(exc).__name__}: {exc}"[:500], code="internal_error")
+            self.halt(RuntimeError(f"stopped by an unexpected error (a bug): {bug.message}"))
+            log.exception("unexpected error in a request unit")
+            await self._record_failure(progress, bug)
         return progress.done
 
     async def _prepare(self, unit: RequestUnit) -> PreparedInputs | None:
@@ -170,8 +177,13 @@ class Dispatcher:
             )
             progress.done.append(await self._record(record))
 
-    def _on_retry(self, error: ApiError, attempt: int, wait: float) -> None:
+    def _on_retry(self, error: ApiError, attempt: int, wait: float, progress: _Progress) -> None:
+        """A retry is about to be sent. After a lost answer or an unusable 2xx the server may
+        have billed the last attempt, so the images still missing may be paid twice."""
         self.stats["retries"] += 1
+        if _maybe_billed(error):
+            progress.ambiguous += 1
+            self.stats["ambiguous"] += 1
         _task_logger().info("attempt %d failed (%s); retrying in %.1fs", attempt, error, wait)
 
     async def _attempt(self, progress: _Progress) -> None:
@@ -206,9 +218,6 @@ class Dispatcher:
             except ApiError as error:
                 self._settle_error(reservation, est, error, progress)
                 permit.record(error.headers, None)
-                if isinstance(error, AmbiguousError):
-                    progress.ambiguous += 1
-                    self.stats["ambiguous"] += 1
                 if isinstance(error, RateLimited):
                     self.stats["rate_limited"] += 1
                     self.limiter.rate_limited(error.retry_after, error.headers)
@@ -350,6 +359,13 @@ def _input_fields(inputs: PreparedInputs | None) -> dict[str, Any]:
     }
 
 
+def _maybe_billed(error: ApiError) -> bool:
+    """Sent and possibly billed: the answer was lost, or a 2xx came back unusable."""
+    return isinstance(error, AmbiguousError) or (
+        error.status is not None and 200 <= error.status < 300
+    )
+
+
 def _task_logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect task run's logger (retries show on the job's run page), or ours outside a run."""
     try:
@@ -411,7 +427,10 @@ async def process_chunk(name: str, units: list[RequestUnit]) -> Any:
 
 async def _run_units(units: list[RequestUnit], what: str) -> Any:
     dispatcher = current_dispatcher.get()
-    results = await asyncio.gather(*(dispatcher.run_unit(u) for u in units))
+    # Structured: if one unit fails unexpectedly its siblings are cancelled, never orphaned.
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(dispatcher.run_unit(u)) for u in units]
+    results = [t.result() for t in tasks]
     records = [r for rs in results for r in rs]
     outcomes = [
         {"job_id": r.job_id, "index": r.index, "status": r.status, "attempts": r.attempts}

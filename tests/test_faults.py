@@ -109,3 +109,25 @@ def test_notebook_api_takes_a_dataframe(prefect_api, sim, tmp_path, monkeypatch)
     assert [p.column for p in imagebatch.validate(df).problems if p.severity == "error"] == [
         "prompt"
     ]
+
+
+def test_retries_after_a_2xx_are_counted_as_possibly_paid_twice(prefect_api, sim, tmp_path):
+    # The simulator bills a malformed 200, exactly as a real server would bill the image
+    # it failed to deliver; the retry pays again. The manifest must say so, per image.
+    sim.configure(malformed_rate=0.4)
+    result = run(sim, jobs_csv(tmp_path, 15), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    counted = int(manifest.ambiguous_retries.sum())
+    assert counted > 0 and "may have been paid twice" in result.output
+    assert sim.stats()["images_billed"] == 15 + counted
+
+
+def test_lost_requests_not_retried_are_not_counted_as_paid_twice(prefect_api, sim, tmp_path):
+    sim.configure(drop_rate=0.5)
+    result = run(sim, jobs_csv(tmp_path, 12), tmp_path / "out", "--on-ambiguous", "fail")
+    assert result.exit_code == 1
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert (manifest.status == "failed").any()
+    assert int(manifest.ambiguous_retries.sum()) == 0
+    assert "paid twice" not in result.output
