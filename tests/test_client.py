@@ -17,7 +17,12 @@ from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import ApiSettings, JobDefaults
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.api_client import ImagesClient
-from imagebatch.tasks.errors import ApiError, FatalError, RejectedError, TransientError
+from imagebatch.tasks.errors import (
+    ApiError,
+    FatalError,
+    RejectedError,
+    RequestError,
+)
 from imagebatch.tasks.plan import plan_jobs, units_for
 from imagebatch.tasks.read_jobs import read_jobs
 from imagebatch.tasks.validate import Validator
@@ -143,10 +148,14 @@ def test_url_download_sends_no_credentials_and_has_a_cap(recorder):
         asyncio.run(go(10))
 
 
-def test_expired_url_is_an_error_after_a_few_tries(sim):
+def test_expired_url_fails_the_image_without_generating_it_again(sim):
+    """A 404 URL never comes back: the image fails (RequestError, not retried), rather than
+    being paid for again; the message names the image URL."""
+
     async def go():
         async with ImagesClient(ApiSettings(base_url=sim.base_url, api_key=KEY)) as client:
             return await client.download(sim.url + "/v1/_sim/files/nope", tries=2)
 
-    with pytest.raises(TransientError, match="HTTP 404"):
+    with pytest.raises(RequestError, match="HTTP 404") as info:
         asyncio.run(go())
+    assert info.value.code == "download_failed" and "/v1/_sim/files/nope" in info.value.message
