@@ -65,3 +65,14 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         raise OutputError(f"cannot write {path}: {what}") from None
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def move_new(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest`, which must not exist: a move never replaces any file."""
+    if dest.exists() or dest.is_symlink():
+        raise OutputError(f"{dest} already exists; imagebatch never replaces a file it moves to")
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise OutputError(f"cannot move {src} to {dest}: {what}") from None

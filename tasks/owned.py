@@ -16,11 +16,11 @@ first, with `moved_from`, so a crash halfway is finished by the next run, not pa
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 import time
 
 from imagebatch.tasks.errors import OutputError
+from imagebatch.tasks.files import move_new
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.plan import PlannedJob
 from imagebatch.tasks.store import STAGING, ImageStore
@@ -60,10 +60,7 @@ class Files:
         self.journal.append(moved)
         target = self.out_dir / dest
         target.parent.mkdir(exist_ok=True)
-        try:
-            os.replace(self.out_dir / src, target)  # type: ignore[operator]
-        except OSError as exc:
-            raise OutputError(f"cannot move {src} to {dest}: {exc.strerror or exc}") from None
+        move_new(self.out_dir / src, target)  # type: ignore[operator]
         self.records[key] = moved
 
     def recover(self) -> int:
@@ -79,7 +76,7 @@ class Files:
                 continue
             if self.store.verify(rec.moved_from, rec.sha256):
                 dest.parent.mkdir(exist_ok=True)
-                os.replace(self.out_dir / rec.moved_from, dest)
+                move_new(self.out_dir / rec.moved_from, dest)
                 finished += 1
         self.store.clear_staging()
         return finished

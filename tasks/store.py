@@ -10,7 +10,6 @@ only if the journal says the tool wrote it (tasks/files.py).
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import secrets
@@ -20,7 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.files import file_sha256, sha256_hex, write_atomic
+from imagebatch.tasks.files import file_sha256, move_new, sha256_hex, write_atomic
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
 STAGING = ".imagebatch-tmp"  # the tool's own folder under --out: everything in it is ours
@@ -95,16 +94,8 @@ class ImageStore:
 
     def commit(self, stored: StoredImage) -> None:
         """Move a staged image to its name under images/, never over an existing file."""
-        if stored.staged is None:
-            return
-        dest = self.out_dir / stored.file
-        if dest.exists() or dest.is_symlink():
-            raise OutputError(f"{dest} appeared during the run; it is not imagebatch's to replace")
-        try:
-            os.replace(self.out_dir / stored.staged, dest)
-        except OSError as exc:
-            what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise OutputError(f"cannot write {dest}: {what}") from None
+        if stored.staged is not None:
+            move_new(self.out_dir / stored.staged, self.out_dir / stored.file)
 
     def clear_staging(self) -> None:
         """Remove what is left in the staging folder (the tool's own; nothing else is touched)."""
