@@ -16,8 +16,8 @@ def architecture() -> str:
 
 
 def named_paths(section: str) -> list[Path]:
-    """Backticked `folder/`, `module.py` and `data.toml` names. A bare `module.py` is in the
-    paragraph's last folder named, else in the folder of its first path."""
+    """Backticked `module.py` and `data.toml` names. A bare `module.py` is in the paragraph's
+    last `folder/` named, else in the folder of its first path."""
     paths = []
     for paragraph in section.split("\n\n"):
         tokens = re.findall(r"`([\w./-]+)`", paragraph)
@@ -27,8 +27,7 @@ def named_paths(section: str) -> list[Path]:
             folder = ROOT / firsts[0] if firsts[0].endswith("/") else (ROOT / firsts[0]).parent
         for token in tokens:
             if token.endswith("/"):
-                folder = ROOT / token
-                paths.append(folder)
+                folder = ROOT / token  # context for bare names; output folders are named too
             elif token.endswith((".py", ".toml")):
                 paths.append(ROOT / token if "/" in token else folder / token)
     return paths
@@ -60,7 +59,6 @@ def test_the_parser_follows_folders():
         "`tasks/batch.py` and `flows/x.py`, then `batch_api.py`"
     )
     assert named_paths(section) == [
-        ROOT / "imagebatch/simulator",
         ROOT / "imagebatch/simulator/app.py",
         ROOT / "tasks/store.py",
         ROOT / "imagebatch/simulator/nowhere.py",
