@@ -149,3 +149,19 @@ def test_carried_columns_keep_their_dtypes(prefect_api, tmp_path):
     assert parquet.weight.dtype == "float64"
     csv = (out / "manifest.csv").read_text(encoding="utf-8")
     assert "1001.0" not in csv and ",1001," in csv
+
+
+def test_a_decompression_bomb_source_is_that_rows_error(prefect_api, tmp_path):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 14000)).save(bomb)  # 196 M pixels, past Pillow's guard; 24 KB
+    df = pd.DataFrame(
+        [
+            {"prompt": "x", "operation": "edit", "image": str(bomb), "model": "gpt-image-2"},
+            {"prompt": "y", "model": "gpt-image-2"},
+        ]
+    )
+    manifest = imagebatch.run(df, out=tmp_path / "out", simulate=True)
+    assert manifest.status.tolist() == ["invalid", "succeeded"]
+    assert "decompression" in manifest.error_message[0]
