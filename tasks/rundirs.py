@@ -1,8 +1,9 @@
 """Dated run folders under an output root, for scheduled and deployed runs.
 
 A nightly run must never write over last night's images, so each run gets its own folder
-named by its start time (UTC) and a short run id: `2026-12-01T020000Z-3f9a1c2b`. The name
-sorts by time, so the newest run is the greatest name. `latest` (a relative symlink) and
+named by its start time (UTC, to the millisecond) and a short run id:
+`2026-12-01T020000.000Z-3f9a1c2b`. The name sorts by time, so the newest run is the
+greatest name; `latest` compares the times only. `latest` (a relative symlink) and
 `LATEST` (a text file with the folder's name, for tools and filesystems without symlinks)
 name the newest finished run; both are replaced atomically.
 """
@@ -19,12 +20,13 @@ from imagebatch.tasks.store import write_atomic
 
 LATEST_LINK = "latest"
 LATEST_FILE = "LATEST"
-_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z-[0-9a-z]{8}$")
+_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}\.\d{3}Z-[0-9a-z]{8}$")
 
 
 def dated_folder(root: Path, started: dt.datetime, run_id: str) -> Path:
     """A new folder for one run: created here, refused if it somehow exists already."""
-    stamp = started.astimezone(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    utc = started.astimezone(dt.UTC)
+    stamp = utc.strftime("%Y-%m-%dT%H%M%S") + f".{utc.microsecond // 1000:03d}Z"
     # The tail: Prefect's run ids are time-ordered, so their heads repeat between runs.
     short = re.sub(r"[^0-9a-z]", "", run_id.lower())[-8:].rjust(8, "0")
     path = root / f"{stamp}-{short}"
@@ -54,7 +56,8 @@ def mark_latest(run_dir: Path) -> bool:
     """Point `latest` at `run_dir` unless a newer run already finished. True if it moved."""
     root, name = run_dir.parent, run_dir.name
     previous = current_latest(root)
-    if previous is not None and previous > name:
+    # By start time only: two runs started in the same millisecond both count as newest.
+    if previous is not None and previous.rsplit("-", 1)[0] > name.rsplit("-", 1)[0]:
         return False
     write_atomic(root / LATEST_FILE, (name + "\n").encode("utf-8"))
     link = root / LATEST_LINK

@@ -105,7 +105,7 @@ def test_latest_never_moves_back_and_folders_are_never_reused(tmp_path):
         tmp_path, when + dt.timedelta(days=1), "0190aaaa-1111-7000-8000-00000000beef"
     )
     older = dated_folder(tmp_path, when, "0190aaaa-1111-7000-8000-00000000cafe")
-    assert newer.name == "2026-12-02T020000Z-0000beef"
+    assert newer.name == "2026-12-02T020000.000Z-0000beef"
     assert mark_latest(newer) is True
     assert mark_latest(older) is False  # an older run finishing late does not win
     assert current_latest(tmp_path) == newer.name
