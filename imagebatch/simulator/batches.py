@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -230,6 +230,31 @@ class BatchService:
             body = await request.json()
         except ValueError:
             return _error(400, "We could not parse the JSON body of your request.")
+        problem = self._create_problem(body)
+        if problem is not None:
+            return problem
+        f = self.files[body["input_file_id"]]
+        now = time.time()
+        keep = {b"authorization", b"api-key", b"host"}
+        batch = SimBatch(
+            "batch_" + secrets.token_hex(12),
+            body["endpoint"],
+            f.id,
+            "24h",
+            body.get("metadata"),
+            now,
+            now + self.config.batch_expire_seconds,
+            [(k, v) for k, v in request.headers.raw if k.lower() in keep],
+        )
+        self.batches[batch.id] = batch
+        self.stats["batches_created"] += 1
+        batch.task = asyncio.get_running_loop().create_task(self._run(batch))
+        # A reply delayed after the batch exists: the window a client must survive.
+        await asyncio.sleep(self.config.batch_create_delay)
+        return JSONResponse(batch.public())
+
+    def _create_problem(self, body: Any) -> Response | None:
+        """The error answer a create request earns, or None when it is well formed."""
         if not isinstance(body, dict):
             return _error(400, "The request body must be a JSON object.")
         for name in ("input_file_id", "endpoint", "completion_window"):
@@ -280,24 +305,7 @@ class BatchService:
                 "invalid_value",
                 "metadata",
             )
-        now = time.time()
-        keep = {b"authorization", b"api-key", b"host"}
-        batch = SimBatch(
-            "batch_" + secrets.token_hex(12),
-            body["endpoint"],
-            f.id,
-            "24h",
-            metadata,
-            now,
-            now + self.config.batch_expire_seconds,
-            [(k, v) for k, v in request.headers.raw if k.lower() in keep],
-        )
-        self.batches[batch.id] = batch
-        self.stats["batches_created"] += 1
-        batch.task = asyncio.get_running_loop().create_task(self._run(batch))
-        # A reply delayed after the batch exists: the window a client must survive.
-        await asyncio.sleep(self.config.batch_create_delay)
-        return JSONResponse(batch.public())
+        return None
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.batches.get(request.path_params["batch_id"])
@@ -393,9 +401,25 @@ class BatchService:
         self._set(batch, "in_progress")
         out_tmp = self.dir / f".out-{batch.id}"
         err_tmp = self.dir / f".err-{batch.id}"
+        with out_tmp.open("wb") as out, err_tmp.open("wb") as err:
+            done = await self._execute_lines(batch, lines, out, err)
+            final = "completed"
+            if done < len(lines):
+                final = "cancelled" if batch.status == "cancelling" else "expired"
+                _write_unfinished(err, lines[done:], final)
+        if final == "completed":
+            self._set(batch, "finalizing")
+            await asyncio.sleep(cfg.batch_finalizing_seconds)
+        self._publish(batch, out_tmp, err_tmp)
+        self._set(batch, final)
+
+    async def _execute_lines(
+        self, batch: SimBatch, lines: list[tuple[int, str]], out: IO[bytes], err: IO[bytes]
+    ) -> int:
+        """Run the lines in order until the batch is cancelled or expires; how many ran."""
+        cfg = self.config
         done = 0
-        src = self.files[batch.input_file_id].path.open("rb")
-        with src, out_tmp.open("wb") as out, err_tmp.open("wb") as err:
+        with self.files[batch.input_file_id].path.open("rb") as src:
             for offset, _custom_id in lines:
                 while cfg.batch_hold:
                     if batch.status != "in_progress" or time.time() >= batch.expires:
@@ -421,26 +445,10 @@ class BatchService:
                 else:
                     batch.failed += 1
                 done += 1
-            final = "completed"
-            if done < len(lines):
-                final = "cancelled" if batch.status == "cancelling" else "expired"
-                code = "batch_cancelled" if final == "cancelled" else "batch_expired"
-                message = (
-                    "This request was not executed because the batch was cancelled."
-                    if final == "cancelled"
-                    else "This request could not be executed before the completion window expired."
-                )
-                for _offset, custom_id in lines[done:]:
-                    record = {
-                        "id": "batch_req_" + secrets.token_hex(12),
-                        "custom_id": custom_id,
-                        "response": None,
-                        "error": {"code": code, "message": message},
-                    }
-                    err.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        if final == "completed":
-            self._set(batch, "finalizing")
-            await asyncio.sleep(cfg.batch_finalizing_seconds)
+        return done
+
+    def _publish(self, batch: SimBatch, out_tmp: Path, err_tmp: Path) -> None:
+        """Turn the non-empty temp files into the batch's output and error files."""
         for tmp, attr, name in (
             (out_tmp, "output_file_id", "output"),
             (err_tmp, "error_file_id", "error"),
@@ -450,7 +458,6 @@ class BatchService:
                 setattr(batch, attr, f.id)
             else:
                 tmp.unlink()
-        self._set(batch, final)
 
     def _validate(self, batch: SimBatch) -> list[tuple[int, str]] | None:
         """(offset, custom_id) of each request line, or None after recording why the batch
@@ -480,39 +487,10 @@ class BatchService:
                 start, offset = offset, offset + len(raw)
                 if not raw.strip():
                     continue
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    fail("invalid_json_line", "This line is not parseable as valid JSON.", number)
-                    continue
-                if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
-                    fail(
-                        "missing_custom_id",
-                        "Each line needs a string 'custom_id'.",
-                        number,
-                        "custom_id",
-                    )
-                    continue
-                if line["custom_id"] in seen:
-                    fail(
-                        "duplicate_custom_id",
-                        f"The custom_id for this request is a duplicate of another request: {line['custom_id']}",
-                        number,
-                        "custom_id",
-                    )
-                if line.get("method") != "POST":
-                    fail("invalid_method", "The only supported method is POST.", number, "method")
-                if line.get("url") != batch.endpoint:
-                    fail(
-                        "mismatched_url",
-                        f"The URL {line.get('url')!r} does not match the batch endpoint {batch.endpoint}.",
-                        number,
-                        "url",
-                    )
-                if not isinstance(line.get("body"), dict):
-                    fail("invalid_body", "Each line needs a JSON object 'body'.", number, "body")
-                seen.add(line["custom_id"])
-                lines.append((start, line["custom_id"]))
+                custom_id = _check_line(raw, number, batch.endpoint, seen, fail)
+                if custom_id is not None:
+                    seen.add(custom_id)
+                    lines.append((start, custom_id))
         if len(lines) > cfg.batch_max_lines:
             fail(
                 "too_many_requests",
@@ -621,3 +599,59 @@ def routes(service: BatchService) -> list[Any]:
         Route("/v1/batches/{batch_id}", service.retrieve, methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", service.cancel, methods=["POST"]),
     ]
+
+
+def _write_unfinished(err: IO[bytes], lines: list[tuple[int, str]], final: str) -> None:
+    """Error-file lines for the requests a cancelled or expired batch never ran."""
+    code = "batch_cancelled" if final == "cancelled" else "batch_expired"
+    message = (
+        "This request was not executed because the batch was cancelled."
+        if final == "cancelled"
+        else "This request could not be executed before the completion window expired."
+    )
+    for _offset, custom_id in lines:
+        record = {
+            "id": "batch_req_" + secrets.token_hex(12),
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+        err.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+
+def _check_line(
+    raw: bytes,
+    number: int,
+    endpoint: str,
+    seen: set[str],
+    fail: Callable[[str, str, int | None, str | None], None],
+) -> str | None:
+    """One input line's problems, recorded through `fail`; its custom_id when it has one."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        fail("invalid_json_line", "This line is not parseable as valid JSON.", number, None)
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        fail("missing_custom_id", "Each line needs a string 'custom_id'.", number, "custom_id")
+        return None
+    custom_id: str = line["custom_id"]
+    if custom_id in seen:
+        fail(
+            "duplicate_custom_id",
+            f"The custom_id for this request is a duplicate of another request: {custom_id}",
+            number,
+            "custom_id",
+        )
+    if line.get("method") != "POST":
+        fail("invalid_method", "The only supported method is POST.", number, "method")
+    if line.get("url") != endpoint:
+        fail(
+            "mismatched_url",
+            f"The URL {line.get('url')!r} does not match the batch endpoint {endpoint}.",
+            number,
+            "url",
+        )
+    if not isinstance(line.get("body"), dict):
+        fail("invalid_body", "Each line needs a JSON object 'body'.", number, "body")
+    return custom_id
