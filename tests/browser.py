@@ -180,11 +180,15 @@ class Browser:
     # -- what the tests use ------------------------------------------------------------
 
     def open(self, url: str, ready: str = "document.readyState === 'complete'") -> None:
-        """Navigate and wait until the JS expression `ready` is true."""
-        self.events.clear()
-        self.call("Page.navigate", url=url)
-        # Until the new document has loaded, `ready` could still be read from the old one.
-        self.wait_event("Page.loadEventFired")
+        """Navigate and wait until the JS expression `ready` is true.
+
+        Through about:blank first, so the old page's late events (a lazy image that fails to
+        load, say) are read and dropped there, never counted against the new page."""
+        for target in ("about:blank", url):
+            self.events.clear()
+            self.call("Page.navigate", url=target)
+            # Until the new document has loaded, `ready` could still be read from the old one.
+            self.wait_event("Page.loadEventFired")
         self.wait_for(ready)
 
     def wait_event(self, method: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -278,13 +278,15 @@ def test_the_network_check_sees_a_request_off_disk(tmp_path, browser):
     assert "http://example.invalid/x.png" in browser.requested_urls()
 
 
-def test_csp_blocks_a_script_that_got_into_the_page(run_dir, tmp_path, browser):
+def test_csp_blocks_a_script_that_got_into_the_page(folder, browser):
     """Defence in depth: even markup injected into the file itself cannot run a script."""
-    page = (run_dir / "index.html").read_text(encoding="utf-8")
+    page = (folder / "index.html").read_text(encoding="utf-8")
     injected = page.replace(
         "<main", '<script>window.__pwned = 4</script><img src=x onerror="window.__pwned = 5"><main'
     )
-    target = tmp_path / "index.html"
+    # In a copy of the run folder, so the page's thumbnails exist: a page without them would
+    # log load errors late, into whichever test opens the next page.
+    target = folder / "index.html"
     target.write_text(injected, encoding="utf-8")
     browser.open(target.as_uri(), READY)
     assert browser.eval("typeof window.__pwned") == "undefined"
