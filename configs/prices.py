@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebatch.configs.errors import ConfigError
+from imagebatch.configs.tables import merge_tables
 
 BUNDLED = Path(__file__).with_name("prices.toml")
 RATE_KEYS = (
@@ -152,7 +153,7 @@ class PriceBook:
             data = _read(path)
             estimate.update(data.get("estimate", {}))
             for name, entry in data.get("prices", {}).items():
-                raw[name] = _merge(raw.get(name, {}), entry)
+                raw[name] = merge_tables(raw.get(name, {}), entry)
         try:
             rules = EstimateRules(**estimate)
         except TypeError as exc:
@@ -169,16 +170,6 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"prices file {path} is not valid TOML: {exc}") from None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _resolve(name: str, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Follow `same_as` links (own keys win), refusing loops and unknown targets."""
     entry, seen = raw[name], [name]
@@ -189,7 +180,7 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
             raise ConfigError(f"prices for {name}: same_as {target!r} {why}")
         seen.append(target)
         rest = {k: v for k, v in entry.items() if k != "same_as"}
-        entry = _merge(raw[target], rest)
+        entry = merge_tables(raw[target], rest)
     return entry
 
 

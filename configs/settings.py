@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imagebatch.configs.errors import ConfigError
+from imagebatch.configs.tables import merge_tables
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -222,16 +223,6 @@ class Settings:
         return replace(self, **{section: replace(current, **values)})
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
@@ -277,7 +268,7 @@ def _read_config(config_file: str | Path | None) -> dict[str, Any]:
     if config_file:
         path = Path(config_file)
         try:
-            raw = _merge(raw, tomllib.loads(path.read_text(encoding="utf-8")))
+            raw = merge_tables(raw, tomllib.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
-from imagebatch.configs.settings import load_settings, route_overrides
+from imagebatch.configs.settings import Settings, load_settings, route_overrides
 from imagebatch.notebook import make_reporter
 from imagebatch.runner import call_async, call_blocking
 from imagebatch.tasks.cost import CostPlan, cost_plan
@@ -30,6 +30,24 @@ from imagebatch.tasks.validate import Checked, Validator
 
 if TYPE_CHECKING:
     from imagebatch.flows.run_jobs import RunReport
+
+
+def _validator(
+    jobs: str | Path | pd.DataFrame, settings: Settings, models: str | Path | None
+) -> Validator:
+    """The validator a run would use: sources resolve against the jobs file's folder, and
+    retired models are errors only where the run would go to api.openai.com."""
+    base_dir = (
+        Path(jobs).expanduser().resolve().parent
+        if not isinstance(jobs, pd.DataFrame)
+        else Path.cwd()
+    )
+    return Validator.from_settings(
+        Registry.load(models),
+        settings,
+        targets_openai=settings.api.targets_openai,
+        base_dir=base_dir,
+    )
 
 
 def check_jobs(
@@ -49,17 +67,7 @@ def check_jobs(
     settings = settings.with_overrides("api", base_url=base_url, simulate=simulate)
     settings = settings.with_overrides("registry", strict_models=strict_models)
     rows = read_jobs(jobs)
-    # Retired models are errors only where the run would go to api.openai.com.
-    targets_openai = settings.api.targets_openai
-    base_dir = (
-        Path(jobs).expanduser().resolve().parent
-        if not isinstance(jobs, pd.DataFrame)
-        else Path.cwd()
-    )
-    validator = Validator.from_settings(
-        Registry.load(models), settings, targets_openai=targets_openai, base_dir=base_dir
-    )
-    return validator.check(rows), len(rows)
+    return _validator(jobs, settings, models).check(rows), len(rows)
 
 
 def validate(jobs: str | Path | pd.DataFrame, **kwargs: Any) -> Checked:
@@ -183,16 +191,7 @@ def estimate(
     for section, values in route_overrides(overrides).items():
         settings = settings.with_overrides(section, **values)
     rows = read_jobs(jobs)
-    targets_openai = settings.api.targets_openai
-    base_dir = (
-        Path(jobs).expanduser().resolve().parent
-        if not isinstance(jobs, pd.DataFrame)
-        else Path.cwd()
-    )
-    validator = Validator.from_settings(
-        Registry.load(models), settings, targets_openai=targets_openai, base_dir=base_dir
-    )
-    checked = validator.check(rows)
+    checked = _validator(jobs, settings, models).check(rows)
     done: dict[str, Any] = {}
     journal = Journal(Path(out).expanduser()) if out is not None else None
     if journal is not None and not force:

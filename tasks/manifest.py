@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -60,31 +61,10 @@ COLUMNS = [
     "batch_id",
     "key",
 ]
-# Manifest columns taken as they are from the image's journal record.
-FROM_RECORD = (
-    "status",
-    "revised_prompt",
-    "error_code",
-    "error_message",
-    "file",
-    "sha256",
-    "width",
-    "height",
-    "attempts",
-    "ambiguous_retries",
-    "request_id",
-    "input_tokens",
-    "output_tokens",
-    "call_images",
-    "call_text_tokens",
-    "call_image_tokens",
-    "call_output_tokens",
-    "cost_usd",
-    "estimated_usd",
-    "batch_id",
-    "input_preparation",
-    "input_sha256",
-    "input_mask_sha256",
+# Manifest columns taken as they are from the image's journal record (its identity, job_id
+# and key, comes from the plan).
+FROM_RECORD = tuple(
+    c for c in COLUMNS if c in {f.name for f in fields(ImageRecord)} - {"job_id", "key"}
 )
 STATUSES = ("succeeded", "failed", "rejected", "invalid", "not_run")
 INT_COLUMNS = (
