@@ -1,0 +1,75 @@
+"""Start-up: commands that send nothing never import Prefect (about a second, plus its
+server in ephemeral mode), and `--help` and `models` not pandas or pyarrow either.
+
+Each command runs in a fresh interpreter, as a user runs it; the probe then lists which of
+the heavy packages that command imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from imagebatch.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("prefect", "pandas", "pyarrow")
+
+PROBE = f"""
+import json, sys
+from imagebatch.cli import main
+report, args = sys.argv[1], sys.argv[2:]
+try:
+    main(args, prog_name="imagebatch")
+except SystemExit:
+    pass
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY)!r})
+with open(report, "w") as f:
+    json.dump(loaded, f)
+"""
+
+
+def loaded_by(tmp_path: Path, *args: str) -> list[str]:
+    """The heavy packages `imagebatch ARGS` imports, run in a new interpreter."""
+    report = tmp_path / "loaded.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(report), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.exists(), proc.stderr
+    return json.loads(report.read_text())
+
+
+def every_command(group: click.Group = main, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [prefix]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            found += every_command(command, (*prefix, name))
+        else:
+            found.append((*prefix, name))
+    return found
+
+
+@pytest.mark.parametrize("command", every_command(), ids=lambda c: " ".join(c) or "imagebatch")
+def test_help_of_every_command_imports_no_prefect_pandas_or_pyarrow(tmp_path, command):
+    assert loaded_by(tmp_path, *command, "--help") == []
+
+
+def test_models_imports_no_prefect_pandas_or_pyarrow(tmp_path):
+    assert loaded_by(tmp_path, "models") == []
+
+
+def test_validate_imports_no_prefect(tmp_path):
+    assert "prefect" not in loaded_by(tmp_path, "validate", "data/catalog.csv")
+
+
+def test_the_probe_sees_what_a_run_imports(tmp_path):
+    """The probe can fail: a run imports Prefect (here it stops at once: no jobs file)."""
+    assert "prefect" in loaded_by(tmp_path, "run", str(tmp_path / "missing.csv"), "--simulate")
