@@ -1485,6 +1485,13 @@ def _print_table(rows: list[tuple]) -> None:
         print()
 
 
+def bench_payload(bench: Bench) -> None:
+    """Realistic 3 MB payloads against the openai SDK loop (bench/payload_bench.py)."""
+    from payload_bench import bench_payload as run  # bench/ is on sys.path (the script's folder)
+
+    run(bench)
+
+
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "overhead": Bench.bench_overhead,
     "faults": Bench.bench_faults,
@@ -1492,6 +1499,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "fidelity": Bench.bench_fidelity,
     "unknown": Bench.bench_unknown,
     "naive": Bench.bench_naive,
+    "payload": bench_payload,
 }
 DIAGNOSTICS: dict[str, Callable[[Bench], None]] = {"diag429": Bench.bench_diag429}
 
@@ -1527,6 +1535,19 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=64,
         help="bare loop concurrency for overhead (default 64)",
+    )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        default=64,
+        help="payload: requests in flight for the SDK loop and imagebatch (default 64)",
+    )
+    ap.add_argument(
+        "--payload-runs",
+        nargs="+",
+        choices=["sdk", "ephemeral", "server"],
+        default=["sdk", "ephemeral", "server"],
+        help="payload: which clients to run, in this order (default all three)",
     )
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/imagebatch-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the images written by each run")
