@@ -34,8 +34,8 @@ def _emit(**event) -> None:
 _grant = Limiter._grant
 
 
-def _traced_grant(self, images, now):
-    permit = _grant(self, images, now)
+def _traced_grant(self, *args):
+    permit = _grant(self, *args)
     _emit(ev="grant", in_flight=self._in_flight, cap=self._cap(), slow_cap=round(self._slow_cap, 1))
     return permit
 
@@ -53,10 +53,10 @@ def _traced_rate_limited(self, retry_after, headers=None):
 _send = ImagesClient.send
 
 
-async def _traced_send(self, unit):
+async def _traced_send(self, *args):
     started = time.time()
     try:
-        result = await _send(self, unit)
+        result = await _send(self, *args)
     except ApiError as error:
         _emit(ev="answer", status=error.status, started=started)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -107,6 +108,14 @@ class LimitSettings:
     max_in_flight: int = 0
     max_in_flight_ceiling: int = 256
     initial_latency: float = 20.0
+    # Memory budget: response payload (base64 bodies) expected in flight at once; 0: none.
+    max_bytes_in_flight: int = 256_000_000
+    # Encoded image bytes per pixel by output_format, until answers teach the real figure.
+    bytes_per_pixel: dict[str, float] = field(
+        default_factory=lambda: {"png": 3.0, "jpeg": 1.0, "webp": 0.8}
+    )
+    # What size `auto` (or a size that cannot be read) is assumed to be for the estimate.
+    auto_size: str = "1536x1024"
 
 
 @dataclass(frozen=True)
@@ -313,6 +322,7 @@ def _check(settings: Settings) -> None:
             '[api.deployments] maps model names to deployment names: "model" = "name"'
         )
     check_inputs(settings.inputs)
+    check_limits(settings.limits)
     gallery = settings.gallery
     if gallery.thumb_format not in ("webp", "jpeg") or not 16 <= gallery.thumb_size <= 1024:
         raise ConfigError("[gallery] thumb_format must be 'webp' or 'jpeg', thumb_size 16 to 1024")
@@ -329,6 +339,19 @@ def check_inputs(inputs: InputSettings) -> None:
         raise ConfigError("[inputs] mask_repaint must be 'white' or 'black'")
     if inputs.max_source_pixels < 1:
         raise ConfigError("[inputs] max_source_pixels must be positive")
+
+
+def check_limits(limits: LimitSettings) -> None:
+    """Refuse a memory budget or size table the limiter could not use."""
+    if not isinstance(limits.max_bytes_in_flight, int) or limits.max_bytes_in_flight < 0:
+        raise ConfigError("[limits] max_bytes_in_flight must be 0 (no budget) or a byte count")
+    bpp = limits.bytes_per_pixel
+    if not isinstance(bpp, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in bpp.values()
+    ):
+        raise ConfigError("[limits.bytes_per_pixel] maps formats to positive numbers: png = 3.0")
+    if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(limits.auto_size)):
+        raise ConfigError(f"[limits] auto_size must be WxH, got {limits.auto_size!r}")
 
 
 def check_batch(b: BatchSettings) -> None:

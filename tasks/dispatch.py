@@ -40,7 +40,7 @@ from imagebatch.tasks.errors import (
     RejectedError,
 )
 from imagebatch.tasks.journal import ImageRecord, Journal
-from imagebatch.tasks.limiter import Limiter
+from imagebatch.tasks.limiter import BodyEstimate, Limiter, Permit
 from imagebatch.tasks.plan import RequestUnit
 from imagebatch.tasks.prepare import PreparedInputs, SourceError, prepare_job, save_prepared
 from imagebatch.tasks.retry import malformed_response_error
@@ -67,6 +67,7 @@ class _Progress:
     inputs: PreparedInputs | None = None  # edits and variations: the bytes sent
     lost: Decimal = Decimal(0)  # worst case of its requests that may have been billed unanswered
     cost: dict[str, Any] = field(default_factory=dict)  # journal cost fields of the last answer
+    held: Permit | None = None  # the last answer's bytes, booked in the limiter until stored
 
 
 @dataclass
@@ -192,9 +193,14 @@ class Dispatcher:
             raise Stopped()
         self._raise_if_unavailable(progress.unit)
         sub = RequestUnit(progress.unit.planned, tuple(progress.remaining))
-        result = await self._send(sub, progress)
-        progress.last_request_id = result.request_id
-        await self._store(sub, result, progress)
+        try:
+            result = await self._send(sub, progress)
+            progress.last_request_id = result.request_id
+            await self._store(sub, result, progress)
+        finally:  # the images are stored or dropped: the memory budget gets their bytes back
+            if progress.held is not None:
+                progress.held.release_bytes()
+                progress.held = None
         if progress.remaining:
             got = len(result.images)
             raise malformed_response_error(
@@ -206,7 +212,7 @@ class Dispatcher:
     async def _send(self, sub: RequestUnit, progress: _Progress) -> ApiResult:
         """The request under a limiter slot and the budget; the limiter learns from every
         answer, the budget books the request's worst case before it goes and its cost after."""
-        async with self.limiter.slot(sub.n) as permit:
+        async with self.limiter.slot(sub.n, _expected_body(self.limiter, sub)) as permit:
             if self.stop.is_set():
                 raise Stopped()
             self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
@@ -227,9 +233,11 @@ class Dispatcher:
             except BaseException:  # abandoned in flight (a second Ctrl-C): may have been billed
                 self.budget.settle(reservation, lost=True)
                 raise
-            permit.record(result.headers, result.latency)
+            permit.record(result.headers, result.latency, [len(i.data) for i in result.images])
             call = price_call(self.prices, sub.planned.job, len(result.images), result.usage)
             self.budget.settle(reservation, call.usd)
+            permit.hold_bytes()  # the images stay in memory until _store is done with them
+            progress.held = permit
         progress.cost = cost_fields(call, est, sub.n)
         return result
 
@@ -346,6 +354,19 @@ class Dispatcher:
 def _model_key(unit: RequestUnit) -> tuple[str, str]:
     job = unit.planned.job
     return job.model.name, job.deployment or job.model.name
+
+
+def _expected_body(limiter: Limiter, sub: RequestUnit) -> BodyEstimate:
+    """What the answer to `sub` should weigh in memory (the model's default size if none)."""
+    job = sub.planned.job
+    params = job.params
+    return limiter.expected_body(
+        job.model.name,
+        str(params.get("size") or job.model.default_size),
+        sub.n,
+        str(params.get("output_format") or ""),
+        params.get("output_compression"),
+    )
 
 
 def _input_fields(inputs: PreparedInputs | None) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """One rate limiter per run, shared by every request (asyncio, one event loop).
 
     limiter = Limiter.from_settings(resolve_limits(settings))
-    async with limiter.slot(n_images) as permit:
+    body = limiter.expected_body(model, size, n_images, output_format, output_compression)
+    async with limiter.slot(n_images, body) as permit:
         response = await send(...)
-        permit.record(response.headers, latency)
+        permit.record(response.headers, latency, [len(image) for image in images])
+        permit.hold_bytes()  # optional: the images outlive the slot until release_bytes()
     if it was a 429: limiter.rate_limited(error.retry_after, response.headers)
 
 How it decides when to grant a slot is in docs/design.md ("The limiter").
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from imagebatch.configs.settings import LimitSettings
@@ -33,6 +37,87 @@ def _number(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
+
+
+_SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
+BASE64 = 4 / 3  # a b64_json body is the image's bytes plus a third
+
+
+def _pixels(size: str) -> int | None:
+    match = _SIZE.fullmatch(size.strip().lower())
+    return int(match.group(1)) * int(match.group(2)) if match else None
+
+
+def _level(compression: Any) -> int | None:
+    """output_compression as 0-100; None when not given (the server's default, 100)."""
+    try:
+        return min(100, max(0, int(compression)))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BodyEstimate:
+    """What one request's answer is expected to weigh in memory, and what its real size teaches."""
+
+    key: tuple[str, str, int | None]  # (model, output_format, output_compression)
+    images: int
+    pixels: int  # all images asked for, together
+    bytes: int
+
+
+class BodySizes:
+    """Response sizes, estimated from bytes per pixel by format and learned from answers.
+
+    Priors come from `[limits.bytes_per_pixel]`; each (model, format, compression) then
+    learns its own figure. The learned figure rises fast and falls slowly: an underestimate
+    lets too many bodies into memory, an overestimate only holds a request back a little.
+    """
+
+    RISE = 0.5
+    FALL = 0.1
+    MIN_COMPRESSED = 0.25  # bytes per pixel at output_compression 0, as a share of 100's
+
+    def __init__(self, bytes_per_pixel: Mapping[str, float], auto_size: str = "1536x1024"):
+        self._prior = {k.lower(): float(v) for k, v in bytes_per_pixel.items()}
+        self._auto_pixels = _pixels(auto_size) or 1536 * 1024
+        self._learned: dict[tuple[str, str, int | None], float] = {}
+
+    def estimate(
+        self, model: str, size: str, n: int, output_format: str = "", compression: Any = None
+    ) -> BodyEstimate:
+        """Bytes of the answer to one request (`auto` or an unreadable size: `auto_size`)."""
+        fmt = (output_format or "png").lower()
+        level = None if fmt == "png" else _level(compression)
+        key = (model, fmt, level)
+        pixels = (_pixels(size or "") or self._auto_pixels) * max(1, n)
+        bpp = self._learned.get(key)
+        if bpp is None:
+            bpp = self._prior.get(fmt) or max(self._prior.values(), default=3.0)
+            if level is not None:
+                bpp *= self.MIN_COMPRESSED + (1 - self.MIN_COMPRESSED) * level / 100
+        return BodyEstimate(key, max(1, n), pixels, math.ceil(pixels * bpp * BASE64))
+
+    def learn(self, estimate: BodyEstimate, image_sizes: Sequence[int]) -> int:
+        """Learn from the images of one answer; returns the bytes that answer weighs."""
+        if not image_sizes:
+            return 0
+        observed = sum(image_sizes) / len(image_sizes) / (estimate.pixels / estimate.images)
+        old = self._learned.get(estimate.key)
+        if old is None:
+            self._learned[estimate.key] = observed
+        else:
+            self._learned[estimate.key] = old + (self.RISE if observed > old else self.FALL) * (
+                observed - old
+            )
+        return math.ceil(sum(image_sizes) * BASE64)
+
+    def learned(self) -> dict[str, float]:
+        """Bytes per pixel learned so far, by `model/format[/compression]` (for run.json)."""
+        return {
+            "/".join(str(p) for p in key if p is not None): round(v, 3)
+            for key, v in self._learned.items()
+        }
 
 
 class _Bucket:
@@ -151,51 +236,85 @@ class _Bucket:
 
 
 class Permit:
-    """One granted slot. Report the response with `record`; leaving `slot()` releases it."""
+    """One granted slot. Report the response with `record`; leaving `slot()` releases it.
 
-    __slots__ = ("_limiter", "_released", "granted_at", "images")
+    The slot's share of the memory budget is released with it, unless `hold_bytes()` was
+    called: then it stays booked until `release_bytes()`, for images handled after the slot.
+    """
 
-    def __init__(self, limiter: Limiter, images: int, granted_at: float) -> None:
+    __slots__ = ("_body", "_booked", "_held", "_limiter", "_released", "granted_at", "images")
+
+    def __init__(
+        self, limiter: Limiter, images: int, granted_at: float, body: BodyEstimate | None
+    ) -> None:
         self._limiter = limiter
         self.images = images
         self.granted_at = granted_at
+        self._body = body
+        self._booked = body.bytes if body is not None else 0
+        self._held = False
         self._released = False
 
-    def record(self, headers: Mapping[str, str] | None, latency: float | None) -> None:
+    def record(
+        self,
+        headers: Mapping[str, str] | None,
+        latency: float | None,
+        image_sizes: Sequence[int] | None = None,
+    ) -> None:
         """After a response of any status: learn limits from headers, feed the latency estimate.
 
         `latency` is the request's duration in seconds (None: no sample, e.g. a transport error).
         Samples from responses carrying a retry hint (429/503) are not latency of real work and
-        are ignored.
+        are ignored. `image_sizes` (bytes of each image received) teaches the body estimate and
+        books what this answer really weighs in place of its estimate.
         """
         self._limiter._record(headers, latency)
+        if image_sizes and self._body is not None:
+            actual = self._limiter._sizes.learn(self._body, image_sizes)
+            if self._booked:  # still booked: the real weight replaces the estimate
+                self._limiter._rebook(actual - self._booked)
+                self._booked = actual
+
+    def hold_bytes(self) -> None:
+        """The answer outlives the slot (stored after it): keep its bytes booked."""
+        self._held = True
+
+    def release_bytes(self) -> None:
+        """The answer is no longer in memory: its share of the budget goes back."""
+        booked, self._booked = self._booked, 0
+        if booked:
+            self._limiter._rebook(-booked)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._limiter._release()
+        if not self._held:
+            self.release_bytes()
 
 
 class _Waiter:
-    __slots__ = ("future", "images")
+    __slots__ = ("body", "future", "images")
 
-    def __init__(self, future: asyncio.Future, images: int) -> None:
+    def __init__(self, future: asyncio.Future, images: int, body: BodyEstimate | None) -> None:
         self.future = future
         self.images = images
+        self.body = body
 
 
 class _Slot:
     """`async with limiter.slot(n) as permit:`: waits for a grant, releases on exit."""
 
-    __slots__ = ("_images", "_limiter", "_permit")
+    __slots__ = ("_body", "_images", "_limiter", "_permit")
 
-    def __init__(self, limiter: Limiter, images: int) -> None:
+    def __init__(self, limiter: Limiter, images: int, body: BodyEstimate | None) -> None:
         self._limiter = limiter
         self._images = images
+        self._body = body
         self._permit: Permit | None = None
 
     async def __aenter__(self) -> Permit:
-        self._permit = await self._limiter._acquire(self._images)
+        self._permit = await self._limiter._acquire(self._images, self._body)
         return self._permit
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -232,11 +351,13 @@ class Limiter:
         max_in_flight: int = 0,
         max_in_flight_ceiling: int = 256,
         initial_latency: float = 20.0,
+        max_bytes_in_flight: int = 0,
+        body_sizes: BodySizes | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if rpm < 0 or ipm < 0 or max_in_flight < 0:
-            raise ValueError("rpm, ipm and max_in_flight must be >= 0")
+        if rpm < 0 or ipm < 0 or max_in_flight < 0 or max_bytes_in_flight < 0:
+            raise ValueError("rpm, ipm, max_in_flight and max_bytes_in_flight must be >= 0")
         self._clock = clock
         self._sleep = sleep
         span = self.WINDOW + self.WINDOW_MARGIN
@@ -248,6 +369,11 @@ class Limiter:
         self._latency = float(initial_latency) if initial_latency > 0 else 20.0
         self._latency_samples = 0
         self._mean_images = 1.0
+        self._sizes = body_sizes or BodySizes({"png": 3.0})
+        self._bytes_budget = int(max_bytes_in_flight)
+        self._bytes_in_flight = 0
+        self._peak_bytes = 0
+        self._mean_body: float | None = None
 
         now = clock()
         self._slow_cap = float(min(self.SLOW_START, self._ceiling))
@@ -281,17 +407,26 @@ class Limiter:
             max_in_flight=limits.max_in_flight,
             max_in_flight_ceiling=limits.max_in_flight_ceiling,
             initial_latency=limits.initial_latency,
+            max_bytes_in_flight=limits.max_bytes_in_flight,
+            body_sizes=BodySizes(limits.bytes_per_pixel, limits.auto_size),
             **kwargs,
         )
 
     # -- public -------------------------------------------------------------------------------
 
-    def slot(self, images: int = 1) -> _Slot:
-        """Wait for permission to send one request for `images` images (FIFO)."""
+    def slot(self, images: int = 1, body: BodyEstimate | None = None) -> _Slot:
+        """Wait for permission to send one request for `images` images (FIFO) whose answer
+        is expected to weigh `body` (from `expected_body`; None: not counted in memory)."""
         images = int(images)
         if images < 1:
             raise ValueError("images must be >= 1")
-        return _Slot(self, images)
+        return _Slot(self, images, body)
+
+    def expected_body(
+        self, model: str, size: str, n: int, output_format: str = "", compression: Any = None
+    ) -> BodyEstimate:
+        """The expected answer to a request, for `slot`; learned from earlier answers."""
+        return self._sizes.estimate(model, size, n, output_format, compression)
 
     def rate_limited(
         self, retry_after: float | None, headers: Mapping[str, str] | None = None
@@ -347,8 +482,12 @@ class Limiter:
 
     @property
     def in_flight_cap(self) -> int:
-        """How many requests may be in flight now; callers size their own backlog by it."""
-        return self._cap()
+        """How many requests may be in flight now; callers size their own backlog by it.
+        With a memory budget, also how many bodies of the usual size fit in it."""
+        cap = self._cap()
+        if self._bytes_budget and self._mean_body:
+            cap = min(cap, max(1, int(self._bytes_budget // self._mean_body)))
+        return cap
 
     def snapshot(self) -> dict[str, Any]:
         now = self._clock()
@@ -370,7 +509,11 @@ class Limiter:
             "remaining_images": img.remaining,
             "in_flight": self._in_flight,
             "peak_in_flight": self._peak_in_flight,
-            "in_flight_cap": self._cap(),
+            "in_flight_cap": self.in_flight_cap,
+            "max_bytes_in_flight": self._bytes_budget or None,
+            "bytes_in_flight": self._bytes_in_flight,
+            "peak_bytes_in_flight": self._peak_bytes,
+            "bytes_per_pixel_learned": self._sizes.learned(),
             "queued": sum(1 for w in self._queue if not w.future.done()),
             "paused": self._pause_until > now,
             "pause_remaining": max(0.0, self._pause_until - now),
@@ -384,13 +527,13 @@ class Limiter:
 
     # -- granting ---------------------------------------------------------------------------
 
-    async def _acquire(self, images: int) -> Permit:
+    async def _acquire(self, images: int, body: BodyEstimate | None) -> Permit:
         if not self._queue:
             now = self._clock()
-            if self._blocked(images, now) == 0.0:
-                return self._grant(images, now)
+            if self._blocked(images, body, now) == 0.0:
+                return self._grant(images, body, now)
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiter(future, images))
+        self._queue.append(_Waiter(future, images, body))
         self._ensure_pump()
         try:
             return await future
@@ -421,7 +564,7 @@ class Limiter:
             rates.append(i / max(1.0, self._mean_images))
         return min(rates) if rates else None
 
-    def _blocked(self, images: int, now: float) -> float:
+    def _blocked(self, images: int, body: BodyEstimate | None, now: float) -> float:
         """0.0: grant now; _INFLIGHT: wait for a release; else seconds to wait."""
         if now < self._pause_until:
             return max(self._pause_until - now, 1e-6)
@@ -431,9 +574,25 @@ class Limiter:
         if self._in_flight >= self._cap():
             self._cap_bound_at = now
             return _INFLIGHT
+        if not self._fits(body):
+            return _INFLIGHT
         return 0.0
 
-    def _grant(self, images: int, now: float) -> Permit:
+    def _fits(self, body: BodyEstimate | None) -> bool:
+        """The memory budget has room for `body`. With nothing booked anything fits, so an
+        answer larger than the whole budget is still let through, alone."""
+        if not self._bytes_budget or body is None or self._bytes_in_flight <= 0:
+            return True
+        return self._bytes_in_flight + body.bytes <= self._bytes_budget
+
+    def _rebook(self, delta: int) -> None:
+        """Bytes booked in the memory budget change by `delta` (a release wakes the queue)."""
+        self._bytes_in_flight += delta
+        self._peak_bytes = max(self._peak_bytes, self._bytes_in_flight)
+        if delta < 0 and self._waiting_for_release:
+            self._wake.set()
+
+    def _grant(self, images: int, body: BodyEstimate | None, now: float) -> Permit:
         self._requests.take(now, 1.0)
         self._images.take(now, float(images))
         self._in_flight += 1
@@ -445,7 +604,13 @@ class Limiter:
         if self._first_grant is None:
             self._first_grant = now
         self._mean_images += self.SIZE_ALPHA * (images - self._mean_images)
-        return Permit(self, images, now)
+        if body is not None:
+            self._rebook(body.bytes)
+            mean = self._mean_body
+            self._mean_body = (
+                body.bytes if mean is None else mean + self.SIZE_ALPHA * (body.bytes - mean)
+            )
+        return Permit(self, images, now, body)
 
     def _release(self) -> None:
         self._in_flight -= 1
@@ -467,13 +632,13 @@ class Limiter:
             if waiter.future.done():  # cancelled while queued
                 queue.popleft()
                 continue
-            blocked = self._blocked(waiter.images, now)
+            blocked = self._blocked(waiter.images, waiter.body, now)
             if blocked == _INFLIGHT:
                 return None
             if blocked > 0:
                 return blocked
             queue.popleft()
-            waiter.future.set_result(self._grant(waiter.images, now))
+            waiter.future.set_result(self._grant(waiter.images, waiter.body, now))
         return None
 
     async def _pump(self) -> None:

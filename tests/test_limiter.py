@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 
 from imagebatch.configs.settings import LimitSettings
-from imagebatch.tasks.limiter import Limiter
+from imagebatch.tasks.limiter import BodySizes, Limiter
 
 
 class _VirtualSelector(selectors.DefaultSelector):
@@ -531,3 +531,210 @@ def test_reset_given_as_absolute_unix_time_is_read_as_a_time(clock):
     start = clock.time()
     clock.run(_take(limiter))
     assert clock.time() == start  # misread as 1.8e9 seconds it would hold one refill (1 s)
+
+
+# -- memory budget ------------------------------------------------------------------------------
+
+MB = 1_000_000
+
+
+def sizes(**prior):
+    return BodySizes(prior or {"png": 3.0, "jpeg": 1.0, "webp": 0.8}, "1536x1024")
+
+
+def run_with_bodies(clock, limiter, bodies, hold=1.0, image_sizes=None):
+    """One task per body, started in order; returns (peak concurrency, [(start, end, bytes)])."""
+    state = {"now": 0, "peak": 0}
+    spans = []
+
+    async def one(body, learned):
+        async with limiter.slot(1, body) as permit:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            start = clock.time()
+            await clock.sleep(hold)
+            if learned is not None:
+                permit.record({}, hold, learned)
+            state["now"] -= 1
+            spans.append((start, clock.time(), body.bytes))
+
+    async def main():
+        tasks = []
+        for i, body in enumerate(bodies):
+            learned = image_sizes[i] if image_sizes else None
+            tasks.append(asyncio.ensure_future(one(body, learned)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+
+    clock.run(main())
+    return state["peak"], spans
+
+
+def test_expected_body_from_size_format_and_compression():
+    est = sizes().estimate
+    png = est("gpt-image-2", "1024x1024", 1)
+    assert png.bytes == math.ceil(1024 * 1024 * 3.0 * 4 / 3)  # ~4.2 MB of base64
+    assert est("gpt-image-2", "1024x1024", 4).bytes == pytest.approx(4 * png.bytes, abs=4)
+    assert est("gpt-image-2", "auto", 1).pixels == 1536 * 1024
+    assert est("gpt-image-2", "", 1).pixels == 1536 * 1024
+    jpeg100 = est("gpt-image-2", "1024x1024", 1, "jpeg").bytes
+    assert jpeg100 == est("gpt-image-2", "1024x1024", 1, "jpeg", 100).bytes
+    assert est("gpt-image-2", "1024x1024", 1, "jpeg", 50).bytes < jpeg100 < png.bytes
+    assert est("gpt-image-2", "1024x1024", 1, "webp", 100).bytes < jpeg100
+    # a format without a prior is assumed as heavy as the heaviest known one
+    assert est("m", "1024x1024", 1, "tiff").bytes == png.bytes
+
+
+def test_learned_size_is_per_model_format_and_compression():
+    body = sizes()
+    first = body.estimate("gpt-image-2", "1000x1000", 2, "jpeg", 80)
+    assert body.learn(first, [500_000, 700_000]) == math.ceil(1_200_000 * 4 / 3)
+    assert body.estimate("gpt-image-2", "1000x1000", 1, "jpeg", 80).bytes == math.ceil(
+        0.6 * 1e6 * 4 / 3
+    )
+    # other compressions, formats and models keep their own figures
+    prior_at_50 = 1.0 * (0.25 + 0.75 * 0.5)  # jpeg's prior, scaled down for compression 50
+    assert body.estimate("gpt-image-2", "1000x1000", 1, "jpeg", 50).bytes == math.ceil(
+        prior_at_50 * 1e6 * 4 / 3
+    )
+    assert body.estimate("gpt-image-1", "1000x1000", 1, "jpeg", 80).bytes > 1e6
+    # rises fast, falls slowly: memory must not be underestimated for long
+    body.learn(first, [1_400_000, 1_400_000])  # 1.4 bytes per pixel observed
+    assert body.learned()["gpt-image-2/jpeg/80"] == pytest.approx(0.6 + 0.5 * 0.8)
+    body.learn(first, [200_000, 200_000])
+    assert body.learned()["gpt-image-2/jpeg/80"] == pytest.approx(1.0 - 0.1 * 0.8)
+    # a short answer (fewer images than asked) is learned per image received
+    short = sizes()
+    short.learn(short.estimate("m", "1000x1000", 4), [2_000_000])
+    assert short.learned() == {"m/png": 2.0}
+
+
+@pytest.mark.parametrize("budget, expected", [(10 * MB, 2), (40 * MB, 10), (41 * MB, 10)])
+def test_memory_budget_bounds_requests_in_flight(clock, budget, expected):
+    limiter = make(clock, max_in_flight=100, max_bytes_in_flight=budget, body_sizes=sizes())
+    body = limiter.expected_body("gpt-image-2", "1000x1000", 1)  # 3 MB as PNG, 4 MB as base64
+    assert body.bytes == 4 * MB
+    peak, spans = run_with_bodies(clock, limiter, [body] * 30)
+    assert peak == max(1, budget // body.bytes) == expected
+    assert len(spans) == 30
+    snap = limiter.snapshot()
+    assert snap["bytes_in_flight"] == 0 and snap["peak_bytes_in_flight"] == expected * 4 * MB
+    assert snap["in_flight_cap"] == expected  # the flow sizes its backlog by it
+
+
+def test_without_a_budget_bodies_do_not_limit(clock):
+    limiter = make(clock, max_in_flight=100, body_sizes=sizes())
+    body = limiter.expected_body("gpt-image-2", "1000x1000", 1)
+    peak, _ = run_with_bodies(clock, limiter, [body] * 30)
+    assert peak == 30
+
+
+def test_a_request_larger_than_the_budget_goes_alone(clock):
+    limiter = make(clock, max_in_flight=100, max_bytes_in_flight=10 * MB, body_sizes=sizes())
+    small = limiter.expected_body("gpt-image-2", "1000x1000", 1)  # 4 MB
+    huge = limiter.expected_body("gpt-image-2", "1000x1000", 10)  # 40 MB
+    peak, spans = run_with_bodies(clock, limiter, [small, huge, small, small])
+    assert len(spans) == 4  # it was not refused, nor did it block the queue forever
+    (huge_start, huge_end, _) = next(s for s in spans if s[2] == huge.bytes)
+    others = [s for s in spans if s[2] != huge.bytes]
+    assert all(end <= huge_start or start >= huge_end for start, end, _ in others)  # alone
+    assert peak == 2  # the two small ones after it share the budget
+
+
+def test_learned_sizes_change_how_many_fit(clock):
+    limiter = make(clock, max_in_flight=100, max_bytes_in_flight=40 * MB, body_sizes=sizes())
+    guess = limiter.expected_body("gpt-image-2", "1000x1000", 1)
+    assert guess.bytes == 4 * MB
+    # answers twice as heavy as the prior: 8 MB each as base64, so 5 fit, not 10
+    peak, _ = run_with_bodies(clock, limiter, [guess], image_sizes=[[6 * MB]])
+    learned = limiter.expected_body("gpt-image-2", "1000x1000", 1)
+    assert learned.bytes == 8 * MB
+    peak, _ = run_with_bodies(clock, limiter, [learned] * 20)
+    assert peak == 5
+    # and lighter ones let more in (learned downwards slowly, but learned)
+    light = make(clock, max_in_flight=100, max_bytes_in_flight=40 * MB, body_sizes=sizes())
+    run_with_bodies(clock, light, [guess], image_sizes=[[1_500_000]])
+    body = light.expected_body("gpt-image-2", "1000x1000", 1)
+    assert body.bytes == 2 * MB
+    peak, _ = run_with_bodies(clock, light, [body] * 40)
+    assert peak == 20
+
+
+def test_record_books_the_real_weight_and_held_bytes_wait_for_release(clock):
+    limiter = make(clock, max_in_flight=100, max_bytes_in_flight=10 * MB, body_sizes=sizes())
+    body = limiter.expected_body("gpt-image-2", "1000x1000", 1)  # 4 MB estimated
+    order = []
+
+    async def first():
+        async with limiter.slot(1, body) as permit:
+            permit.record({}, 1.0, [6 * MB])  # really 8 MB as base64
+            assert limiter.snapshot()["bytes_in_flight"] == 8 * MB
+            permit.hold_bytes()
+        order.append(("slot left", clock.time()))
+        await clock.sleep(5)  # storing the images: still in memory
+        assert limiter.snapshot()["bytes_in_flight"] == 8 * MB
+        permit.release_bytes()
+        permit.release_bytes()  # twice is harmless
+        order.append(("stored", clock.time()))
+
+    async def second():
+        await asyncio.sleep(0)
+        async with limiter.slot(1, body):
+            order.append(("second granted", clock.time()))
+
+    async def main():
+        await asyncio.gather(first(), second())
+
+    start = clock.time()
+    clock.run(main())
+    assert [(what, t - start) for what, t in order] == [
+        ("slot left", 0.0),
+        ("stored", 5.0),
+        ("second granted", 5.0),
+    ]
+    assert limiter.snapshot()["bytes_in_flight"] == 0
+
+
+def test_a_cancelled_waiter_books_no_bytes(clock):
+    limiter = make(clock, max_in_flight=100, max_bytes_in_flight=5 * MB, body_sizes=sizes())
+    body = limiter.expected_body("gpt-image-2", "1000x1000", 1)
+
+    async def holder():
+        async with limiter.slot(1, body):
+            await clock.sleep(3)
+
+    async def main():
+        first = asyncio.ensure_future(holder())
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(holder())
+        await clock.sleep(1)
+        waiting.cancel()
+        await asyncio.gather(first, waiting, return_exceptions=True)
+
+    clock.run(main())
+    assert limiter.snapshot()["bytes_in_flight"] == 0
+
+
+def test_budget_settings_reach_the_limiter(clock):
+    limits = LimitSettings(max_bytes_in_flight=12 * MB, bytes_per_pixel={"png": 2.0})
+    limiter = Limiter.from_settings(limits, clock=clock.time, sleep=clock.sleep)
+    assert limiter.snapshot()["max_bytes_in_flight"] == 12 * MB
+    assert limiter.expected_body("m", "auto", 1).bytes == math.ceil(1536 * 1024 * 2.0 * 4 / 3)
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ("[limits]\nmax_bytes_in_flight = -1\n", "max_bytes_in_flight"),
+        ("[limits.bytes_per_pixel]\npng = 0\n", "bytes_per_pixel"),
+        ('[limits]\nauto_size = "big"\n', "auto_size must be WxH"),
+    ],
+)
+def test_bad_budget_settings_are_refused_by_name(tmp_path, toml, words):
+    from imagebatch.configs.errors import ConfigError
+    from imagebatch.configs.settings import load_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=words):
+        load_settings(path, env={})
