@@ -37,6 +37,7 @@ from imagebatch.configs.settings import (
     resolve_limits,
     route_overrides,
 )
+from imagebatch.flows import prefect_api
 from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.flows.control import current_switch
 from imagebatch.flows.runlog import UiReporter, quiet_console
@@ -831,6 +832,8 @@ def run_jobs(
         handoff = _Handoff(ref, jobs if is_frame else None, reporter, settings)
         token = _handoff.set(handoff)
         try:
+            api = prefect_api.choose()
+            _tell(reporter, api.message())
             coro = imagebatch_flow(
                 ref,
                 str(out) if out else None,
@@ -842,10 +845,19 @@ def run_jobs(
                 str(models) if models else None,
                 return_state=True,
             )
-            with quiet_console(), _quiet_expected_errors():
+            with prefect_api.use(api), quiet_console(), _quiet_expected_errors():
                 return asyncio.run(_report_of(coro))
         finally:
             _handoff.reset(token)
+
+
+def _tell(reporter: Reporter | None, message: str | None) -> None:
+    if message is None:
+        return
+    if reporter is not None:
+        reporter.notice(message)
+    else:
+        log.info(message)
 
 
 async def _report_of(call: Any) -> RunReport:

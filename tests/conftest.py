@@ -8,6 +8,15 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+# A session's own Prefect home: a server someone started with `prefect server start
+# --background` in ~/.prefect is never what a test's run talks to (runs look for one there).
+if "PREFECT_HOME" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imagebatch-tests-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 for _key in (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",

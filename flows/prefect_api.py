@@ -1,0 +1,121 @@
+"""Which Prefect API a CLI or notebook run talks to, said in one line.
+
+1. The server Prefect is configured for (PREFECT_API_URL, from the environment or a profile).
+2. Else a server started with `prefect server start --background`: Prefect records its
+   process id in $PREFECT_HOME/server.pid (and nothing else), so its address is read from
+   that process's command line where the system shows it (Linux /proc), else taken from
+   Prefect's server settings (127.0.0.1:4200 by default); it is used only if it answers
+   GET /api/health at once.
+3. Else Prefect's ephemeral API: a temporary server started by the first run of the process
+   (a notebook kernel starts it once) that costs seconds per process. The hint to start a
+   background server is given once per process.
+
+Deployed and scheduled runs do not come here: their worker's settings decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebatch.tasks.redact import mask_url
+
+# A server on loopback answers its health check in milliseconds; a dead or foreign port must
+# not hold the run up.
+HEALTH_TIMEOUT_SECONDS = 1.0
+BACKGROUND_COMMAND = "prefect server start --background"
+PID_FILE = "server.pid"  # prefect.cli._server_utils.SERVER_PID_FILE_NAME, a private name
+
+_hinted = threading.Event()
+
+
+@dataclass(frozen=True)
+class PrefectApi:
+    """The API chosen: `url` is None for the ephemeral API."""
+
+    url: str | None
+    source: str  # "configured", "background" or "ephemeral"
+
+    def message(self) -> str | None:
+        """The line to show the user, or None (the ephemeral hint is given once per process)."""
+        if self.url is not None:
+            how = f" (started by `{BACKGROUND_COMMAND}`)" if self.source == "background" else ""
+            return f"using the Prefect server at {mask_url(self.url)}{how}"
+        if _hinted.is_set():
+            return None
+        _hinted.set()
+        return (
+            "no Prefect server found: using Prefect's temporary API (seconds to start, once "
+            f"per process); `{BACKGROUND_COMMAND}` makes later runs start in about 2 s"
+        )
+
+
+def choose() -> PrefectApi:
+    """The API the next run should use (see the module docstring for the order)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return PrefectApi(str(settings.api.url), "configured")
+    server = settings.server.api
+    url = background_server(Path(settings.home), server.host, server.port)
+    if url is not None:
+        return PrefectApi(url, "background")
+    return PrefectApi(None, "ephemeral")
+
+
+@contextlib.contextmanager
+def use(api: PrefectApi) -> Iterator[None]:
+    """Point Prefect at a background server for the duration of a run (in this context)."""
+    if api.source != "background":
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api.url}):
+        yield
+
+
+def background_server(home: Path, host: str, port: int) -> str | None:
+    """The API URL of a healthy server that `prefect server start --background` started with
+    this PREFECT_HOME, or None."""
+    try:
+        pid = int((home / PID_FILE).read_text(encoding="ascii").strip())
+        os.kill(pid, 0)  # a stale file from a server that is gone
+    except (OSError, ValueError):
+        return None
+    host, port = _listening(pid, host, port)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/api"
+    return url if _healthy(url) else None
+
+
+def _listening(pid: int, host: str, port: int) -> tuple[str, int]:
+    """--host and --port of the server's command line (uvicorn's), where the system shows it."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return host, port
+    for flag, value in zip(args, args[1:]):
+        if flag == "--host":
+            host = value
+        elif flag == "--port" and value.isdigit():
+            port = int(value)
+    return host, port
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        reply = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_SECONDS)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200
