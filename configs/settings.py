@@ -49,6 +49,12 @@ class ApiSettings:
     write_timeout: float = 120.0
     pool_timeout: float = 600.0
     max_download_bytes: int = 60_000_000
+    # A 2xx answer's body may hold this many bytes per image asked for (plus 1 MB of JSON):
+    # the largest legal image (3840x2160 RGBA PNG, worst case 33.2 MB) is 44.3 MB as base64.
+    max_response_bytes_per_image: int = 48_000_000
+    # Seconds from sending a request to its last byte read: a server dripping its answer
+    # cannot hold a request longer than this, whatever read_timeout allows between bytes.
+    request_deadline: float = 600.0
     # "auto": Azure when the host is an Azure OpenAI host, OpenAI otherwise.
     api_type: str = "auto"
     api_version: str = "2025-04-01-preview"
@@ -312,6 +318,10 @@ def _check(settings: Settings) -> None:
         raise ConfigError("[cost] max_cost and max_cost_total must be 0 (no cap) or more")
     if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
         raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
+    if settings.api.max_response_bytes_per_image < 1024 or settings.api.request_deadline <= 0:
+        raise ConfigError(
+            "[api] max_response_bytes_per_image must be at least 1024 and request_deadline above 0"
+        )
     if settings.api.api_type not in API_TYPES:
         raise ConfigError(f"[api] api_type must be one of {', '.join(API_TYPES)}")
     deployments = settings.api.deployments

@@ -9,7 +9,6 @@ the request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import json
 import time
@@ -20,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from imagebatch.configs.settings import ApiSettings
-from imagebatch.tasks.errors import ApiError, RequestError, TransientError
+from imagebatch.tasks.errors import AmbiguousError, ApiError, RequestError, TransientError
 from imagebatch.tasks.plan import RequestUnit
 from imagebatch.tasks.prepare import PreparedInputs, prepare_job
 from imagebatch.tasks.redact import host_is_internal, scrub, secrets_of, shown_url
@@ -36,6 +35,8 @@ ENDPOINTS = {
     "variation": "images/variations",
 }
 POOL_SHARD = 32
+JSON_SLACK = 1_000_000  # room for the JSON around the images (usage, revised prompts)
+ERROR_BODY_CAP = 1_000_000  # an error body is read this far; the rest is never needed
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ApiResult:
     latency: float
     usage: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    body_bytes: int = 0  # the size of the answer's body as received
 
 
 def azure_root(base_url: str) -> tuple[str, bool]:
@@ -141,12 +143,19 @@ class ImagesClient:
             await pool.aclose()
         await self._download.aclose()
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        """Send on the least busy pool."""
+    async def _exchange(self, request: httpx.Request, cap: int) -> tuple[httpx.Response, bytearray]:
+        """Send on the least busy pool and read the answer as it streams, at most `cap`
+        bytes of a 2xx body (ERROR_BODY_CAP of an error body): a body that declares or
+        grows past the cap is refused without being held whole."""
         shard = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[shard] += 1
         try:
-            return await self._pools[shard].send(request)
+            response = await self._pools[shard].send(request, stream=True)
+            try:
+                body = await _read_capped(response, cap)
+            finally:
+                await response.aclose()
+            return response, body
         finally:
             self._busy[shard] -= 1
 
@@ -208,14 +217,26 @@ class ImagesClient:
             image.revised_prompt = scrub(image.revised_prompt, self._secrets)
         return result
 
+    def response_cap(self, n: int) -> int:
+        """The most bytes a 2xx answer for `n` images may have."""
+        return n * self.api.max_response_bytes_per_image + JSON_SLACK
+
     async def _send_unit(self, unit: RequestUnit, inputs: PreparedInputs | None) -> ApiResult:
         if inputs is None and unit.planned.job.operation != "generate":
             # Decoding and encoding photos takes CPU time: never on the event loop.
             inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
         request = self.build_request(unit, inputs)
         started = time.monotonic()
+        deadline = self.api.request_deadline
         try:
-            response = await self._send(request)
+            async with asyncio.timeout(deadline):
+                response, body = await self._exchange(request, self.response_cap(unit.n))
+        except TimeoutError:
+            raise AmbiguousError(
+                f"no whole answer within the request deadline of {deadline:g} s "
+                "([api] request_deadline); the request may have been billed",
+                code="request_deadline",
+            ) from None
         except httpx.TransportError as exc:
             raise error_from_transport(exc) from None
         except httpx.DecodingError:  # a 2xx whose body does not decode (broken gzip)
@@ -227,29 +248,30 @@ class ImagesClient:
         latency = time.monotonic() - started
         request_id = response.headers.get("x-request-id")
         if response.status_code >= 400:
-            error = error_from_response(response.status_code, response.headers, response.content)
+            error = error_from_response(response.status_code, response.headers, bytes(body))
             error.headers = response.headers
             raise error
-        try:
-            body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise malformed_response_error(
-                "the response body is not JSON", response.status_code, request_id
-            ) from None
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list) or not body["data"]:
-            if isinstance(body, dict) and "error" in body:
-                raise error_from_response(500, response.headers, response.content)
+        size = len(body)
+        parsed = _json_once(body, response.status_code, request_id)
+        if (
+            not isinstance(parsed, dict)
+            or not isinstance(parsed.get("data"), list)
+            or not parsed["data"]
+        ):
+            if isinstance(parsed, dict) and "error" in parsed:
+                error_body = json.dumps(parsed).encode()
+                raise error_from_response(500, response.headers, error_body)
             raise malformed_response_error(
                 "the response has no image data", response.status_code, request_id
             )
         images = []
-        for item in body["data"]:
+        for item in parsed["data"]:
             images.append(await self._image(item, request_id))
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+        usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
         extra = {
-            k: body[k] for k in ("size", "quality", "output_format", "background") if k in body
+            k: parsed[k] for k in ("size", "quality", "output_format", "background") if k in parsed
         }
-        return ApiResult(images, request_id, response.headers, latency, usage, extra)
+        return ApiResult(images, request_id, response.headers, latency, usage, extra, size)
 
     async def _image(self, item: Any, request_id: str | None) -> ApiImage:
         if not isinstance(item, dict):
@@ -258,8 +280,11 @@ class ImagesClient:
             item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
         )
         if isinstance(item.get("b64_json"), str):
+            # Taken out of the parsed body, so the text is freed as soon as it is decoded;
+            # a2b_base64 reads the str in place (b64decode would copy it to bytes first).
+            text = item.pop("b64_json")
             try:
-                return ApiImage(base64.b64decode(item["b64_json"], validate=True), revised)
+                return ApiImage(binascii.a2b_base64(text, strict_mode=True), revised)
             except (binascii.Error, ValueError):
                 raise malformed_response_error(
                     "b64_json is not valid base64", 200, request_id
@@ -276,18 +301,29 @@ class ImagesClient:
         The image is already paid for, so a download that fails for a transient reason is
         tried again here, and one that still fails (or can never work: `file://`, a redirect
         loop, an internal address) fails the image: asking again would pay for a new one."""
+        deadline = self.api.request_deadline
         for attempt in range(1, tries + 1):
             try:
-                return await self._download_once(url, request_id)
-            except TransientError as error:
-                if attempt == tries:
-                    raise RequestError(
-                        f"{error.message} (tried {tries} times; the image was not generated again)",
-                        status=error.status,
-                        code="download_failed",
-                        request_id=request_id,
-                    ) from None
+                async with asyncio.timeout(deadline):
+                    return await self._download_once(url, request_id)
+            except TimeoutError:
+                error = TransientError(
+                    f"downloading the image URL {shown_url(url)} took longer than the request "
+                    f"deadline of {deadline:g} s ([api] request_deadline)",
+                    code="request_deadline",
+                    request_id=request_id,
+                )
+            except TransientError as caught:
+                error = caught
+            if attempt < tries:
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+                continue
+            raise RequestError(
+                f"{error.message} (tried {tries} times; the image was not generated again)",
+                status=error.status,
+                code="download_failed",
+                request_id=request_id,
+            )
         raise AssertionError("unreachable")
 
     async def _check_url(self, url: httpx.URL, request_id: str | None) -> None:
@@ -375,3 +411,61 @@ class ImagesClient:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
+    """The body in one buffer, read as it streams. A 2xx over `cap` (declared or actual)
+    is refused with `response_too_large` before more is read; an error body is cut at
+    ERROR_BODY_CAP (its first part says what went wrong)."""
+    if response.status_code >= 400:
+        cap = min(cap, ERROR_BODY_CAP)
+    elif _declared_length(response) > cap:
+        raise _too_large(response, cap, f"it declares {_declared_length(response):,} bytes")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        if len(body) + len(chunk) > cap:
+            if response.status_code >= 400:
+                body += chunk[: cap - len(body)]
+                break
+            raise _too_large(response, cap, f"{len(body) + len(chunk):,} bytes read")
+        body += chunk
+    return body
+
+
+def _declared_length(response: httpx.Response) -> int:
+    declared = response.headers.get("content-length", "")
+    encoded = response.headers.get("content-encoding", "identity").strip().lower()
+    # A compressed body grows when decoded; its decoded bytes are counted as they come.
+    return int(declared) if declared.isdigit() and encoded in ("", "identity") else 0
+
+
+def _too_large(response: httpx.Response, cap: int, what: str) -> RequestError:
+    """Not retried (the same request would bring the same answer, and bill it again); the
+    answer was a 2xx, so the dispatcher counts it as possibly paid."""
+    return RequestError(
+        f"the answer is over the cap of {cap:,} bytes ({what}; [api] "
+        "max_response_bytes_per_image times the images asked for, plus 1 MB): refused "
+        "without reading the rest",
+        status=response.status_code,
+        code="response_too_large",
+        request_id=response.headers.get("x-request-id"),
+    )
+
+
+def _json_once(body: bytearray, status: int, request_id: str | None) -> Any:
+    """Parse the body with one text copy at a time: the buffer is emptied once decoded, and
+    the text is dropped once parsed (it lives only in this frame)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise malformed_response_error(
+            "the response body is not JSON", status, request_id
+        ) from None
+    size = len(body)
+    body.clear()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise malformed_response_error(
+            f"the response body ({size:,} bytes) is not JSON", status, request_id
+        ) from None

@@ -45,7 +45,13 @@ from imagebatch.tasks.plan import RequestUnit
 from imagebatch.tasks.prepare import PreparedInputs, SourceError, prepare_job, save_prepared
 from imagebatch.tasks.retry import malformed_response_error
 from imagebatch.tasks.retry_policy import retrying
-from imagebatch.tasks.store import CorruptImage, ImageStore
+from imagebatch.tasks.store import (
+    CorruptImage,
+    Expected,
+    ImageStore,
+    UnexpectedImage,
+    run_off_loop,
+)
 
 log = logging.getLogger("imagebatch")
 
@@ -275,16 +281,23 @@ class Dispatcher:
             progress.lost += est.worst_usd or 0
 
     async def _store(self, sub: RequestUnit, result: ApiResult, progress: _Progress) -> None:
-        """Save and journal each decodable image; the ones that are not stay remaining."""
+        """Save and journal each whole image. One that is not whole stays remaining (retried
+        as malformed); a whole one that is not what was asked for (format, size) fails at
+        once: asking again would pay for the same answer."""
         input_tokens, output_tokens = _tokens_per_image(result.usage, sub.n)
+        expected = Expected.of(sub.planned.job.params)
         for index, image in zip(list(progress.remaining), result.images):
             key = sub.planned.keys[index]
+            stem = sub.planned.image_stem(index)
             try:
-                stored = await asyncio.to_thread(
-                    self.store.stage, image.data, sub.planned.image_stem(index), key
-                )
+                stored = await run_off_loop(self.store.stage, image.data, stem, key, expected)
+            except UnexpectedImage as wrong:
+                await self._record_unexpected(progress, index, wrong, result.request_id)
+                continue
             except CorruptImage:
                 continue
+            finally:
+                image.data = b""  # on disk now, or of no use: never held past this point
             record = self._image_record(
                 progress.unit,
                 index,
@@ -307,9 +320,30 @@ class Dispatcher:
             # Journaled while the bytes are still staged, then moved: a crash in between
             # leaves a line the next run finishes (tasks/files.py), never an unrecorded image.
             await self.journal.record(record)
-            await asyncio.to_thread(self.store.commit, stored)
+            await run_off_loop(self.store.commit, stored)
             progress.done.append(self._count(record))
             progress.remaining.remove(index)
+
+    async def _record_unexpected(
+        self, progress: _Progress, index: int, wrong: UnexpectedImage, request_id: str | None
+    ) -> None:
+        """A whole image in a format or size not asked for: failed, not stored, not retried.
+        It was answered, so it was billed: the record carries its share of the call's cost."""
+        record = self._image_record(
+            progress.unit,
+            index,
+            status="failed",
+            attempts=progress.attempts,
+            request_id=request_id,
+            error_code=wrong.code,
+            error_message=str(wrong)[:500],
+            ambiguous_retries=progress.ambiguous,
+            **_input_fields(progress.inputs),
+            possibly_paid_usd=float(progress.lost / progress.unit.n),
+            **progress.cost,
+        )
+        progress.done.append(await self._record(record))
+        progress.remaining.remove(index)
 
     async def _record_failure(self, progress: _Progress, error: ApiError) -> None:
         """Every image still missing gets the final error: `rejected` or `failed`."""

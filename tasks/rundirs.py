@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.store import write_atomic
+from imagebatch.tasks.files import write_atomic
 
 LATEST_LINK = "latest"
 LATEST_FILE = "LATEST"

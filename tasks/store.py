@@ -1,32 +1,75 @@
-"""Store: decode every image with Pillow, then write it atomically (temp file, fsync, rename).
+"""Store: check every image without decoding its pixels, then write it atomically.
 
-A file under `images/` with its final name is always a whole, decodable image. Images are
-staged in the tool's own folder `.imagebatch-tmp/` (fsynced), recorded in the journal, and
-only then renamed into `images/`: a crash between the two leaves a staged file the journal
-names, which the next run finishes moving instead of paying for the image again. Nothing
-under `images/` is ever overwritten: whatever holds a name there is moved aside first, and
-only if the journal says the tool wrote it (tasks/files.py).
+A file under `images/` with its final name is always a whole PNG, JPEG or WebP of the size
+the request asked for. The check reads the container, not the pixels: Pillow's `verify`
+(for PNG every chunk's CRC and the IEND chunk, so a truncated or bit-flipped file fails)
+plus an end-of-data check (PNG's IEND, JPEG's EOI marker, WebP's RIFF length); no bitmap
+is ever decoded or kept. Images are written and hashed in one pass and staged in the
+tool's own folder `.imagebatch-tmp/` (fsynced), recorded in the journal, and only then
+renamed into `images/`: a crash between the two leaves a staged file the journal names,
+which the next run finishes moving instead of paying for the image again. Nothing under
+`images/` is ever overwritten: whatever holds a name there is moved aside first, and only
+if the journal says the tool wrote it (tasks/files.py). This work runs in a small thread
+pool of its own (`run_off_loop`): hashing, writing and Pillow release the GIL, so the event
+loop keeps reading other answers meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import os
+import re
 import secrets
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.files import file_sha256, move_new, sha256_hex, write_atomic
+from imagebatch.tasks.files import file_sha256, move_new, write_atomic_hashed
 
-EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+# The only formats stored, and their extensions (what the Images API can return).
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 STAGING = ".imagebatch-tmp"  # the tool's own folder under --out: everything in it is ours
+WORKERS = min(4, os.cpu_count() or 1)
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.I)
+_T = TypeVar("_T")
+_pool: ThreadPoolExecutor | None = None
 
 
 class CorruptImage(ValueError):
-    """The server's bytes are not a decodable image."""
+    """The server's bytes are not a whole image."""
+
+
+class UnexpectedImage(CorruptImage):
+    """A whole image, but not what was asked for: a format we do not store or that the
+    request did not ask for, or another size. `code` goes in the manifest's error_code."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the request asked for; None: anything (size `auto` or none, no output_format)."""
+
+    format: str | None = None  # PNG, JPEG or WEBP (Pillow's names)
+    size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Expected:
+        """From a request's parameters: `size` WxH and `output_format` when they were sent."""
+        match = _SIZE.match(str(params.get("size") or ""))
+        size = (int(match.group(1)), int(match.group(2))) if match else None
+        fmt = str(params.get("output_format") or "").strip().upper()
+        fmt = {"JPG": "JPEG"}.get(fmt, fmt)
+        return cls(fmt if fmt in EXTENSIONS else None, size)
 
 
 @dataclass(frozen=True)
@@ -40,14 +83,64 @@ class StoredImage:
     staged: str | None = None  # where the bytes are until `commit` moves them to `file`
 
 
-def decode(data: bytes) -> tuple[str, int, int]:
-    """Fully decode the bytes (not just the header) and return (format, width, height)."""
+def check_image(data: bytes, expected: Expected | None = None) -> tuple[str, int, int]:
+    """(format, width, height) of a whole PNG, JPEG or WebP, read from its container
+    without decoding pixels; CorruptImage when it is not whole, UnexpectedImage when it is
+    not what `expected` says."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.format or "unknown", img.width, img.height
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptImage(f"the image bytes do not decode: {exc}") from None
+            fmt, width, height = img.format or "unknown", img.width, img.height
+            if fmt not in EXTENSIONS:
+                raise UnexpectedImage(
+                    f"the server returned a {fmt} image; only PNG, JPEG and WebP are stored",
+                    "unexpected_image_format",
+                )
+            img.verify()  # PNG: chunk CRCs up to IEND; no pixels decoded
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, UnexpectedImage):
+            raise
+        raise CorruptImage(f"the image bytes are not a whole image: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise CorruptImage(f"the image is too large to accept: {exc}") from None
+    if not _ends_whole(fmt, data):
+        raise CorruptImage(f"the {fmt} image is truncated")
+    _check_expected(fmt, width, height, expected or Expected())
+    return fmt, width, height
+
+
+def _ends_whole(fmt: str, data: bytes) -> bool:
+    """PNG ends in its IEND chunk, JPEG in EOI (trailing padding allowed); a WebP's RIFF
+    length covers the data. A file cut short fails here even where `verify` reads no further."""
+    tail = data[-64:].rstrip(b"\x00\r\n")
+    if fmt == "PNG":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if fmt == "JPEG":
+        return tail.endswith(b"\xff\xd9")
+    if fmt == "WEBP":
+        return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
+
+
+def _check_expected(fmt: str, width: int, height: int, expected: Expected) -> None:
+    if expected.format is not None and fmt != expected.format:
+        raise UnexpectedImage(
+            f"asked for {expected.format}, the server returned {fmt}", "unexpected_image_format"
+        )
+    if expected.size is not None and (width, height) != expected.size:
+        want = "x".join(map(str, expected.size))
+        raise UnexpectedImage(
+            f"asked for {want}, the server returned {width}x{height}", "unexpected_image_size"
+        )
+
+
+async def run_off_loop(func: Callable[..., _T], *args: Any) -> _T:
+    """Run image work (checks, hashing, writes, renames) in the store's small thread pool,
+    min(4, cores) threads: enough to overlap disk waits, few enough not to fight the loop."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="imagebatch-store")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_pool, functools.partial(func, *args))
 
 
 class ImageStore:
@@ -73,24 +166,33 @@ class ImageStore:
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise OutputError(f"{folder} is not a writable folder")
 
-    def save(self, data: bytes, stem: str, index: int, key: str | None = None) -> StoredImage:
-        """Decode and write `images/<stem>_<index>.<ext>` at once (stage, then commit)."""
-        stored = self.stage(data, f"{stem}_{index}", key)
+    def save(
+        self,
+        data: bytes,
+        stem: str,
+        index: int,
+        key: str | None = None,
+        expected: Expected | None = None,
+    ) -> StoredImage:
+        """Check and write `images/<stem>_<index>.<ext>` at once (stage, then commit)."""
+        stored = self.stage(data, f"{stem}_{index}", key, expected)
         self.commit(stored)
         return stored
 
-    def stage(self, data: bytes, stem: str, key: str | None = None) -> StoredImage:
-        """Decode, then write the bytes durably into the staging folder; `file` is the name
-        they will have under images/ (the extension follows the real format)."""
-        fmt, width, height = decode(data)
-        ext = EXTENSIONS.get(fmt, fmt.lower())
+    def stage(
+        self, data: bytes, stem: str, key: str | None = None, expected: Expected | None = None
+    ) -> StoredImage:
+        """Check, then write and hash the bytes durably into the staging folder; `file` is
+        the name they will have under images/ (the extension follows the real format)."""
+        fmt, width, height = check_image(data, expected)
+        ext = EXTENSIONS[fmt]
         stem = self.names.get(key, stem) if key else stem
         rel = f"images/{stem}.{ext}"
         if not self.images_dir.is_dir() or not self.staging_dir.is_dir():
             raise OutputError(f"the output folder {self.out_dir} vanished during the run")
         staged = f"{STAGING}/{stem}.{ext}.{secrets.token_hex(4)}"
-        write_atomic(self.out_dir / staged, data, sync_dir=False)
-        return StoredImage(rel, sha256_hex(data), width, height, fmt.lower(), len(data), staged)
+        sha256 = write_atomic_hashed(self.out_dir / staged, data, sync_dir=False)
+        return StoredImage(rel, sha256, width, height, fmt.lower(), len(data), staged)
 
     def commit(self, stored: StoredImage) -> None:
         """Move a staged image to its name under images/, never over an existing file."""

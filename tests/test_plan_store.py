@@ -15,7 +15,13 @@ from imagebatch.configs.settings import JobDefaults
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.plan import plan_jobs, safe_name, units_for
 from imagebatch.tasks.read_jobs import read_jobs
-from imagebatch.tasks.store import CorruptImage, ImageStore, decode
+from imagebatch.tasks.store import (
+    CorruptImage,
+    Expected,
+    ImageStore,
+    UnexpectedImage,
+    check_image,
+)
 from imagebatch.tasks.validate import Validator
 
 
@@ -111,7 +117,7 @@ def test_store_refuses_undecodable_bytes(tmp_path):
     with pytest.raises(CorruptImage):
         store.save(truncated, "job", 0)
     with pytest.raises(CorruptImage):
-        decode(b"not an image")
+        check_image(b"not an image")
     assert list((tmp_path / "images").iterdir()) == []
 
 
@@ -196,3 +202,50 @@ def test_manifest_csv_neutralises_server_text_and_parquet_keeps_it(tmp_path):
     assert csv.error_message[0] == "'@SUM(1)" and csv.error_code[0] == "'-1+1"
     assert csv.request_id[0] == "'+cmd"
     assert pd.read_parquet(tmp_path / "manifest.parquet").revised_prompt[0] == raw
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_a_cut_image_is_not_whole_in_any_stored_format(tmp_path, fmt):
+    # Noise, so that the cut lands in the compressed data, not in padding.
+    noise = Image.frombytes("RGB", (128, 128), os.urandom(128 * 128 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, fmt)
+    whole = buf.getvalue()
+    assert check_image(whole)[0] == fmt
+    for cut in (len(whole) // 2, len(whole) - 4):
+        with pytest.raises(CorruptImage):
+            check_image(whole[:cut])
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF"])
+def test_formats_the_api_never_returns_are_not_stored(tmp_path, fmt):
+    store = ImageStore(tmp_path)
+    store.prepare()
+    with pytest.raises(UnexpectedImage) as info:
+        store.save(_png_bytes(fmt=fmt), "job", 0)
+    assert info.value.code == "unexpected_image_format"
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_what_was_asked_for_is_what_is_stored(tmp_path):
+    png = _png_bytes((32, 16))
+    assert Expected.of({"size": "auto"}) == Expected()
+    assert Expected.of({"size": "", "output_format": "jpg"}) == Expected("JPEG", None)
+    assert check_image(png, Expected.of({"size": "32x16", "output_format": "png"}))
+    with pytest.raises(UnexpectedImage, match="asked for 16x32") as info:
+        check_image(png, Expected.of({"size": "16x32"}))
+    assert info.value.code == "unexpected_image_size"
+    with pytest.raises(UnexpectedImage, match="asked for WEBP") as info:
+        check_image(png, Expected.of({"output_format": "webp"}))
+    assert info.value.code == "unexpected_image_format"
+
+
+def test_the_hash_is_of_the_bytes_written(tmp_path):
+    from imagebatch.tasks.files import file_sha256
+
+    store = ImageStore(tmp_path)
+    store.prepare()
+    data = _png_bytes((700, 700))
+    stored = store.save(data, "job", 0)
+    assert stored.sha256 == file_sha256(tmp_path / stored.file)
+    assert (tmp_path / stored.file).read_bytes() == data
