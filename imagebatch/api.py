@@ -9,13 +9,12 @@ checked = imagebatch.validate(df)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import pandas as pd
 
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
@@ -29,6 +28,8 @@ from imagebatch.tasks.read_jobs import read_jobs
 from imagebatch.tasks.validate import Checked, Validator
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from imagebatch.flows.run_jobs import RunReport
 
 
@@ -39,7 +40,7 @@ def _validator(
     retired models are errors only where the run would go to api.openai.com."""
     base_dir = (
         Path(jobs).expanduser().resolve().parent
-        if not isinstance(jobs, pd.DataFrame)
+        if isinstance(jobs, (str, os.PathLike))
         else Path.cwd()
     )
     return Validator.from_settings(

@@ -2,18 +2,29 @@
 
 Reading never judges a row (that is `validate`); it only turns cells into typed values,
 keeps the row number for messages and carries unknown columns through untouched.
+A CSV is read with the standard library, not pandas: `imagebatch validate` then starts in
+a fraction of a second (pandas brings pyarrow and numpy); Parquet and DataFrames need pandas.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from imagebatch.tasks.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Prompts can be long; a cell is never refused for its length here (validate judges it).
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 # Columns with a meaning; every other column is carried through to the manifest.
 JOB_COLUMNS = (
@@ -60,14 +71,20 @@ def _cell(value: Any) -> str:
             return ""
         if value.is_integer():
             return str(int(value))
-    if value is pd.NA or value is pd.NaT:
+    if _missing(value):
         return ""
     return str(value).strip()
 
 
+def _missing(value: Any) -> bool:
+    """pandas' NA and NaT (only a DataFrame or Parquet file, read with pandas, has them)."""
+    pd = sys.modules.get("pandas")
+    return pd is not None and (value is pd.NA or value is pd.NaT)
+
+
 def _extra(value: Any) -> Any:
     """Carried-through cells keep their value; missing ones become None so CSV and Parquet agree."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if value is None or _missing(value) or (isinstance(value, float) and math.isnan(value)):
         return None
     return value
 
@@ -107,44 +124,84 @@ def _column_names(raw: list[Any]) -> list[str]:
 def jobs_from_frame(frame: pd.DataFrame) -> Jobs:
     columns = _column_names(list(frame.columns))
     frame = frame.set_axis(columns, axis=1)
-    if "prompt" not in frame.columns and "image" not in frame.columns:
+    records = ([r[c] for c in columns] for r in frame.to_dict(orient="records"))
+    jobs = _jobs(columns, records)
+    jobs.extra_dtypes = {c: frame[c].dtype for c in columns if c not in JOB_COLUMNS}
+    return jobs
+
+
+def _jobs(columns: list[str], records: Iterable[Sequence[Any]]) -> Jobs:
+    """Rows (cells in the order of `columns`, names from `_column_names`) as jobs."""
+    if "prompt" not in columns and "image" not in columns:
         raise InputError("the jobs table needs a 'prompt' column (or 'image' for variations)")
-    known = [c for c in columns if c in JOB_COLUMNS]
-    extras = [c for c in columns if c not in JOB_COLUMNS]
-    jobs = []
-    for i, record in enumerate(frame.to_dict(orient="records"), start=1):
-        jobs.append(
-            Job(
-                row=i,
-                cells={c: _cell(record[c]) for c in known},
-                extra={c: _extra(record[c]) for c in extras},
-            )
+    known = [(i, c) for i, c in enumerate(columns) if c in JOB_COLUMNS]
+    extras = [(i, c) for i, c in enumerate(columns) if c not in JOB_COLUMNS]
+    jobs = [
+        Job(
+            row=row,
+            cells={c: _cell(record[i]) for i, c in known},
+            extra={c: _extra(record[i]) for i, c in extras},
         )
-    return Jobs(jobs, {c: frame[c].dtype for c in extras})
+        for row, record in enumerate(records, start=1)
+    ]
+    return Jobs(jobs)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path) -> Jobs:
     """Everything as text ("007" stays "007", ids never become floats). The header is read as
-    a plain row, so duplicate names reach `_column_names` instead of being renamed `x.1`."""
+    a plain row, so duplicate names reach `_column_names` instead of being renamed `x.1`.
+    Blank lines are skipped; a row shorter than the header has its missing cells empty, a
+    longer one is an error naming it, as is a quote left open."""
     with path.open("rb") as f:
         head = f.read(8192)
     if b"\x00" in head:
         raise InputError(f"{path} is a binary file, not a CSV (or Parquet) jobs file")
-    raw = pd.read_csv(
-        path,
-        header=None,
-        dtype=str,
-        keep_default_na=False,
-        encoding="utf-8-sig",
-        skipinitialspace=False,
-    )
-    header = list(raw.iloc[0]) if len(raw) else []
-    return raw.iloc[1:].reset_index(drop=True).set_axis(header, axis=1)
+    with path.open(encoding="utf-8-sig", newline="") as f:  # "\r\n" in a quoted cell stays
+        text = f.read()
+    records = _records(text, path)
+    if not records:
+        raise InputError(f"{path} is empty: a jobs file needs a header row")
+    (_, header), data = records[0], records[1:]
+    width = len(header)
+    for row, (line, record) in enumerate(data, start=1):
+        if len(record) > width:
+            raise InputError(
+                f"cannot read {path} as a jobs table: row {row} (line {line}) has "
+                f"{len(record)} cells, the header {width}"
+            )
+        record.extend([""] * (width - len(record)))
+    return _jobs(_column_names(header), (record for _, record in data))
+
+
+def _records(text: str, path: Path) -> list[tuple[int, list[str]]]:
+    """(last line number, cells) of every record that is not a blank line."""
+    consumed: list[str] = []
+
+    def lines() -> Iterator[str]:
+        for line in io.StringIO(text, newline=""):
+            consumed.append(line)
+            yield line
+
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.reader(lines(), strict=True)
+    records = []
+    try:
+        for record in reader:
+            blank = not "".join(consumed).strip()
+            consumed.clear()
+            if not blank:
+                records.append((reader.line_num, record))
+    except csv.Error as exc:
+        raise InputError(
+            f"cannot read {path} as a jobs table: line {reader.line_num}: {exc}"
+        ) from None
+    return records
 
 
 def read_jobs(source: str | Path | pd.DataFrame) -> Jobs:
     """Jobs from a CSV (UTF-8, BOM or not, quoted newlines allowed), a Parquet file or a DataFrame."""
-    if isinstance(source, pd.DataFrame):
+    if not isinstance(source, (str, os.PathLike)):
         return jobs_from_frame(source)
     path = Path(source)
     if not path.is_file():
@@ -152,16 +209,23 @@ def read_jobs(source: str | Path | pd.DataFrame) -> Jobs:
         raise InputError(f"jobs file {what}: {path}")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        else:
-            frame = _read_csv(path)
+            return _read_parquet(path)
+        return _read_csv(path)
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
         ) from None
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path} is empty: a jobs file needs a header row") from None
-    except (pd.errors.ParserError, ValueError, OSError) as exc:
+    except OSError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise InputError(f"cannot read {path} as a jobs table: {detail}") from None
+
+
+def _read_parquet(path: Path) -> Jobs:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except (ValueError, OSError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise InputError(f"cannot read {path} as a jobs table: {detail}") from None
     return jobs_from_frame(frame)

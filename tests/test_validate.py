@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,8 @@ from PIL import Image
 
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import JobDefaults
-from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.errors import InputError
+from imagebatch.tasks.read_jobs import JOB_COLUMNS, read_jobs
 from imagebatch.tasks.validate import Validator
 
 TODAY = dt.date(2026, 11, 28)
@@ -377,6 +379,47 @@ def test_reader_handles_bom_quoted_newlines_and_carries_unknown_columns(tmp_path
     assert job.get("prompt") == "a cat\non two lines"
     assert job.extra == {"sku": "007"}
     assert job.get("n") == "2"
+
+
+TRICKY_CSVS = {
+    "blank lines": "prompt,sku\na,1\n\n   \n\tb,2\n\n",
+    "short rows": "prompt,sku,size\na,1\nb\n",
+    "a row of empty cells": 'prompt,sku\n""\n,\nc,3\n',
+    "CR endings": "prompt,sku\ra,1\rb,2\r",
+    "CRLF, quoted newline": 'prompt,sku\r\n"a\r\nb",1\r\n',
+    "trailing comma": "prompt,sku,\na,1,\n",
+    "quote inside a cell": 'prompt,sku\nsay "hi",1\n',
+    "blank first line": "\nprompt,sku\n a ,\u00e9\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY_CSVS))
+def test_the_csv_reader_reads_what_pandas_reads(tmp_path, name):
+    """CSVs are read without pandas (start-up); they must read as pandas read them."""
+    path = tmp_path / "jobs.csv"
+    path.write_bytes(TRICKY_CSVS[name].encode("utf-8"))
+    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    header, rows = list(raw.iloc[0]), raw.iloc[1:].values.tolist()
+    columns = [c or f"column_{i}" for i, c in enumerate(header, start=1)]
+    expected = [[v.strip() if c in JOB_COLUMNS else v for c, v in zip(columns, r)] for r in rows]
+    jobs = read_jobs(path)
+    got = [[j.get(c) if c in JOB_COLUMNS else j.extra[c] for c in columns] for j in jobs]
+    assert got == expected and expected
+    assert [j.row for j in jobs] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prompt,n\na,1\nb,2,3\n", "row 2 (line 3) has 3 cells, the header 2"),
+        ('prompt,n\na,1\n"b,2\n', "line 3"),
+    ],
+)
+def test_a_malformed_csv_is_refused_naming_where(tmp_path, text, message):
+    path = tmp_path / "jobs.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_jobs(path)
 
 
 def test_reader_reads_parquet(tmp_path):
