@@ -283,7 +283,8 @@ class PayloadBench:
 
     def imagebatch_cmd(self, jobs: Path, out: Path) -> list[str]:
         return [PY, "-m", "imagebatch.cli", "run", str(jobs), "--out", str(out), "-q",
-                "--max-in-flight", str(self.in_flight)]  # fmt: skip
+                "--max-in-flight", str(self.in_flight),
+                *shlex.split(self.args.payload_flags)]  # fmt: skip
 
     def warm_up(self) -> None:
         """One unmeasured 4-job run of each client: file caches, and the ephemeral home's database."""
@@ -407,7 +408,7 @@ class PayloadBench:
             f"{res[kinds[0]]['ref_stats']['png_bytes'][0] / 1e6:.2f} MB, 4.2 MB as base64); {n} "
             f"single-image jobs, {self.in_flight} in flight; SDK loop: `bench/sdk_loop.py JOBS "
             f"--out DIR --concurrency {self.in_flight}`; imagebatch: `imagebatch run JOBS --out DIR "
-            f"-q --max-in-flight {self.in_flight}`, ephemeral: no PREFECT_API_URL (own "
+            f"-q --max-in-flight {self.in_flight}{' ' + self.args.payload_flags if self.args.payload_flags else ''}`, ephemeral: no PREFECT_API_URL (own "
             "PREFECT_HOME, warmed by one unmeasured run), server: PREFECT_API_URL of the "
             "invocation's `prefect server start`. Peak RSS: largest psutil sum over the client "
             "and its descendants (0.2 s samples); CPU: os.wait4 with the driver as child "

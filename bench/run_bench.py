@@ -1549,6 +1549,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["sdk", "ephemeral", "server"],
         help="payload: which clients to run, in this order (default all three)",
     )
+    ap.add_argument(
+        "--payload-flags",
+        default="",
+        help="payload: extra flags for `imagebatch run`, one string (attribution experiments)",
+    )
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/imagebatch-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the images written by each run")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
