@@ -73,7 +73,6 @@ class _Progress:
     inputs: PreparedInputs | None = None  # edits and variations: the bytes sent
     lost: Decimal = Decimal(0)  # worst case of its requests that may have been billed unanswered
     cost: dict[str, Any] = field(default_factory=dict)  # journal cost fields of the last answer
-    held: Permit | None = None  # the last answer's bytes, booked in the limiter until stored
 
 
 @dataclass
@@ -199,14 +198,14 @@ class Dispatcher:
             raise Stopped()
         self._raise_if_unavailable(progress.unit)
         sub = RequestUnit(progress.unit.planned, tuple(progress.remaining))
-        try:
-            result = await self._send(sub, progress)
+        # The slot (and its share of the memory budget) is held until the answer's images are
+        # journaled: a request counts as in flight until what it bought is durable, so a crash
+        # can cost at most the requests in flight (--max-in-flight), never answers queued for
+        # the disk.
+        async with self.limiter.slot(sub.n, _expected_body(self.limiter, sub)) as permit:
+            result = await self._send(sub, progress, permit)
             progress.last_request_id = result.request_id
             await self._store(sub, result, progress)
-        finally:  # the images are stored or dropped: the memory budget gets their bytes back
-            if progress.held is not None:
-                progress.held.release_bytes()
-                progress.held = None
         if progress.remaining:
             got = len(result.images)
             raise malformed_response_error(
@@ -215,35 +214,32 @@ class Dispatcher:
                 result.request_id,
             )
 
-    async def _send(self, sub: RequestUnit, progress: _Progress) -> ApiResult:
-        """The request under a limiter slot and the budget; the limiter learns from every
-        answer, the budget books the request's worst case before it goes and its cost after."""
-        async with self.limiter.slot(sub.n, _expected_body(self.limiter, sub)) as permit:
-            if self.stop.is_set():
-                raise Stopped()
-            self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
-            est = estimate_unit(self.prices, sub.planned.job, sub.n)
-            reservation = self.budget.reserve(est.worst_usd, _describe(sub))
-            progress.attempts += 1
-            try:
-                result = await self.client.send(sub, progress.inputs)
-            except ApiError as error:
-                self._settle_error(reservation, est, error, progress)
-                permit.record(error.headers, None)
-                if isinstance(error, RateLimited):
-                    self.stats["rate_limited"] += 1
-                    self.limiter.rate_limited(error.retry_after, error.headers)
-                if isinstance(error, ModelUnavailable):
-                    self._mark_unavailable(sub, error)
-                raise
-            except BaseException:  # abandoned in flight (a second Ctrl-C): may have been billed
-                self.budget.settle(reservation, lost=True)
-                raise
-            permit.record(result.headers, result.latency, [len(i.data) for i in result.images])
-            call = price_call(self.prices, sub.planned.job, len(result.images), result.usage)
-            self.budget.settle(reservation, call.usd)
-            permit.hold_bytes()  # the images stay in memory until _store is done with them
-            progress.held = permit
+    async def _send(self, sub: RequestUnit, progress: _Progress, permit: Permit) -> ApiResult:
+        """The request under the caller's limiter slot and the budget; the limiter learns from
+        every answer, the budget books the request's worst case before it goes and its cost after."""
+        if self.stop.is_set():
+            raise Stopped()
+        self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
+        est = estimate_unit(self.prices, sub.planned.job, sub.n)
+        reservation = self.budget.reserve(est.worst_usd, _describe(sub))
+        progress.attempts += 1
+        try:
+            result = await self.client.send(sub, progress.inputs)
+        except ApiError as error:
+            self._settle_error(reservation, est, error, progress)
+            permit.record(error.headers, None)
+            if isinstance(error, RateLimited):
+                self.stats["rate_limited"] += 1
+                self.limiter.rate_limited(error.retry_after, error.headers)
+            if isinstance(error, ModelUnavailable):
+                self._mark_unavailable(sub, error)
+            raise
+        except BaseException:  # abandoned in flight (a second Ctrl-C): may have been billed
+            self.budget.settle(reservation, lost=True)
+            raise
+        permit.record(result.headers, result.latency, [len(i.data) for i in result.images])
+        call = price_call(self.prices, sub.planned.job, len(result.images), result.usage)
+        self.budget.settle(reservation, call.usd)
         progress.cost = cost_fields(call, est, sub.n)
         return result
 

@@ -321,6 +321,7 @@ class _Bill:
         state.quota.bill(self.reserved)
         self.reserved = 0
         state.stats.images_billed += n
+        state.stats.requests_billed += 1
         state.stats.model(self.parsed.model)["images"] += n
 
     def release(self) -> None:

@@ -26,6 +26,7 @@ class Stats:
         self.requests_seen = 0
         self.requests_ok = 0
         self.images_billed = 0
+        self.requests_billed = 0  # requests that billed their images (answered, dropped, cut off)
         self.status: Counter[str] = Counter()
         self.rate_limited = 0
         self.quota_exceeded = 0
@@ -49,6 +50,7 @@ class Stats:
             "requests_seen": self.requests_seen,
             "requests_ok": self.requests_ok,
             "images_billed": self.images_billed,
+            "requests_billed": self.requests_billed,
             "status": dict(sorted(self.status.items())),
             "rate_limited": self.rate_limited,
             "quota_exceeded": self.quota_exceeded,
