@@ -417,18 +417,24 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
     """The body in one buffer, read as it streams. A 2xx over `cap` (declared or actual)
     is refused with `response_too_large` before more is read; an error body is cut at
     ERROR_BODY_CAP (its first part says what went wrong)."""
+    declared = _declared_length(response)
     if response.status_code >= 400:
         cap = min(cap, ERROR_BODY_CAP)
-    elif _declared_length(response) > cap:
-        raise _too_large(response, cap, f"it declares {_declared_length(response):,} bytes")
-    body = bytearray()
+    elif declared > cap:
+        raise _too_large(response, cap, f"it declares {declared:,} bytes")
+    # A declared length is allocated once and filled in place: no copies as the buffer grows.
+    body = bytearray(min(declared, cap))
+    filled = 0
     async for chunk in response.aiter_bytes():
-        if len(body) + len(chunk) > cap:
+        end = filled + len(chunk)
+        if end > cap:
             if response.status_code >= 400:
-                body += chunk[: cap - len(body)]
-                break
-            raise _too_large(response, cap, f"{len(body) + len(chunk):,} bytes read")
-        body += chunk
+                body[filled:] = chunk[: cap - filled]
+                return body
+            raise _too_large(response, cap, f"{end:,} bytes read")
+        body[filled:end] = chunk
+        filled = end
+    del body[filled:]
     return body
 
 

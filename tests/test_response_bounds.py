@@ -3,7 +3,9 @@ huge bodies, drips its answer, and returns images nobody asked for (issue 14).""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
 import io
 import json
 import threading
@@ -13,12 +15,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from imagebatch.cli import main
+from imagebatch.configs.registry import Registry
+from imagebatch.configs.settings import ApiSettings, JobDefaults
+from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.plan import plan_jobs, units_for
+from imagebatch.tasks.read_jobs import read_jobs
+from imagebatch.tasks.validate import Validator
 
 KEY = "sk-bounds-test-0123456789"
 HUGE = 120_000_000  # bytes of a hostile answer; the test's cap is 4 MB per image
@@ -206,3 +215,49 @@ def test_images_not_asked_for_fail_with_a_clear_code(prefect_api, server, tmp_pa
     assert m.loc["webp", "file"].endswith(".webp")
     stored = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
     assert stored == ["auto_0.png", "dalle_0.png", "free_0.png", "webp_0.webp"]
+
+
+def _unit():
+
+    rows = pd.DataFrame([{"prompt": "x", "model": "gpt-image-2"}])
+    checked = Validator(Registry.load(), JobDefaults(), targets_openai=False).check(read_jobs(rows))
+    (planned,) = plan_jobs(checked.valid)
+    return next(iter(units_for(planned, range(1))))
+
+
+def _send_to(handler) -> Exception | None:
+    async def go() -> None:
+        api = ApiSettings(
+            base_url="https://api.example/v1", api_key=KEY, max_response_bytes_per_image=4_000_000
+        )
+        async with ImagesClient(api, transport=httpx.MockTransport(handler)) as client:
+            await client.send(_unit())
+
+    try:
+        asyncio.run(go())
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_a_compressed_answer_is_capped_by_what_it_inflates_to():
+    bomb = gzip.compress(b'{"data": [' + b" " * 60_000_000 + b"]}")
+    assert len(bomb) < 1_000_000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=bomb, headers={"content-encoding": "gzip"})
+
+    error = _send_to(handler)
+    assert getattr(error, "code", None) == "response_too_large", error
+
+
+def test_an_error_body_is_read_only_as_far_as_it_says_something():
+    body = json.dumps({"error": {"message": "slow down", "code": "rate_limit_exceeded"}})
+    huge = body.encode() + b" " * 50_000_000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, content=huge)
+
+    error = _send_to(handler)
+    # Cut at 1 MB, the start still classifies: a rate limit, not a malformed answer.
+    assert type(error).__name__ == "RateLimited", error
