@@ -127,6 +127,7 @@ class _Bucket:
         "bound_at",
         "burst_fraction",
         "configured",
+        "drained_at",
         "estimate",
         "grants",
         "header_limit",
@@ -154,6 +155,7 @@ class _Bucket:
         self.token_time = 0.0
         self.hold_until = -math.inf
         self.bound_at = -math.inf
+        self.drained_at = -math.inf  # when the window falls to the estimate after a decrease
         self.remaining: float | None = None
 
     @property
@@ -213,6 +215,16 @@ class _Bucket:
         if bound > 0:
             self.bound_at = now
         return max(wait, bound)
+
+    def level_at(self, level: float, now: float) -> float:
+        """When the units granted in the window will have fallen to `level` (now if they are)."""
+        excess, at = self.used - level, now
+        for t, c in self.grants:
+            if excess <= _EPS:
+                break
+            excess -= c
+            at = t + self.span
+        return max(at, now)
 
     def take(self, now: float, cost: float) -> None:
         self.expire(now)
@@ -329,6 +341,7 @@ class Limiter:
     DEFAULT_PAUSE = 2.0
     MAX_PAUSE = 120.0
     SLOW_START = 8
+    SLOW_START_PERIOD = 6.0
     LITTLE_HEADROOM = 1.5
     LITTLE_EXTRA = 2
     BETA = 0.9
@@ -456,29 +469,38 @@ class Limiter:
         # answers requests sent before that decrease and carries no new information.
         if blamed is not None and (blamed.estimate is None or self._granted_since_decrease):
             self._granted_since_decrease = False
-            blamed.expire(now)
-            self._expire_rejects(now)
-            per_reject = self._mean_images if blamed is self._images else 1.0
-            accepted = blamed.used - len(self._rejects) * per_reject
-            # Nothing of ours accepted in the window: the server's budget went to traffic we
-            # cannot see (another process, a run just before this one). No evidence, no estimate.
-            if accepted >= 1.0:
-                candidate = max(self.MIN_RATE, self.BETA * accepted)
-                if blamed.estimate is not None:
-                    # At most halve per decrease: after a quiet spell our window holds little
-                    # traffic, and one 429 must not collapse a working estimate.
-                    candidate = min(
-                        blamed.estimate, max(candidate, blamed.estimate * self.MAX_DECREASE)
-                    )
-                blamed.estimate = candidate
-                # Within the first window the server may still count traffic from before this
-                # run, so the estimate can be far too low: it is then probed at full speed.
-                span = self.WINDOW + self.WINDOW_MARGIN
-                blamed.provisional = self._first_grant is None or now - self._first_grant < span
+            self._decrease(blamed, now)
 
         resume = max(now, self._pause_until)
         for bucket in self._buckets:
             bucket.restart_pacing(resume)
+
+    def _decrease(self, bucket: _Bucket, now: float) -> None:
+        """AIMD's decrease: BETA x the units the server accepted from us in the window, so
+        after a 429 at R units a minute the new rate is at least R/2.
+
+        A later decrease at most halves the estimate (after a quiet spell our window holds
+        little traffic, and one 429 must not collapse a working estimate). Nothing of ours
+        accepted in the window: the server's budget went to traffic we cannot see (another
+        process, a run just before this one); no evidence, no estimate. Until the window
+        has drained to the new estimate it is not probed upwards (see `_probe`).
+        """
+        bucket.expire(now)
+        self._expire_rejects(now)
+        per_reject = self._mean_images if bucket is self._images else 1.0
+        accepted = bucket.used - len(self._rejects) * per_reject
+        if accepted < 1.0:
+            return
+        candidate = max(self.MIN_RATE, self.BETA * accepted)
+        old = bucket.estimate
+        if old is not None:
+            candidate = min(old, max(candidate, old * self.MAX_DECREASE))
+        bucket.estimate = max(self.MIN_RATE, candidate)
+        bucket.drained_at = bucket.level_at(bucket.estimate, now)
+        # Within the first window the server may still count traffic from before this run, so
+        # the estimate can be far too low: it is then probed at full speed.
+        span = self.WINDOW + self.WINDOW_MARGIN
+        bucket.provisional = self._first_grant is None or now - self._first_grant < span
 
     @property
     def in_flight_cap(self) -> int:
@@ -568,7 +590,11 @@ class Limiter:
         """0.0: grant now; _INFLIGHT: wait for a release; else seconds to wait."""
         if now < self._pause_until:
             return max(self._pause_until - now, 1e-6)
-        wait = max(self._requests.delay(now, 1.0), self._images.delay(now, float(images)))
+        wait = max(
+            self._requests.delay(now, 1.0),
+            self._images.delay(now, float(images)),
+            self._unsampled_delay(now),
+        )
         if wait > 0:
             return max(wait, 1e-6)
         if self._in_flight >= self._cap():
@@ -577,6 +603,18 @@ class Limiter:
         if not self._fits(body):
             return _INFLIGHT
         return 0.0
+
+    def _unsampled_delay(self, now: float) -> float:
+        """Before the first latency sample of a slow start, at most SLOW_START grants per
+        `initial_latency`: answers that teach nothing (429s, errors) free their slots at
+        once, and must not turn the first in-flight cap into a stream of grants."""
+        if self._latency_samples or self._fixed_cap > 0 or self._request_rate() is not None:
+            return 0.0
+        grants = self._requests.grants
+        if len(grants) < self.SLOW_START:
+            return 0.0
+        oldest = grants[-self.SLOW_START][0]  # the SLOW_START-th most recent grant
+        return max(0.0, oldest + self._latency - now)
 
     def _fits(self, body: BodyEstimate | None) -> bool:
         """The memory budget has room for `body`. With nothing booked anything fits, so an
@@ -683,33 +721,45 @@ class Limiter:
 
     def _adapt(self, now: float) -> None:
         """Slow start of the in-flight cap, and probing growth of learned rate estimates."""
-        if self._fixed_cap <= 0 and self._request_rate() is None and now > self._slow_tick:
-            if self._cap_bound_at >= self._slow_tick:
-                # Doubles per max(1 s, latency) of being the constraint, grown smoothly.
-                period = max(1.0, self._latency)
-                growth = 2.0 ** (min(now - self._slow_tick, period) / period)
-                self._slow_cap = min(float(self._ceiling), self._slow_cap * growth)
-            self._slow_tick = now
+        self._slow_start(now)
         if now - self._probe_tick >= 1.0:
-            dt = min(now - self._probe_tick, 30.0)
-            calm = min(now - max(self._last_429, self._pause_until), 20 * self.PROBE_DOUBLING)
-            growth = min(
-                self.PROBE_MAX, self.PROBE_GROWTH * 2.0 ** (max(0.0, calm) / self.PROBE_DOUBLING)
-            )
-            for bucket in self._buckets:
-                if (
-                    bucket.limit is None
-                    and bucket.estimate is not None
-                    and bucket.bound_at >= self._probe_tick
-                ):
-                    bucket.expire(now)
-                    if bucket.provisional:
-                        bucket.estimate = min(
-                            self.MAX_RATE, bucket.estimate * (1.0 + self.PROBE_MAX * dt)
-                        )
-                    elif bucket.used >= self.PROBE_USE * bucket.estimate:
-                        bucket.estimate = min(self.MAX_RATE, bucket.estimate * (1.0 + growth * dt))
+            self._probe(now)
             self._probe_tick = now
+
+    def _slow_start(self, now: float) -> None:
+        """Before any rate is known the in-flight cap doubles per max(SLOW_START_PERIOD,
+        latency) of being the constraint, grown smoothly. Not faster: without limit headers
+        the first 429 comes only once a minute's budget is spent, and everything granted
+        while it travels back is refused too, so the rate at that moment sets the burst."""
+        if self._fixed_cap > 0 or self._request_rate() is not None or now <= self._slow_tick:
+            return
+        if self._cap_bound_at >= self._slow_tick:
+            period = max(self.SLOW_START_PERIOD, self._latency)
+            growth = 2.0 ** (min(now - self._slow_tick, period) / period)
+            self._slow_cap = min(float(self._ceiling), self._slow_cap * growth)
+        self._slow_tick = now
+
+    def _probe(self, now: float) -> None:
+        """Grow learned estimates that hold waiters back while the window is in use: 0.5 %/s,
+        doubling per PROBE_DOUBLING s of calm, at most 5 %/s; provisional ones at 5 %/s.
+        Not while the window drains what it held above a new estimate (the burst before a
+        429): growing then would only end the wait early, into the same limit."""
+        calm = min(now - max(self._last_429, self._pause_until), 20 * self.PROBE_DOUBLING)
+        growth = min(
+            self.PROBE_MAX, self.PROBE_GROWTH * 2.0 ** (max(0.0, calm) / self.PROBE_DOUBLING)
+        )
+        for bucket in self._buckets:
+            estimate = bucket.estimate
+            if bucket.limit is not None or estimate is None or bucket.bound_at < self._probe_tick:
+                continue
+            dt = min(now - max(self._probe_tick, bucket.drained_at), 30.0)
+            if dt <= 0:
+                continue
+            bucket.expire(now)
+            if bucket.provisional:
+                bucket.estimate = min(self.MAX_RATE, estimate * (1.0 + self.PROBE_MAX * dt))
+            elif bucket.used >= self.PROBE_USE * estimate:
+                bucket.estimate = min(self.MAX_RATE, estimate * (1.0 + growth * dt))
 
     def _blame(self, now: float) -> _Bucket | None:
         """The bucket whose unknown limit a 429 reveals, if any."""
@@ -757,6 +807,7 @@ class Limiter:
         if latency is not None and latency >= 0 and math.isfinite(latency) and not hinted:
             if self._latency_samples == 0:
                 self._latency = latency
+                self._wake.set()  # ends `_unsampled_delay` early
             else:
                 self._latency += self.LATENCY_ALPHA * (latency - self._latency)
             self._latency_samples += 1
