@@ -2,10 +2,10 @@
 
 Files are downloaded to disk first (they can be gigabytes), then read one line at a time; a
 few lines are in flight at once, so memory holds a handful of lines whatever the file's
-size. Each image takes the live path: full decode, atomic store, journal record. Error
-lines become `failed` or `rejected` with the server's code and message, classified exactly
-as live errors are; a line a retry may fix (a 5xx, a malformed answer) is handed back for
-another round instead. Lines the batch never ran (expired, cancelled) leave their images
+size. Each image takes the live path: check, staged write, journal line, then the rename
+into images/. Error lines become `failed` or `rejected` with the server's code and message,
+classified exactly as live errors are; a line a retry may fix (a 5xx, a malformed answer) is
+handed back for another round instead. Lines the batch never ran (expired, cancelled) leave their images
 `not_run` with that reason, in memory only, so the next run submits them again.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from imagebatch.tasks.batch_ledger import Part
-from imagebatch.tasks.errors import ApiError, OutputError, RejectedError, TransientError
+from imagebatch.tasks.errors import ApiError, RejectedError, TransientError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.retry import error_from_response
-from imagebatch.tasks.store import CorruptImage, ImageStore
+from imagebatch.tasks.store import CorruptImage, ImageStore, StoredImage, run_off_loop
 
 IN_FLIGHT_LINES = 4
 NOT_RUN_REASONS = {
@@ -192,7 +192,7 @@ class Collector:
                 missing.append(image)
                 continue
             try:
-                stored = await asyncio.to_thread(self.store.save, blob, stem, index, key)
+                stored = await run_off_loop(self.store.stage, blob, f"{stem}_{index}", key)
             except CorruptImage:
                 missing.append(image)
                 continue
@@ -213,8 +213,12 @@ class Collector:
                 run_id=self.run_id,
                 batch_id=batch.get("id"),
                 **costs,
+                moved_from=stored.staged,
             )
-            await self._record(record, result)
+            # As in a live run: journaled while the bytes are still staged, then moved. A
+            # crash in between leaves a line the next run finishes (Files.recover), so the
+            # re-collected line finds the image done: never stored twice, never paid again.
+            await self._record(record, result, commit=stored)
         if missing:
             failure = TransientError(
                 f"{len(missing)} of {len(images)} images missing or not decodable in the batch output",
@@ -270,11 +274,13 @@ class Collector:
             )
             await self._record(record, result)
 
-    async def _record(self, record: ImageRecord, result: Collected) -> None:
-        try:
-            await self.journal.record(record)
-        except OutputError:
-            raise
+    async def _record(
+        self, record: ImageRecord, result: Collected, commit: StoredImage | None = None
+    ) -> None:
+        """Journal the outcome; a staged image is renamed into images/ only after its line."""
+        await self.journal.record(record)
+        if commit is not None:
+            await run_off_loop(self.store.commit, commit)
         self.done[record.key] = record
         result.records.append(record)
         if self.on_record is not None:

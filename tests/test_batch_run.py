@@ -466,6 +466,75 @@ def test_sigkill_at_each_stage_then_rerun_completes_without_a_second_batch(
     assert not any((out / "batch").iterdir())
 
 
+# A run whose process dies at its KILL_AT-th rename into images/: just before it (KILL_WHEN
+# before) or just after it (after). A real SIGKILL at a known point, not a simulated one.
+KILL_AROUND_COMMIT = """
+import os, signal, sys
+import imagebatch.tasks.store as store
+renames = 0
+real = store.ImageStore.commit
+def commit(self, stored):
+    global renames
+    renames += 1
+    at, when = int(os.environ["KILL_AT"]), os.environ["KILL_WHEN"]
+    if renames == at and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, stored)
+    if renames == at and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+store.ImageStore.commit = commit
+from imagebatch.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_sigkill_around_a_collected_images_rename_is_finished_without_paying_again(
+    when, sim, prefect_api, tmp_path
+):
+    """Collection journals an image before renaming it into images/, as a live run does: a
+    kill on either side of the rename leaves every file there named by the journal, and the
+    rerun finishes the move, collects the rest from the same batch and pays nothing again."""
+    rows = MIXED[:2]
+    requested = sum(r["n"] for r in rows)
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
+    cfg = config(tmp_path)
+    args = ["run", str(jobs), "--out", str(out), "--batch", "--config", str(cfg), "-q"]
+    child_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api}
+    child_env.update(KILL_AT="3", KILL_WHEN=when)
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_AROUND_COMMIT, *args],
+        env=child_env,
+        cwd=ROOT,
+        timeout=180,
+        capture_output=True,
+    )
+    assert p.returncode == -signal.SIGKILL, p.stdout.decode()[-2000:] + p.stderr.decode()[-2000:]
+    lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines() if x]
+    assert [r["status"] for r in lines] == ["succeeded"] * 3
+    last = lines[-1]
+    assert (out / last["file"]).exists() == (when == "after")  # the window, for real
+    assert (out / last["moved_from"]).exists() == (when == "before")
+    on_disk = {f"images/{f.name}" for f in (out / "images").iterdir()}
+    assert on_disk == {r["file"] for r in lines[: 3 if when == "after" else 2]}
+    billed = sim.stats()["images_billed"]
+    assert billed == requested  # the batch ran every line before collection began
+
+    result = run_cli(sim, args[1:])
+    assert result.exit_code == 0, result.output
+    m = manifest(out)
+    assert len(m) == requested and set(m.status) == {"succeeded"}
+    assert_files_verify(out, m)
+    assert {f"images/{f.name}" for f in (out / "images").iterdir()} == set(m.file)
+    assert batch_stats(sim)["batches_created"] == 1  # collected again, never submitted again
+    assert sim.stats()["images_billed"] == billed  # nothing paid twice
+    journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines() if x]
+    succeeded = [r["key"] for r in journal if r["status"] == "succeeded"]
+    assert sorted(succeeded) == sorted(m.key)  # each image journaled once: never stored twice
+    assert not any((out / ".imagebatch-tmp").iterdir())
+
+
 def test_killed_after_collecting_but_before_recording_it_collects_again_without_duplicates(
     sim, prefect_api, tmp_path
 ):
