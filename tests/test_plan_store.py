@@ -249,3 +249,14 @@ def test_the_hash_is_of_the_bytes_written(tmp_path):
     stored = store.save(data, "job", 0)
     assert stored.sha256 == file_sha256(tmp_path / stored.file)
     assert (tmp_path / stored.file).read_bytes() == data
+
+
+def test_a_flipped_bit_in_a_png_is_caught_by_its_chunk_checksum():
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    damaged = bytearray(buf.getvalue())
+    damaged[len(damaged) // 2] ^= 0x10  # inside the IDAT data
+    with pytest.raises(CorruptImage):
+        check_image(bytes(damaged))
+    assert check_image(buf.getvalue() + b"\n") == ("PNG", 64, 64)  # trailing newline: whole
