@@ -5,7 +5,7 @@
     async with limiter.slot(n_images, body) as permit:
         response = await send(...)
         permit.record(response.headers, latency, [len(image) for image in images])
-        permit.hold_bytes()  # optional: the images outlive the slot until release_bytes()
+        ... store the images: their bytes stay booked until the slot is left ...
     if it was a 429: limiter.rate_limited(error.retry_after, response.headers)
 
 How it decides when to grant a slot is in docs/design.md ("The limiter").
@@ -248,13 +248,10 @@ class _Bucket:
 
 
 class Permit:
-    """One granted slot. Report the response with `record`; leaving `slot()` releases it.
+    """One granted slot. Report the response with `record`; leaving `slot()` releases it,
+    and its share of the memory budget with it (so store the images inside the slot)."""
 
-    The slot's share of the memory budget is released with it, unless `hold_bytes()` was
-    called: then it stays booked until `release_bytes()`, for images handled after the slot.
-    """
-
-    __slots__ = ("_body", "_booked", "_held", "_limiter", "_released", "granted_at", "images")
+    __slots__ = ("_body", "_booked", "_limiter", "_released", "granted_at", "images")
 
     def __init__(
         self, limiter: Limiter, images: int, granted_at: float, body: BodyEstimate | None
@@ -264,7 +261,6 @@ class Permit:
         self.granted_at = granted_at
         self._body = body
         self._booked = body.bytes if body is not None else 0
-        self._held = False
         self._released = False
 
     def record(
@@ -287,22 +283,13 @@ class Permit:
                 self._limiter._rebook(actual - self._booked)
                 self._booked = actual
 
-    def hold_bytes(self) -> None:
-        """The answer outlives the slot (stored after it): keep its bytes booked."""
-        self._held = True
-
-    def release_bytes(self) -> None:
-        """The answer is no longer in memory: its share of the budget goes back."""
-        booked, self._booked = self._booked, 0
-        if booked:
-            self._limiter._rebook(-booked)
-
     def release(self) -> None:
         if not self._released:
             self._released = True
+            booked, self._booked = self._booked, 0
             self._limiter._release()
-        if not self._held:
-            self.release_bytes()
+            if booked:
+                self._limiter._rebook(-booked)
 
 
 class _Waiter:

@@ -662,22 +662,17 @@ def test_learned_sizes_change_how_many_fit(clock):
     assert peak == 20
 
 
-def test_record_books_the_real_weight_and_held_bytes_wait_for_release(clock):
+def test_record_books_the_real_weight_until_the_slot_is_left(clock):
     limiter = make(clock, max_in_flight=100, max_bytes_in_flight=10 * MB, body_sizes=sizes())
     body = limiter.expected_body("gpt-image-2", "1000x1000", 1)  # 4 MB estimated
     order = []
 
     async def first():
         async with limiter.slot(1, body) as permit:
-            permit.record({}, 1.0, [6 * MB])  # really 8 MB as base64
+            permit.record({}, 1.0, [6 * MB])  # really 8 MB as base64: no room for another 4
             assert limiter.snapshot()["bytes_in_flight"] == 8 * MB
-            permit.hold_bytes()
-        order.append(("slot left", clock.time()))
-        await clock.sleep(5)  # storing the images: still in memory
-        assert limiter.snapshot()["bytes_in_flight"] == 8 * MB
-        permit.release_bytes()
-        permit.release_bytes()  # twice is harmless
-        order.append(("stored", clock.time()))
+            await clock.sleep(5)  # storing the images: still in memory
+            order.append(("stored", clock.time()))
 
     async def second():
         await asyncio.sleep(0)
@@ -689,11 +684,7 @@ def test_record_books_the_real_weight_and_held_bytes_wait_for_release(clock):
 
     start = clock.time()
     clock.run(main())
-    assert [(what, t - start) for what, t in order] == [
-        ("slot left", 0.0),
-        ("stored", 5.0),
-        ("second granted", 5.0),
-    ]
+    assert [(what, t - start) for what, t in order] == [("stored", 5.0), ("second granted", 5.0)]
     assert limiter.snapshot()["bytes_in_flight"] == 0
 
 
