@@ -233,6 +233,7 @@ def run_tree(
         "tree_cpu_user": ru.ru_utime,
         "tree_cpu_sys": ru.ru_stime,
         "tree_cpu_sampled": sum(mon.cpu.values()),
+        "root_cpu_sampled": mon.cpu.get(proc.pid, 0.0),
         "orphans": orphans,
         "processes": mon.procs,
         "peak_tree_mb": mon.peak_tree / 2**20,
@@ -380,6 +381,9 @@ class PayloadBench:
                 lambda r: f"{r['peak_root_mb']:.0f} / {r['peak_children_mb']:.0f}"),
             row("CPU time, whole client tree, user+sys (s)", lambda r: f"{r['tree_cpu']:.1f}"),
             row("  cross-check: psutil per-process sum (s)", lambda r: f"{r['tree_cpu_sampled']:.1f}"),
+            row("  of which the client process / its children (psutil, s)",
+                lambda r: f"{r['root_cpu_sampled']:.1f} / "
+                f"{r['tree_cpu_sampled'] - r['root_cpu_sampled']:.1f}"),
             row("wall (s)", lambda r: f"{r['wall']:.1f}"),
             row("start to first request at the server (s)",
                 lambda r: "-" if r["first_request_s"] is None else f"{r['first_request_s']:.1f}"),
