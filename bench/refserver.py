@@ -35,7 +35,12 @@ import zlib
 from dataclasses import dataclass, field
 
 SIDE = 1024
-OUTPUT_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "auto": 4160}
+# Output tokens of one 1024x1024 image (openai-images-api.md / configs/prices.toml);
+# `auto` is answered as medium, and echoed as such.
+OUTPUT_TOKENS = {
+    "gpt-image-2": {"low": 196, "medium": 1756, "high": 7024},
+    "gpt-image-1": {"low": 272, "medium": 1056, "high": 4160},
+}
 MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini")
 
 
@@ -245,7 +250,7 @@ class RefServer:
         t0 = time.monotonic()
         try:
             await asyncio.sleep(self.latency(self.rng))
-            parts = self.payload(n, quality, len(prompt))
+            parts = self.payload(model, n, quality, len(prompt))
             ms = str(round((time.monotonic() - t0) * 1000))
             await self.send(writer, 200, parts, {"openai-processing-ms": ms})
             st.ok += 1
@@ -253,7 +258,7 @@ class RefServer:
         finally:
             st.in_flight -= 1
 
-    def payload(self, n: int, quality: str, prompt_chars: int) -> list[bytes]:
+    def payload(self, model: str, n: int, quality: str, prompt_chars: int) -> list[bytes]:
         parts = [b'{"created": %d, "data": [' % int(time.time())]
         for i in range(n):
             parts += [
@@ -263,7 +268,9 @@ class RefServer:
             ]
             self.next_image = (self.next_image + 1) % len(self.images)
         text = max(1, prompt_chars // 4)
-        out = OUTPUT_TOKENS.get(quality, OUTPUT_TOKENS["auto"]) * n
+        quality = quality if quality in ("low", "medium", "high") else "medium"
+        table = OUTPUT_TOKENS["gpt-image-2" if model.startswith("gpt-image-2") else "gpt-image-1"]
+        out = table[quality] * n
         usage = {
             "total_tokens": text + out,
             "input_tokens": text,
@@ -275,7 +282,7 @@ class RefServer:
             "background": "opaque",
             "output_format": "png",
             "size": f"{SIDE}x{SIDE}",
-            "quality": quality if quality != "auto" else "high",
+            "quality": quality,
             "usage": usage,
         }
         parts.append(b"], " + json.dumps(tail).encode()[1:])
