@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bill requests whose client went away",
     )
     ap.add_argument(
+        "--no-ratelimit-headers",
+        dest="ratelimit_headers",
+        action="store_false",
+        default=None,
+        help="send no x-ratelimit-* headers: the limits show only as 429s",
+    )
+    ap.add_argument(
         "--no-text",
         dest="render_text",
         action="store_false",
@@ -119,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     for _, dest, _, _ in _FLAGS:
         if getattr(args, dest) is not None:
             knobs[dest] = getattr(args, dest)
-    for dest in ("refuse_retired", "bill_on_disconnect", "render_text"):
+    for dest in ("refuse_retired", "bill_on_disconnect", "ratelimit_headers", "render_text"):
         if getattr(args, dest) is not None:
             knobs[dest] = getattr(args, dest)
     for item in args.set:

@@ -137,9 +137,10 @@ class Simulator:
         headers["openai-organization"] = cfg.organization
         headers["openai-version"] = "2020-10-01"
         unix = cfg.reset_format == "unix"
-        limit_headers = self.state.limits.headers(cfg.rpm, cfg.ipm, cfg.window_seconds, unix=unix)
-        for k, v in limit_headers.items():
-            headers[k] = v
+        if cfg.ratelimit_headers:
+            limits = self.state.limits.headers(cfg.rpm, cfg.ipm, cfg.window_seconds, unix=unix)
+            for k, v in limits.items():
+                headers[k] = v
         for k, v in extra_headers.items():
             headers[k] = v
         return response

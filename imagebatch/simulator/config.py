@@ -137,6 +137,9 @@ class SimConfig:
     error_style: str = "openai"
     # x-ratelimit-reset-* as Go "duration"s (OpenAI) or absolute "unix" times (some servers)
     reset_format: str = "duration"
+    # x-ratelimit-* headers on answers; False: a server that only says 429 (with retry-after),
+    # so a client must find the limit from refusals
+    ratelimit_headers: bool = True
     # a client that disconnects during latency/stall is billed anyway (as OpenAI might)
     bill_on_disconnect: bool = False
     # Batch API (/v1/batches): seconds in `validating`, per line while `in_progress`, and in
