@@ -1492,6 +1492,13 @@ def bench_payload(bench: Bench) -> None:
     run(bench)
 
 
+def bench_discovery(bench: Bench) -> None:
+    """Issue 13's unknown limit without headers, three runs (bench/discovery_bench.py)."""
+    from discovery_bench import bench_discovery as run  # bench/ is on sys.path
+
+    run(bench)
+
+
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "overhead": Bench.bench_overhead,
     "faults": Bench.bench_faults,
@@ -1500,6 +1507,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "unknown": Bench.bench_unknown,
     "naive": Bench.bench_naive,
     "payload": bench_payload,
+    "discovery": bench_discovery,
 }
 DIAGNOSTICS: dict[str, Callable[[Bench], None]] = {"diag429": Bench.bench_diag429}
 
@@ -1554,6 +1562,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="payload: extra flags for `imagebatch run`, one string (attribution experiments)",
     )
+    ap.add_argument("--runs", type=int, help="discovery: runs one after the other (default 3)")
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/imagebatch-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the images written by each run")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
