@@ -115,7 +115,8 @@ def _healthy(url: str) -> bool:
     import httpx
 
     try:
-        reply = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_SECONDS)
+        # A local server: never through an HTTP proxy from the environment.
+        reply = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_SECONDS, trust_env=False)
     except httpx.HTTPError:
         return False
     return reply.status_code == 200
