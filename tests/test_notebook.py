@@ -144,6 +144,10 @@ def test_api_in_a_kernel_uses_its_own_loop_and_one_prefect_api(kernel):
     assert out[1].split()[:2] == ["8", "8"]
     assert out[2].strip() == "1"  # the ephemeral API was started once
     assert out[3].split()[:2] == ["8", "True"]  # ... and served the second run too
+    # The hint to start a background server comes with the first run only.
+    hint = "prefect server start --background` makes later runs start in about 2 s"
+    assert hint in outputs(nb.cells[1], "text/html")
+    assert hint not in outputs(nb.cells[3], "text/html")
     assert "['DataFrame', 'RunLocked']" in out[4]
     assert "loop ok" in out[5]
 
