@@ -384,6 +384,8 @@ class PayloadBench:
             row("  of which the client process / its children (psutil, s)",
                 lambda r: f"{r['root_cpu_sampled']:.1f} / "
                 f"{r['tree_cpu_sampled'] - r['root_cpu_sampled']:.1f}"),
+            row("CPU ms per image written (tree)",
+                lambda r: f"{1000 * r['tree_cpu'] / r['files']:.0f}" if r["files"] else "-"),
             row("wall (s)", lambda r: f"{r['wall']:.1f}"),
             row("start to first request at the server (s)",
                 lambda r: "-" if r["first_request_s"] is None else f"{r['first_request_s']:.1f}"),
