@@ -512,12 +512,17 @@ def test_sigkill_around_a_collected_images_rename_is_finished_without_paying_aga
     )
     assert p.returncode == -signal.SIGKILL, p.stdout.decode()[-2000:] + p.stderr.decode()[-2000:]
     lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines() if x]
-    assert [r["status"] for r in lines] == ["succeeded"] * 3
-    last = lines[-1]
-    assert (out / last["file"]).exists() == (when == "after")  # the window, for real
-    assert (out / last["moved_from"]).exists() == (when == "before")
+    assert lines and {r["status"] for r in lines} == {"succeeded"}
+    # Lines of concurrent lines' images may be journaled ahead of their renames; whatever is
+    # under images/ has its line, and whatever has a line but is not there yet is staged.
     on_disk = {f"images/{f.name}" for f in (out / "images").iterdir()}
-    assert on_disk == {r["file"] for r in lines[: 3 if when == "after" else 2]}
+    assert on_disk <= {r["file"] for r in lines}, "renamed into images/ before its journal line"
+    staged = [r for r in lines if not (out / r["file"]).exists()]
+    assert all((out / r["moved_from"]).is_file() for r in staged)
+    if when == "before":
+        assert staged  # the window, for real: journaled, not yet renamed
+    else:
+        assert len(on_disk) >= 3
     billed = sim.stats()["images_billed"]
     assert billed == requested  # the batch ran every line before collection began
 
