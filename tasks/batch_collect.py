@@ -5,8 +5,8 @@ few lines are in flight at once, so memory holds a handful of lines whatever the
 size. Each image takes the live path: check, staged write, journal line, then the rename
 into images/. Error lines become `failed` or `rejected` with the server's code and message,
 classified exactly as live errors are; a line a retry may fix (a 5xx, a malformed answer) is
-handed back for another round instead. Lines the batch never ran (expired, cancelled) leave their images
-`not_run` with that reason, in memory only, so the next run submits them again.
+handed back for another round instead. Lines the batch never ran (expired, cancelled) leave
+their images `not_run` with that reason, in memory only, so the next run submits them again.
 """
 
 from __future__ import annotations
