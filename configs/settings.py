@@ -54,7 +54,16 @@ class ApiSettings:
     max_response_bytes_per_image: int = 48_000_000
     # Seconds from sending a request to its last byte read: a server dripping its answer
     # cannot hold a request longer than this, whatever read_timeout allows between bytes.
-    request_deadline: float = 600.0
+    # 0: connect + write + read timeouts + 120 s, so raising read_timeout raises it too.
+    request_deadline: float = 0.0
+
+    @property
+    def deadline(self) -> float:
+        """The overall deadline of one request, in seconds (see request_deadline)."""
+        if self.request_deadline > 0:
+            return self.request_deadline
+        return self.connect_timeout + self.write_timeout + self.read_timeout + 120.0
+
     # "auto": Azure when the host is an Azure OpenAI host, OpenAI otherwise.
     api_type: str = "auto"
     api_version: str = "2025-04-01-preview"
@@ -318,9 +327,10 @@ def _check(settings: Settings) -> None:
         raise ConfigError("[cost] max_cost and max_cost_total must be 0 (no cap) or more")
     if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
         raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
-    if settings.api.max_response_bytes_per_image < 1024 or settings.api.request_deadline <= 0:
+    if settings.api.max_response_bytes_per_image < 1024 or settings.api.request_deadline < 0:
         raise ConfigError(
-            "[api] max_response_bytes_per_image must be at least 1024 and request_deadline above 0"
+            "[api] max_response_bytes_per_image must be at least 1024, request_deadline 0 "
+            "(derived from the timeouts) or more"
         )
     if settings.api.api_type not in API_TYPES:
         raise ConfigError(f"[api] api_type must be one of {', '.join(API_TYPES)}")

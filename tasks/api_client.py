@@ -227,7 +227,7 @@ class ImagesClient:
             inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
         request = self.build_request(unit, inputs)
         started = time.monotonic()
-        deadline = self.api.request_deadline
+        deadline = self.api.deadline
         try:
             async with asyncio.timeout(deadline):
                 response, body = await self._exchange(request, self.response_cap(unit.n))
@@ -301,7 +301,7 @@ class ImagesClient:
         The image is already paid for, so a download that fails for a transient reason is
         tried again here, and one that still fails (or can never work: `file://`, a redirect
         loop, an internal address) fails the image: asking again would pay for a new one."""
-        deadline = self.api.request_deadline
+        deadline = self.api.deadline
         for attempt in range(1, tries + 1):
             try:
                 async with asyncio.timeout(deadline):

@@ -261,3 +261,9 @@ def test_an_error_body_is_read_only_as_far_as_it_says_something():
     error = _send_to(handler)
     # Cut at 1 MB, the start still classifies: a rate limit, not a malformed answer.
     assert type(error).__name__ == "RateLimited", error
+
+
+def test_the_deadline_follows_the_timeouts_unless_set():
+    assert ApiSettings().deadline == 10 + 120 + 360 + 120
+    assert ApiSettings(read_timeout=900).deadline > 900  # a slower server is never cut short
+    assert ApiSettings(request_deadline=5).deadline == 5
