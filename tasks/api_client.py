@@ -53,7 +53,6 @@ class ApiResult:
     latency: float
     usage: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    body_bytes: int = 0  # the size of the answer's body as received
 
 
 def azure_root(base_url: str) -> tuple[str, bool]:
@@ -251,7 +250,6 @@ class ImagesClient:
             error = error_from_response(response.status_code, response.headers, bytes(body))
             error.headers = response.headers
             raise error
-        size = len(body)
         parsed = _json_once(body, response.status_code, request_id)
         if (
             not isinstance(parsed, dict)
@@ -271,7 +269,7 @@ class ImagesClient:
         extra = {
             k: parsed[k] for k in ("size", "quality", "output_format", "background") if k in parsed
         }
-        return ApiResult(images, request_id, response.headers, latency, usage, extra, size)
+        return ApiResult(images, request_id, response.headers, latency, usage, extra)
 
     async def _image(self, item: Any, request_id: str | None) -> ApiImage:
         if not isinstance(item, dict):
