@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imagebatch.tasks.redact import mask_url
 
@@ -52,6 +53,43 @@ class PrefectApi:
             "no Prefect server found: using Prefect's temporary API (seconds to start, once "
             f"per process); `{BACKGROUND_COMMAND}` makes later runs start in about 2 s"
         )
+
+
+class Announcing:
+    """The caller's reporter, which first says which Prefect API the run uses: at the run's
+    first word to the user, so a run refused before it (its output folder, its settings)
+    shows only its one-line error."""
+
+    def __init__(self, inner: Any, api: PrefectApi) -> None:
+        self.inner = inner
+        self.api = api
+        self._said = False
+
+    def _say(self) -> None:
+        if not self._said:
+            self._said = True
+            message = self.api.message()
+            if message is not None:
+                self.inner.notice(message)
+
+    def notice(self, message: str) -> None:
+        self._say()
+        self.inner.notice(message)
+
+    def problems(self, problems: list[Any]) -> None:
+        if problems:  # no problems: nothing is shown
+            self._say()
+        self.inner.problems(problems)
+
+    def start(self, total: int, skipped: int) -> None:
+        self._say()
+        self.inner.start(total, skipped)
+
+    def image(self, record: Any) -> None:
+        self.inner.image(record)
+
+    def finish(self) -> None:
+        self.inner.finish()
 
 
 def choose() -> PrefectApi:

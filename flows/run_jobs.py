@@ -829,11 +829,14 @@ def run_jobs(
     read_jobs(jobs)  # a jobs table that cannot be read stops here: one line, no output folder
     # Locked before Prefect starts, so a second run refuses at once however slow Prefect is.
     with FolderLock(_out_dir(out, settings)):
+        api = prefect_api.choose()
+        if reporter is not None:
+            reporter = prefect_api.Announcing(reporter, api)
+        elif (message := api.message()) is not None:
+            log.info(message)
         handoff = _Handoff(ref, jobs if is_frame else None, reporter, settings)
         token = _handoff.set(handoff)
         try:
-            api = prefect_api.choose()
-            _tell(reporter, api.message())
             coro = imagebatch_flow(
                 ref,
                 str(out) if out else None,
@@ -849,15 +852,6 @@ def run_jobs(
                 return asyncio.run(_report_of(coro))
         finally:
             _handoff.reset(token)
-
-
-def _tell(reporter: Reporter | None, message: str | None) -> None:
-    if message is None:
-        return
-    if reporter is not None:
-        reporter.notice(message)
-    else:
-        log.info(message)
 
 
 async def _report_of(call: Any) -> RunReport:

@@ -366,6 +366,10 @@ def run(
     \b
     Exit status: 0 every image succeeded; 1 some did not (see the manifest);
     2 usage error, or the run stopped early (bad key, quota, Ctrl-C, disk full).
+
+    Prefect: the run uses the server in PREFECT_API_URL, else one started with
+    `prefect server start --background` (same PREFECT_HOME), else a temporary API that
+    takes several seconds to start; it says which.
     """
     from imagebatch.tasks.errors import ImagebatchError
 
