@@ -7,6 +7,11 @@ told the limit. Targets: under 5 % of requests answered 429 and 0.85 of the limi
 within two minutes, in three runs out of three. Each run gets a fresh refserver (seed = run
 number) and the invocation's `prefect server start`; the runs go one after the other.
 
+The limit binds only if the client outruns the bucket (more than 300 + 5 x t images by t
+seconds); a client slowed by a loaded machine never meets it, which the "first 429" row
+shows. `--ref-flags "--png-mb 0.3"` serves smaller PNGs, so the client's CPU is not what
+binds and discovery is exercised whatever the load.
+
 "Reached 0.85 of the limit": the first moment, counted from the first request the server
 saw, when the images billed in the 60 s before it reach 0.85 x 300 (polled every second,
 interpolated between polls).
@@ -15,6 +20,7 @@ interpolated between polls).
 from __future__ import annotations
 
 import os
+import shlex
 from typing import TYPE_CHECKING, Any
 
 from payload_bench import RefServer
@@ -64,7 +70,8 @@ def one_run(bench: Bench, i: int, jobs_csv: Any, jobs: int) -> dict[str, Any]:
     """One fresh refserver and one `imagebatch run` against it; the figures of this run."""
     label = f"discovery-{i}"
     load = os.getloadavg()[0]
-    ref = _Ref(bench.workdir, label, "--ipm", str(IPM), "--seed", str(i))
+    extra = shlex.split(bench.args.ref_flags or "")
+    ref = _Ref(bench.workdir, label, "--ipm", str(IPM), "--seed", str(i), *extra)
     try:
         res = bench.imagebatch(label, ref, jobs_csv, [], bench.args.timeout or 900)
     finally:
@@ -156,8 +163,8 @@ def bench_discovery(bench: Bench) -> None:
     head = ("metric", *(f"run {i + 1}" for i in range(len(runs))), "target", "ok")
     rows = _rows(runs)
     desc = (
-        f"`{runs[0]['server']}` (latency uniform:1,3, 3 MB PNGs; a fresh server per run, "
-        f"seed = run number); {jobs} single-image jobs; client: `imagebatch run jobs.csv "
+        f"`{runs[0]['server']}` (latency uniform:1,3; a fresh server per run, seed = run "
+        f"number); {jobs} single-image jobs; client: `imagebatch run jobs.csv "
         "--out DIR -q` (not told the limit), one run after the other, real Prefect server"
     )
     bench.report_raw(

@@ -1563,6 +1563,11 @@ def main(argv: list[str] | None = None) -> int:
         help="payload: extra flags for `imagebatch run`, one string (attribution experiments)",
     )
     ap.add_argument("--runs", type=int, help="discovery: runs one after the other (default 3)")
+    ap.add_argument(
+        "--ref-flags",
+        default="",
+        help='discovery: extra bench/refserver.py flags, one string (e.g. "--png-mb 0.3")',
+    )
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/imagebatch-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the images written by each run")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
