@@ -260,7 +260,12 @@ def main() -> None:
 )
 @click.option("--org", "organization", help="OpenAI organization id (default: $OPENAI_ORG_ID).")
 @click.option("--project", help="OpenAI project id (default: $OPENAI_PROJECT_ID).")
-@click.option("--read-timeout", type=float, help="Seconds to wait for an answer (default 360).")
+@click.option(
+    "--read-timeout",
+    type=float,
+    help="Seconds of silence allowed while an answer comes (default 360); the whole request "
+    "is bounded by [api] request_deadline (default: the timeouts + 120 s).",
+)
 @click.option(
     "--on-ambiguous",
     type=click.Choice(["retry", "fail"]),
