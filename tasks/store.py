@@ -123,7 +123,8 @@ def _png_chunks_whole(data: bytes) -> bool:
         if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
             return False
         if view[pos + 4 : pos + 8] == b"IEND":
-            return not bytes(view[end:]).strip(b"\x00\r\n")
+            rest = view[end:]  # a little padding after IEND is tolerated, nothing else
+            return len(rest) <= 64 and not bytes(rest).strip(b"\x00\r\n")
         pos = end
     return False
 
