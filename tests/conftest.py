@@ -148,3 +148,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def procs():
+    """Subprocesses a test starts (it appends them); any still alive at teardown are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)

@@ -37,16 +37,6 @@ def sim():
     server.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def env(sim: SimulatorServer) -> dict[str, str]:
     return {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": KEY}
 

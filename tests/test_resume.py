@@ -49,17 +49,6 @@ def make_sim():
         server.stop()
 
 
-@pytest.fixture
-def procs():
-    """Subprocesses started by a test; any still alive at teardown are killed (by pid)."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def write_jobs(path: Path, rows: list[dict]) -> Path:
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
