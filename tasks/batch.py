@@ -32,7 +32,7 @@ from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputErr
 from imagebatch.tasks.files import file_sha256
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, units_for
-from imagebatch.tasks.store import ImageStore
+from imagebatch.tasks.store import Expected, ImageStore
 
 log = logging.getLogger("imagebatch")
 
@@ -78,6 +78,7 @@ class BatchRun:
             self.records,
             self._recorded,
             self._price,
+            self._expected,
         )
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -177,6 +178,11 @@ class BatchRun:
                 self.budget.spent += call.usd
         est = estimate_unit(self.prices, job, len(line), batch=True)
         return cost_fields(call, est, len(line))
+
+    def _expected(self, key: str) -> Expected | None:
+        """What the image's request asked for: a batch image is checked as a live one is."""
+        found = self.by_key.get(key)
+        return Expected.of(found[0].job.params) if found is not None else None
 
     def _release(self, part: Part) -> None:
         """Lines of a collected batch that were not answered with images cost nothing."""

@@ -24,7 +24,14 @@ from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.errors import ApiError, RejectedError, TransientError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.retry import error_from_response
-from imagebatch.tasks.store import CorruptImage, ImageStore, StoredImage, run_off_loop
+from imagebatch.tasks.store import (
+    CorruptImage,
+    Expected,
+    ImageStore,
+    StoredImage,
+    UnexpectedImage,
+    run_off_loop,
+)
 
 IN_FLIGHT_LINES = 4
 NOT_RUN_REASONS = {
@@ -56,6 +63,8 @@ class Collector:
     on_record: Callable[[ImageRecord], None] | None = None
     # (custom_id, images the line returned, usage) -> each image's cost fields for the journal
     pricer: Callable[[str, int, dict[str, Any] | None], dict[str, Any]] | None = None
+    # image key -> the format and size its request asked for (None: anything goes)
+    expect: Callable[[str], Expected | None] | None = None
 
     async def collect(
         self,
@@ -191,8 +200,16 @@ class Collector:
             if blob is None:
                 missing.append(image)
                 continue
+            expected = self.expect(key) if self.expect is not None else None
             try:
-                stored = await run_off_loop(self.store.stage, blob, f"{stem}_{index}", key)
+                stored = await run_off_loop(
+                    self.store.stage, blob, f"{stem}_{index}", key, expected
+                )
+            except UnexpectedImage as wrong:
+                # Whole, but not what was asked for: failed at once, with its share of the
+                # line's cost (a retry would bill the same answer again), as in a live run.
+                await self._unexpected(image, wrong, request_id, batch, result, costs)
+                continue
             except CorruptImage:
                 missing.append(image)
                 continue
@@ -227,6 +244,31 @@ class Collector:
                 request_id=request_id,
             )
             await self._failed(cid, missing, failure, batch, last_round, result)
+
+    async def _unexpected(
+        self,
+        image: list[Any],
+        wrong: UnexpectedImage,
+        request_id: str | None,
+        batch: dict[str, Any],
+        result: Collected,
+        costs: dict[str, Any],
+    ) -> None:
+        key, job_id, _stem, index = image
+        record = ImageRecord(
+            key=key,
+            job_id=job_id,
+            index=index,
+            status="failed",
+            attempts=result.round,
+            request_id=request_id,
+            error_code=wrong.code,
+            error_message=str(wrong)[:500],
+            run_id=self.run_id,
+            batch_id=batch.get("id"),
+            **costs,
+        )
+        await self._record(record, result)
 
     async def _bytes(self, item: Any, request_id: str | None) -> tuple[bytes | None, str | None]:
         if not isinstance(item, dict):

@@ -26,7 +26,7 @@ from imagebatch.tasks.batch_api import BatchApi
 from imagebatch.tasks.batch_collect import Collector
 from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.journal import Journal
-from imagebatch.tasks.store import ImageStore
+from imagebatch.tasks.store import Expected, ImageStore
 
 LINES = 120
 
@@ -113,3 +113,48 @@ def test_large_output_file_is_streamed_and_collected_in_flat_memory(tmp_path):
 
 async def _no_download(url: str) -> bytes:
     raise AssertionError("no url results in this file")
+
+
+def _line(cid: str, image: bytes) -> str:
+    body = {"created": 1, "data": [{"b64_json": base64.b64encode(image).decode("ascii")}]}
+    response = {"status_code": 200, "request_id": f"req_{cid}", "body": body}
+    return json.dumps({"custom_id": cid, "response": response, "error": None}) + "\n"
+
+
+def _encoded(fmt: str, side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_batch_images_not_in_the_asked_format_or_size_fail_at_once(tmp_path):
+    """As in a live run: a whole image that is not what the line asked for is `failed` with
+    its code (never stored, never sent again); the right one is stored."""
+    images = {"ok": _encoded("PNG", 64), "bmp": _encoded("BMP", 64), "small": _encoded("PNG", 32)}
+    source = tmp_path / "output.jsonl"
+    source.write_text("".join(_line(cid, data) for cid, data in images.items()))
+    units = {cid: [[f"key-{cid}", cid, cid, 0]] for cid in images}
+    part = Part("p", "/v1/images/generations", "batch/p.jsonl", 3, 0, "", units)
+    out = tmp_path / "out"
+    out.mkdir()
+    store = ImageStore(out)
+    store.prepare()
+    journal = Journal(out, sync_first=(store.images_dir,))
+    journal.open()
+    asked = Expected.of({"size": "64x64", "output_format": "png"})
+
+    async def collect():
+        collector = Collector(store, journal, "run", _no_download, {}, expect=lambda key: asked)
+        return await collector.collect(part, {"id": "b", "status": "completed"}, [source], True)
+
+    got = asyncio.run(collect())
+    journal.close()
+    by_job = {r.job_id: r for r in got.records}
+    assert by_job["ok"].status == "succeeded"
+    assert (by_job["bmp"].status, by_job["bmp"].error_code) == ("failed", "unexpected_image_format")
+    assert (by_job["small"].status, by_job["small"].error_code) == (
+        "failed",
+        "unexpected_image_size",
+    )
+    assert got.retry == {}  # nothing handed back for another round: it would be billed again
+    assert [p.name for p in store.images_dir.iterdir()] == [Path(by_job["ok"].file).name]
