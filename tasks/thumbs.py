@@ -54,7 +54,10 @@ def make_thumbnail(source: Path, dest: Path, spec: ThumbSpec) -> None:
     """Write a thumbnail of `source` to `dest` atomically; the decoded bitmap lives only here."""
     with Image.open(source) as img:
         img.draft("RGB", (spec.size, spec.size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-        img.thumbnail((spec.size, spec.size), Image.Resampling.LANCZOS, reducing_gap=2.0)
+        # Reduce by a whole factor first (a box average, cheap), then Lanczos the rest: for a
+        # 3 MB 1024x1024 PNG this is 17 ms of CPU against 27 ms with reducing_gap=2.0 and
+        # WebP method 4, for a 256 px thumbnail that looks the same (bench/RESULTS.md).
+        img.thumbnail((spec.size, spec.size), Image.Resampling.LANCZOS, reducing_gap=1.0)
         small = ImageOps.exif_transpose(img)
     if spec.format == "jpeg" or small.mode not in ("RGB", "RGBA"):
         small = small.convert("RGBA" if "A" in small.getbands() else "RGB")
@@ -64,7 +67,7 @@ def make_thumbnail(source: Path, dest: Path, spec: ThumbSpec) -> None:
         small = flat
     buf = io.BytesIO()
     if spec.format == "webp":
-        small.save(buf, "WEBP", quality=spec.quality, method=4)
+        small.save(buf, "WEBP", quality=spec.quality, method=0)
     else:
         small.save(buf, "JPEG", quality=spec.quality, optimize=True)
     write_atomic(dest, buf.getvalue(), sync_dir=False)
