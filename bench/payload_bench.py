@@ -45,6 +45,7 @@ from run_bench import (
     log,
     make_jobs,
     read_run_json,
+    stop_server,
     system_busy,
     tree_cpu,
     tree_rss,
@@ -97,14 +98,7 @@ class RefServer:
         return self.http.get(self.base_url.removesuffix("/v1") + "/_ref/stats").json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.errlog.close()
+        stop_server(self.proc, self.errlog)
 
 
 class TreeMonitor(threading.Thread):

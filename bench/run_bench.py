@@ -133,6 +133,18 @@ def make_jobs(
 # ------------------------------------------------------------------------------------ processes
 
 
+def stop_server(proc: subprocess.Popen, errlog: Any) -> None:
+    """Ctrl-C a server we started, kill it if it lingers, close its log."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    errlog.close()
+
+
 class Simulator:
     def __init__(
         self, workdir: Path, *flags: str, no_headers: bool = False, name: str = "sim"
@@ -191,14 +203,7 @@ class Simulator:
         return tree_cpu(self.ps)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.errlog.close()
+        stop_server(self.proc, self.errlog)
 
 
 class PrefectServer:
