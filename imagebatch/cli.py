@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from imagebatch.configs.registry import CHOICES
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Quiet, offline-friendly Prefect defaults; a user's own environment wins.
 PREFECT_DEFAULTS = {
@@ -214,6 +217,37 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def config_option(what: str = "") -> Callable[[F], F]:
+    """`--config`, the same on every command; `what` says which settings matter there."""
+    return click.option(
+        "--config",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=f"A TOML file overriding configs/defaults.toml{what}.",
+    )
+
+
+models_option = click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file adding or overriding models in the registry.",
+)
+prices_option = click.option(
+    "--prices",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A TOML file overlaying configs/prices.toml (prices change; no code needed).",
+)
+
+
+def row_defaults(command: F) -> F:
+    """`--model`, `--size`, `--quality`: defaults for rows that leave those cells empty."""
+    for name in ("quality", "size", "model"):  # applied bottom-up: listed model, size, quality
+        command = click.option(f"--{name}", help=f"Default {name} for rows that leave it empty.")(
+            command
+        )
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imagebatch")
 def main() -> None:
@@ -238,9 +272,7 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (default: out).",
 )
-@click.option("--model", help="Default model for rows that leave it empty.")
-@click.option("--size", help="Default size for rows that leave it empty.")
-@click.option("--quality", help="Default quality for rows that leave it empty.")
+@row_defaults
 @click.option("--n", "n", type=int, help="Default images per row.")
 @click.option(
     "--output-format",
@@ -287,17 +319,8 @@ def main() -> None:
     is_flag=True,
     help="Run into a folder made with other defaults; affected images are redone.",
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file overriding configs/defaults.toml.",
-)
-@click.option(
-    "--models",
-    "models_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file adding or overriding models in the registry.",
-)
+@config_option()
+@models_option
 @click.option(
     "--max-cost",
     type=click.FloatRange(min=0),
@@ -309,11 +332,7 @@ def main() -> None:
     type=click.FloatRange(min=0),
     help="The same cap for the output folder's total: what earlier runs into it spent counts.",
 )
-@click.option(
-    "--prices",
-    type=click.Path(exists=True, dir_okay=False),
-    help="A TOML file overlaying configs/prices.toml (prices change; no code needed).",
-)
+@prices_option
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -439,9 +458,7 @@ def _dry_run(
 
 @main.command()
 @click.argument("jobs", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--model", help="Default model for rows that leave it empty.")
-@click.option("--size", help="Default size for rows that leave it empty.")
-@click.option("--quality", help="Default quality for rows that leave it empty.")
+@row_defaults
 @click.option(
     "--base-url",
     help="The server the run would target (decides whether retired models are errors).",
@@ -452,22 +469,9 @@ def _dry_run(
     default=None,
     help="Judge rows as for a --simulate run (retired models are warnings).",
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file overriding configs/defaults.toml.",
-)
-@click.option(
-    "--models",
-    "models_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file adding or overriding models.",
-)
-@click.option(
-    "--prices",
-    type=click.Path(exists=True, dir_okay=False),
-    help="A TOML file overlaying configs/prices.toml.",
-)
+@config_option()
+@models_option
+@prices_option
 @click.option(
     "--strict-models/--no-strict-models",
     default=None,
@@ -594,11 +598,7 @@ def jobs_from_folder_cmd(
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file overriding configs/defaults.toml ([gallery] settings).",
-)
+@config_option(" ([gallery] settings)")
 @click.option(
     "--contact-sheet",
     type=click.IntRange(min=0),
@@ -682,9 +682,7 @@ def _print_summary(summary: Any, written: list[Path]) -> None:
     help="Each run writes into its own dated folder here; `latest` names the newest.",
 )
 @click.option("--name", default="scheduled", show_default=True, help="The deployment's name.")
-@click.option("--model", help="Default model for rows that leave it empty.")
-@click.option("--size", help="Default size for rows that leave it empty.")
-@click.option("--quality", help="Default quality for rows that leave it empty.")
+@row_defaults
 @click.option("--n", "n", type=int, help="Default images per row.")
 @click.option("--ipm", type=float, help="Images per minute allowed (0: learn it).")
 @click.option("--rpm", type=float, help="Requests per minute allowed (0: learn it).")
@@ -700,17 +698,8 @@ def _print_summary(summary: Any, written: list[Path]) -> None:
     default=None,
     help="Each run goes to a built-in simulator: synthetic images, nothing billed.",
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file overriding configs/defaults.toml.",
-)
-@click.option(
-    "--models",
-    "models_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file adding or overriding models in the registry.",
-)
+@config_option()
+@models_option
 def serve(
     jobs: Path,
     cron: str,
@@ -780,12 +769,7 @@ def simulate(
 
 
 @main.command()
-@click.option(
-    "--models",
-    "models_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file adding or overriding models.",
-)
+@models_option
 @click.option(
     "--check",
     is_flag=True,
@@ -795,11 +779,7 @@ def simulate(
 @click.option(
     "--base-url", help="The server to check (default: $OPENAI_BASE_URL or api.openai.com)."
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TOML file overriding configs/defaults.toml (api_type, api_version).",
-)
+@config_option(" (api_type, api_version)")
 def models(
     models_file: Path | None, check: bool, base_url: str | None, config: Path | None
 ) -> None:
