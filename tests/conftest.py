@@ -159,3 +159,22 @@ def procs():
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """A fast simulator shared by a test module (modules that need another define their own)."""
+    from imagebatch.simulator import SimConfig, SimulatorServer
+
+    with SimulatorServer(SimConfig(latency=0.01)) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_sim(sim):
+    """The module's simulator, reset to its start-up settings and counts."""
+    from imagebatch.simulator import SimConfig
+
+    sim.reset()
+    sim.configure(**SimConfig(latency=0.01).to_dict(redact=False))
+    return sim

@@ -6,29 +6,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from click.testing import CliRunner
 
 from imagebatch.cli import main
-from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.manifest import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with SimulatorServer(SimConfig(latency=0.01)) as server:
-        yield server
-
-
-@pytest.fixture
-def fresh_sim(sim):
-    sim.reset()
-    sim.configure(**SimConfig(latency=0.01).to_dict(redact=False))
-    return sim
 
 
 def invoke(args: list[str], env: dict[str, str] | None = None):

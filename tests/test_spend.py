@@ -14,25 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from imagebatch.cli import main
-from imagebatch.simulator import SimConfig, SimulatorServer
 
 D = Decimal
 M = D(1_000_000)
 # A round price so the boundary is plain: a cap of $1.00 holds exactly 100 images.
 PRICES = '[prices."dall-e-2"]\nper_image = { "standard/256x256" = 0.01 }\n'
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with SimulatorServer(SimConfig(latency=0.01)) as server:
-        yield server
-
-
-@pytest.fixture
-def fresh_sim(sim):
-    sim.reset()
-    sim.configure(**SimConfig(latency=0.01).to_dict(redact=False))
-    return sim
 
 
 def run(sim, args: list[str]):
