@@ -271,7 +271,7 @@ class Dispatcher:
     ) -> None:
         """An error answer costs nothing; a request lost after sending, or a 2xx with an
         unusable body, may have been billed: its worst case stays booked as possibly paid."""
-        billed = isinstance(error, AmbiguousError) or 200 <= (error.status or 0) < 300
+        billed = _maybe_billed(error)
         self.budget.settle(reservation, lost=billed)
         if billed:
             progress.lost += est.worst_usd or 0
