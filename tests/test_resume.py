@@ -546,7 +546,7 @@ def _flow_run_count() -> int:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return len(client.read_flow_runs(limit=200))
+        return client.count_flow_runs()  # all of the session's runs, never a capped page
 
 
 # --------------------------------------------------------------------------- 6. Ctrl-C

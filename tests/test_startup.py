@@ -24,18 +24,20 @@ PROBE = f"""
 import json, sys
 from imagebatch.cli import main
 report, args = sys.argv[1], sys.argv[2:]
+code = 0
 try:
     main(args, prog_name="imagebatch")
-except SystemExit:
-    pass
+except SystemExit as stop:
+    code = stop.code if isinstance(stop.code, int) else 1
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY)!r})
 with open(report, "w") as f:
-    json.dump(loaded, f)
+    json.dump({{"loaded": loaded, "code": code}}, f)
 """
 
 
-def loaded_by(tmp_path: Path, *args: str) -> list[str]:
-    """The heavy packages `imagebatch ARGS` imports, run in a new interpreter."""
+def loaded_by(tmp_path: Path, *args: str, code: int = 0) -> list[str]:
+    """The heavy packages `imagebatch ARGS` imports, run in a new interpreter; the command
+    must end with exit status `code` (a command that crashed early proves nothing)."""
     report = tmp_path / "loaded.json"
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(report), *args],
@@ -45,7 +47,9 @@ def loaded_by(tmp_path: Path, *args: str) -> list[str]:
         timeout=120,
     )
     assert report.exists(), proc.stderr
-    return json.loads(report.read_text())
+    result = json.loads(report.read_text())
+    assert result["code"] == code, proc.stdout + proc.stderr
+    return result["loaded"]
 
 
 def every_command(group: click.Group = main, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -68,9 +72,11 @@ def test_models_imports_no_prefect_pandas_or_pyarrow(tmp_path):
 
 
 def test_validate_of_a_csv_imports_no_prefect_pandas_or_pyarrow(tmp_path):
-    assert loaded_by(tmp_path, "validate", "data/catalog.csv") == []
+    assert loaded_by(tmp_path, "validate", "data/catalog.csv", code=1) == []  # one invalid row
 
 
 def test_the_probe_sees_what_a_run_imports(tmp_path):
     """The probe can fail: a run imports Prefect (here it stops at once: no jobs file)."""
-    assert "prefect" in loaded_by(tmp_path, "run", str(tmp_path / "missing.csv"), "--simulate")
+    assert "prefect" in loaded_by(
+        tmp_path, "run", str(tmp_path / "missing.csv"), "--simulate", code=2
+    )
