@@ -123,8 +123,13 @@ def background_server(home: Path, host: str, port: int) -> str | None:
     this PREFECT_HOME, or None."""
     try:
         pid = int((home / PID_FILE).read_text(encoding="ascii").strip())
-        os.kill(pid, 0)  # a stale file from a server that is gone
     except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)  # a stale file from a server that is gone
+    except PermissionError:
+        pass  # alive, run by another user: the health check below decides
+    except OSError:
         return None
     host, port = _listening(pid, host, port)
     if host in ("0.0.0.0", "::", ""):
