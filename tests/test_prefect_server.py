@@ -291,10 +291,15 @@ def test_serve_fires_an_every_minute_cron_by_itself(prefect_server, sim, procs, 
     deployment = prefect_server.get("/deployments/name/imagebatch/every-minute")
     assert deployment["parameters"]["out_root"] == str(out_root)
     assert "api_key" not in json.dumps(deployment["parameters"])
-    runs = prefect_server.post(
-        "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
-    )
-    done = [r for r in runs if r["state"]["type"] in FINAL]
+
+    def finished_runs() -> list[dict[str, Any]]:
+        runs = prefect_server.post(
+            "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+        )
+        return [r for r in runs if r["state"]["type"] in FINAL]
+
+    # The folder is marked LATEST just before the run reports its final state: wait for it.
+    done = wait_until("the scheduled run's final state", finished_runs, 120, proc=serve)
     assert done and all(r["auto_scheduled"] for r in done)
     run = done[0]
     assert run["state"]["type"] == "FAILED"
