@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebatch.configs.errors import ConfigError
+from imagebatch.configs.registry import parse_size
 from imagebatch.configs.tables import merge_tables
 
 BUNDLED = Path(__file__).with_name("prices.toml")
@@ -93,10 +94,8 @@ class ModelPrices:
         listed = self.output_tokens.get(f"{quality}/{size}")
         if listed is not None or self.output_rule is None:
             return listed
-        w, _, h = size.partition("x")
-        if not (w.isdigit() and h.isdigit()):
-            return None
-        return self.output_rule.tokens(quality, int(w), int(h))
+        parsed = parse_size(size)
+        return None if parsed is None else self.output_rule.tokens(quality, *parsed)
 
     def rate(self, name: str) -> Decimal | None:
         """USD per token, or None when the rate is not known."""

@@ -40,11 +40,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input_fidelity": ("high", "low"),
     "response_format": ("url", "b64_json"),
 }
-_SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # ASCII digits only
+_SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits only
 _SNAPSHOT_RE = re.compile(r"^(?P<base>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
 # Optional parameters the multipart edit form has no field for (published schema); a model
 # takes one there only when its entry lists it in `edit_params`.
 NOT_ON_EDIT_FORM = frozenset({"moderation", "style"})
+
+
+def parse_size(size: str) -> tuple[int, int] | None:
+    """(width, height) of a `WxH` size as the API spells it ("1536x1024"), or None for
+    anything else ("auto", "", "1536X1024 "). Validation lower-cases and strips sizes, so
+    every stage after it parses with this one rule; a zero edge is returned for the caller
+    to refuse (the registry says why, the others fall back)."""
+    m = _SIZE_RE.fullmatch(size)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 @dataclass(frozen=True)
@@ -129,10 +138,10 @@ class ModelSpec:
             return None
         listed = ", ".join(s for s in allowed if s != "flexible")
         if "flexible" in allowed and self.size_rule is not None:
-            m = _SIZE_RE.match(size)
-            if not m:
+            parsed = parse_size(size)
+            if parsed is None:
                 return f"size must be 'auto' or WxH (for example 1536x1024), got {size!r}"
-            w, h = int(m.group(1)), int(m.group(2))
+            w, h = parsed
             if w == 0 or h == 0:
                 return "width and height must be positive"
             why = self.size_rule.check(w, h)

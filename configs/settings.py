@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -12,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imagebatch.configs.errors import ConfigError
+from imagebatch.configs.registry import parse_size
 from imagebatch.configs.tables import merge_tables
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
@@ -370,7 +370,8 @@ def check_limits(limits: LimitSettings) -> None:
         isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in bpp.values()
     ):
         raise ConfigError("[limits.bytes_per_pixel] maps formats to positive numbers: png = 3.0")
-    if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(limits.auto_size)):
+    parsed = parse_size(str(limits.auto_size))
+    if parsed is None or 0 in parsed:
         raise ConfigError(f"[limits] auto_size must be WxH, got {limits.auto_size!r}")
 
 

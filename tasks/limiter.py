@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imagebatch.configs.registry import parse_size
 from imagebatch.configs.settings import LimitSettings
 from imagebatch.tasks.headers import lower_headers, parse_reset, parse_retry_after
 
@@ -39,13 +39,13 @@ def _number(value: str | None) -> float | None:
     return number if math.isfinite(number) else None
 
 
-_SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
 BASE64 = 4 / 3  # a b64_json body is the image's bytes plus a third
 
 
 def _pixels(size: str) -> int | None:
-    match = _SIZE.fullmatch(size.strip().lower())
-    return int(match.group(1)) * int(match.group(2)) if match else None
+    """Pixels of a WxH size; None for `auto`, an unreadable size or a zero edge."""
+    parsed = parse_size(size)
+    return parsed[0] * parsed[1] if parsed else None
 
 
 def _level(compression: Any) -> int | None:

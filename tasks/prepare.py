@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
 
-from imagebatch.configs.registry import ModelSpec
+from imagebatch.configs.registry import ModelSpec, parse_size
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.files import file_sha256, sha256_hex, write_atomic
 
@@ -260,13 +260,6 @@ def human_bytes(n: int) -> str:
     return f"{max(1, round(n / 1000))} KB"
 
 
-def _parse_size(size: str) -> tuple[int, int] | None:
-    w, sep, h = size.partition("x")
-    if sep and w.isdigit() and h.isdigit():
-        return int(w), int(h)
-    return None
-
-
 def _open(src: SourceImage, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode `src` again, refusing a file that changed since validation checked it."""
     data = src.path.read_bytes()
@@ -402,7 +395,7 @@ def _geometry(
         how = "cropped" if op == "crop" else f"padded ({options.pad_color.lower()})"
         steps.append(f"{how} {w}x{h} -> {side}x{side}")
         w = h = side
-    target = _parse_size(options.size) if rules.resize_to_size else None
+    target = parse_size(options.size) if rules.resize_to_size else None
     if target is not None and target != (w, h):
         ops.append(("resize", target))
         steps.append(f"resized to {target[0]}x{target[1]}")
@@ -413,7 +406,7 @@ def _draft_size(
     src: SourceImage, rules: InputRules, options: PrepOptions
 ) -> tuple[int, int] | None:
     """For a JPEG that will be shrunk a lot: the smallest stored size that still covers the target."""
-    target = _parse_size(options.size) if rules.resize_to_size else None
+    target = parse_size(options.size) if rules.resize_to_size else None
     if target is None or src.format != "jpeg":
         return None
     w, h = src.display_size
@@ -466,7 +459,7 @@ def _extension(fmt: str) -> str:
 def _passes_as_is(src: SourceImage, rules: InputRules, options: PrepOptions) -> bool:
     """Nothing to do: the original bytes are sent untouched (no re-encoding loss)."""
     w, h = src.display_size
-    target = _parse_size(options.size) if rules.resize_to_size else None
+    target = parse_size(options.size) if rules.resize_to_size else None
     return (
         src.format in rules.formats
         and src.orientation == 1

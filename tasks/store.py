@@ -20,7 +20,6 @@ import asyncio
 import functools
 import io
 import os
-import re
 import secrets
 import zlib
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
+from imagebatch.configs.registry import parse_size
 from imagebatch.tasks.errors import OutputError
 from imagebatch.tasks.files import file_sha256, move_new, write_atomic_hashed
 
@@ -38,7 +38,6 @@ from imagebatch.tasks.files import file_sha256, move_new, write_atomic_hashed
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 STAGING = ".imagebatch-tmp"  # the tool's own folder under --out: everything in it is ours
 WORKERS = min(4, os.cpu_count() or 1)
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.I)
 _T = TypeVar("_T")
 _pool: ThreadPoolExecutor | None = None
 
@@ -66,8 +65,7 @@ class Expected:
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> Expected:
         """From a request's parameters: `size` WxH and `output_format` when they were sent."""
-        match = _SIZE.match(str(params.get("size") or ""))
-        size = (int(match.group(1)), int(match.group(2))) if match else None
+        size = parse_size(str(params.get("size") or ""))
         fmt = str(params.get("output_format") or "").strip().upper()
         fmt = {"JPG": "JPEG"}.get(fmt, fmt)
         return cls(fmt if fmt in EXTENSIONS else None, size)

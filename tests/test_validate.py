@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imagebatch.configs.registry import Registry
+from imagebatch.configs.registry import Registry, parse_size
 from imagebatch.configs.settings import JobDefaults
 from imagebatch.tasks.errors import InputError
 from imagebatch.tasks.read_jobs import JOB_COLUMNS, read_jobs
@@ -225,6 +225,23 @@ def test_empty_cells_take_defaults_and_model_defaults():
 )
 def test_rule(row, column, fragment):
     one_error(row, column, fragment)
+
+
+@pytest.mark.parametrize(
+    "size, parsed",
+    [
+        ("1536x1024", (1536, 1024)),
+        ("0x1024", (0, 1024)),  # the registry refuses it with its own reason
+        ("auto", None),
+        ("", None),
+        ("1536X1024", None),  # validation lower-cases before anything parses
+        (" 1536x1024", None),
+        ("123456x1", None),
+        ("\u0661\u0660x10", None),  # digits, but not ASCII ones
+    ],
+)
+def test_one_size_parser_for_every_stage(size, parsed):
+    assert parse_size(size) == parsed
 
 
 def test_retired_model_is_an_error_only_against_openai():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
-import re
 import struct
 import textwrap
 import threading
@@ -24,6 +23,8 @@ from collections import OrderedDict
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
+
+from imagebatch.configs.registry import parse_size as parse_wxh
 
 DRAW_EDGE = 256  # longest edge of the canvas actually drawn on
 DEFAULT_SIZE = (1024, 1024)
@@ -38,17 +39,15 @@ _TEXT_BG = 250
 _TEXT_FG = 251
 _LABEL_FG = 252
 
-_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-
 
 def parse_size(size: str | None) -> tuple[int, int]:
     """'1536x1024' -> (1536, 1024); 'auto', '' and None -> 1024x1024."""
     if not size or size == "auto":
         return DEFAULT_SIZE
-    m = _SIZE_RE.match(size)
-    if not m:
+    parsed = parse_wxh(size)
+    if parsed is None:
         raise ValueError(f"bad size {size!r}")
-    return int(m.group(1)), int(m.group(2))
+    return parsed
 
 
 @lru_cache(maxsize=1)

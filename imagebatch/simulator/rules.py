@@ -10,7 +10,13 @@ from typing import Any
 
 from starlette.requests import Request
 
-from imagebatch.configs.registry import CHOICES, OPTIONAL_PARAMS, ModelSpec, Registry
+from imagebatch.configs.registry import (
+    CHOICES,
+    OPTIONAL_PARAMS,
+    ModelSpec,
+    Registry,
+    parse_size,
+)
 
 from .failures import ApiFailure, bad, type_name, unknown_param
 from .request import (
@@ -345,9 +351,9 @@ def _size(p: Params, op: str, spec: ModelSpec, inputs: list[InputImage]) -> tupl
     size_why = spec.size_error(size, "generate" if op == "generate" else "edit")
     if size_why:
         raise bad("size", f"Invalid value for 'size': {size_why}.")
-    if size != "auto":
-        w, _, h = size.partition("x")
-        return int(w), int(h)
+    parsed = parse_size(size)
+    if parsed is not None:
+        return parsed
     if op in ("edit", "edit_json"):
         return edit_auto_size(inputs[0] if inputs else None)
     return 1024, 1024
