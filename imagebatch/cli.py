@@ -147,9 +147,12 @@ def _cost_summary(console: Any, cost: dict[str, Any]) -> None:
     parts = [f"cost {_usd(cost['actual_usd'])} this run"]
     if cost.get("images_compared"):
         parts.append(
-            f"{cost['images_compared']} image(s) made for {_usd(cost['actual_usd_of_made'])} "
-            f"against an estimate of {_usd(cost['estimated_usd_of_made'])}"
+            f"the {cost['images_compared']} image(s) made with an estimate cost "
+            f"{_usd(cost['actual_usd_of_made'])} against {_usd(cost['estimated_usd_of_made'])} "
+            "estimated"
         )
+    if cost.get("unestimated_images"):
+        parts.append(f"{cost['unestimated_images']} image(s) made had no estimate")
     if cost.get("unpriced_calls"):
         parts.append(f"{cost['unpriced_calls']} call(s) with no price (unknown)")
     if cost.get("possibly_paid_twice_images"):

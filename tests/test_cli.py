@@ -44,6 +44,9 @@ def test_example_catalog_with_builtin_simulator(prefect_api, tmp_path):
     assert result.exit_code == 1, result.output  # one invalid row, the rest succeed
     assert "built-in simulator" in result.output
     assert "row 11, column 'size'" in result.output
+    # xhigh has no price factor yet: its image is priced from usage but had no estimate
+    assert "the 20 image(s) made with an estimate cost $" in result.output
+    assert "1 image(s) made had no estimate" in result.output
     manifest = pd.read_csv(out / "manifest.csv")
     assert list(manifest.columns[: len(COLUMNS)]) == COLUMNS
     assert "sku" in manifest.columns
