@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,7 +43,7 @@ ERROR_BODY_CAP = 1_000_000  # an error body is read this far; the rest is never 
 
 @dataclass
 class ApiImage:
-    data: bytes
+    data: bytes | bytearray  # a downloaded image stays in the buffer it was read into
     revised_prompt: str | None = None
 
 
@@ -150,8 +152,12 @@ class ImagesClient:
         self._busy[shard] += 1
         try:
             response = await self._pools[shard].send(request, stream=True)
+            if response.status_code >= 400:  # cut, not refused: its first part says what went wrong
+                cap, refuse = min(cap, ERROR_BODY_CAP), None
+            else:
+                refuse = functools.partial(_too_large, response, cap)
             try:
-                body = await _read_capped(response, cap)
+                body = await _read_capped(response, cap, refuse)
             finally:
                 await response.aclose()
             return response, body
@@ -293,7 +299,7 @@ class ImagesClient:
             "an image entry has neither b64_json nor url", 200, request_id
         )
 
-    async def download(self, url: str, request_id: str | None = None, tries: int = 4) -> bytes:
+    async def download(self, url: str, request_id: str | None = None, tries: int = 4) -> bytearray:
         """Fetch an image URL at once (they expire), refusing bodies over the configured cap.
 
         The image is already paid for, so a download that fails for a transient reason is
@@ -341,7 +347,7 @@ class ImagesClient:
                 request_id=request_id,
             )
 
-    async def _download_once(self, url: str, request_id: str | None, hops: int = 5) -> bytes:
+    async def _download_once(self, url: str, request_id: str | None, hops: int = 5) -> bytearray:
         try:
             target = httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError):
@@ -376,7 +382,7 @@ class ImagesClient:
 
     async def _read_image(
         self, response: httpx.Response, url: str, request_id: str | None
-    ) -> bytes:
+    ) -> bytearray:
         cap = self.api.max_download_bytes
         shown = shown_url(url)
         if response.status_code >= 400:
@@ -391,45 +397,36 @@ class ImagesClient:
                 code="download_failed",
                 request_id=request_id,
             )
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise RequestError(
-                f"the image at {shown} is {declared} bytes, over the {cap:,} byte cap",
+
+        def refuse(what: str) -> RequestError:
+            return RequestError(
+                f"the image at {shown} is over the {cap:,} byte cap ({what})",
                 code="download_too_large",
                 request_id=request_id,
             )
-        chunks, total = [], 0
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > cap:
-                raise RequestError(
-                    f"the image at {shown} is over the {cap:,} byte cap",
-                    code="download_too_large",
-                    request_id=request_id,
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        return await _read_capped(response, cap, refuse)
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
-    """The body in one buffer, read as it streams. A 2xx over `cap` (declared or actual)
-    is refused with `response_too_large` before more is read; an error body is cut at
-    ERROR_BODY_CAP (its first part says what went wrong)."""
+async def _read_capped(
+    response: httpx.Response, cap: int, refuse: Callable[[str], ApiError] | None
+) -> bytearray:
+    """The (decoded) body in one buffer, filled as it streams: a declared length is
+    allocated once and filled in place, so no copy is made as it grows and none when it is
+    done. Past `cap`, declared or read, `refuse(what)` is raised before more is read; with
+    no `refuse` the body is cut at `cap` instead."""
     declared = _declared_length(response)
-    if response.status_code >= 400:
-        cap = min(cap, ERROR_BODY_CAP)
-    elif declared > cap:
-        raise _too_large(response, cap, f"it declares {declared:,} bytes")
-    # A declared length is allocated once and filled in place: no copies as the buffer grows.
+    if declared > cap and refuse is not None:
+        raise refuse(f"it declares {declared:,} bytes")
     body = bytearray(min(declared, cap))
     filled = 0
     async for chunk in response.aiter_bytes():
         end = filled + len(chunk)
         if end > cap:
-            if response.status_code >= 400:
-                body[filled:] = chunk[: cap - filled]
-                return body
-            raise _too_large(response, cap, f"{end:,} bytes read")
+            if refuse is not None:
+                raise refuse(f"{end:,} bytes read")
+            body[filled:] = chunk[: cap - filled]
+            return body
         body[filled:end] = chunk
         filled = end
     del body[filled:]

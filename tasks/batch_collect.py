@@ -40,7 +40,7 @@ NOT_RUN_REASONS = {
     "failed": ("batch_failed", "the batch failed validation"),
 }
 
-Download = Callable[[str], Awaitable[bytes]]
+Download = Callable[[str], Awaitable[bytes | bytearray]]
 
 
 @dataclass
@@ -270,7 +270,9 @@ class Collector:
         )
         await self._record(record, result)
 
-    async def _bytes(self, item: Any, request_id: str | None) -> tuple[bytes | None, str | None]:
+    async def _bytes(
+        self, item: Any, request_id: str | None
+    ) -> tuple[bytes | bytearray | None, str | None]:
         if not isinstance(item, dict):
             return None, None
         revised = (

@@ -107,12 +107,14 @@ def test_errors_are_classified(sim):
 class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: ClassVar[list[dict]] = []
     body = b""
+    declare = True  # False: no Content-Length, the body ends when the connection closes
 
     def do_GET(self):
         _Recorder.seen.append(dict(self.headers))
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(self.body)))
+        if self.declare:
+            self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         self.wfile.write(self.body)
 
@@ -133,7 +135,10 @@ def recorder():
     server.shutdown()
 
 
-def test_url_download_sends_no_credentials_and_has_a_cap(recorder):
+@pytest.mark.parametrize("declare", [True, False], ids=["declared", "undeclared"])
+def test_url_download_sends_no_credentials_and_has_a_cap(recorder, declare, monkeypatch):
+    monkeypatch.setattr(_Recorder, "declare", declare)
+
     async def go(cap: int):
         async with ImagesClient(
             ApiSettings(base_url="http://127.0.0.1:9/v1", api_key=KEY, max_download_bytes=cap)
@@ -144,8 +149,10 @@ def test_url_download_sends_no_credentials_and_has_a_cap(recorder):
     assert data == _Recorder.body
     assert not any("authorization" in {k.lower() for k in h} for h in _Recorder.seen)
     assert all(KEY not in str(h) for h in _Recorder.seen)
-    with pytest.raises(ApiError, match="cap"):
+    with pytest.raises(ApiError, match="cap") as info:
         asyncio.run(go(10))
+    assert info.value.code == "download_too_large"
+    assert ("declares" if declare else "bytes read") in info.value.message
 
 
 def test_expired_url_fails_the_image_without_generating_it_again(sim):
