@@ -4,10 +4,13 @@ A file under `images/` with its final name is always a whole PNG, JPEG or WebP o
 the request asked for. The check reads the container, not the pixels: Pillow reads the
 header; for PNG every chunk's CRC is checked up to IEND (a truncated or bit-flipped file
 fails), for JPEG the EOI marker, for WebP the RIFF length; no bitmap is ever decoded or
-kept. Not caught: a deflate or JPEG stream damaged under correct checksums (docs/design.md). Images are written and hashed in one pass and staged in the
-tool's own folder `.imagebatch-tmp/` (fsynced), recorded in the journal, and only then
-renamed into `images/`: a crash between the two leaves a staged file the journal names,
-which the next run finishes moving instead of paying for the image again. Nothing under
+kept. Not caught: a deflate or JPEG stream damaged under correct checksums (docs/design.md).
+Images are written and hashed in one pass straight to a fresh name in the tool's own folder
+`.imagebatch-tmp/` (fsynced; no temporary name, no rename), recorded in the journal with their
+sha256, and only then renamed into `images/`. A staged file counts only once a journal line
+names it, and the next run moves it only when its bytes hash to that line's sha256: a crash
+mid-write leaves a file no line names (cleared), a crash after the line leaves one the next
+run finishes moving instead of paying for the image again. Nothing under
 `images/` is ever overwritten: whatever holds a name there is moved aside first, and only
 if the journal says the tool wrote it (tasks/files.py). This work runs in a small thread
 pool of its own (`run_off_loop`): hashing, writing and Pillow release the GIL, so the event
@@ -32,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imagebatch.configs.registry import parse_size
 from imagebatch.tasks.errors import OutputError
-from imagebatch.tasks.files import file_sha256, move_new, write_atomic_hashed
+from imagebatch.tasks.files import file_sha256, move_new, write_new_hashed
 
 # The only formats stored, and their extensions (what the Images API can return).
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -208,7 +211,7 @@ class ImageStore:
         if not self.images_dir.is_dir() or not self.staging_dir.is_dir():
             raise OutputError(f"the output folder {self.out_dir} vanished during the run")
         staged = f"{STAGING}/{stem}.{ext}.{secrets.token_hex(4)}"
-        sha256 = write_atomic_hashed(self.out_dir / staged, data, sync_dir=False)
+        sha256 = write_new_hashed(self.out_dir / staged, data)
         return StoredImage(rel, sha256, width, height, fmt.lower(), len(data), staged)
 
     def commit(self, stored: StoredImage) -> None:

@@ -3,6 +3,7 @@ are found again instead of being paid for twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -220,3 +221,54 @@ def test_sigkill_between_journal_line_and_rename_pays_nothing_again(prefect_api,
     assert sim.stats()["images_billed"] == 6 + in_flight
     assert "3 image(s) already done" in result.output
     assert not any((out / ".imagebatch-tmp").iterdir())
+
+
+KILL_MID_STAGE = """
+import os, signal, sys
+real_fsync = os.fsync
+staged = 0
+def fsync(fd):
+    global staged
+    if "/.imagebatch-tmp/" in os.readlink(f"/proc/self/fd/{fd}"):
+        staged += 1
+        if staged == int(os.environ["KILL_AT"]):
+            # What a power cut may leave of a staged file: its name, half its bytes.
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_fsync(fd)
+os.fsync = fsync
+from imagebatch.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_a_staged_file_cut_short_by_a_crash_is_never_taken_for_a_whole_one(
+    prefect_api, sim, tmp_path
+):
+    """Images are written straight to their staged name (no temporary name): a crash mid-write
+    leaves a file under that name, which no journal line names, so the next run clears it and
+    asks for that image again instead of moving the half file into images/."""
+    rows = [{"id": f"s{i}", "prompt": f"sail {i}"} for i in range(6)]
+    jobs = write_jobs(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
+    proc_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api, "KILL_AT": "4"}
+    args = ["run", str(jobs), "--out", str(out), "-q", "--max-in-flight", "1"]
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_MID_STAGE, *args], env=proc_env, cwd=ROOT, timeout=120
+    )
+    assert p.returncode == -9
+    lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    (half,) = (out / ".imagebatch-tmp").iterdir()  # the window, for real
+    assert len(lines) == 3
+    assert f".imagebatch-tmp/{half.name}" not in {line["moved_from"] for line in lines}
+    in_flight = sim.stats()["images_billed"] - len(lines)
+    result = run(sim, jobs, out, "--max-in-flight", "1")
+    assert result.exit_code == 0, result.output
+    assert sim.stats()["images_billed"] == 6 + in_flight
+    assert not any((out / ".imagebatch-tmp").iterdir())
+    m = manifest(out)
+    assert (m.status == "succeeded").all() and len(m) == 6
+    for row in m.itertuples():
+        assert hashlib.sha256((out / row.file).read_bytes()).hexdigest() == row.sha256
+    assert {f"images/{p.name}" for p in (out / "images").iterdir()} == set(m.file)
