@@ -21,10 +21,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
 from prefect import flow
 
 from imagebatch.configs.prices import PriceBook
@@ -58,23 +58,20 @@ from imagebatch.tasks.dispatch import (
 from imagebatch.tasks.errors import ConfigError, ImagebatchError, InputError, OutputError
 from imagebatch.tasks.journal import ImageRecord, Journal
 from imagebatch.tasks.limiter import Limiter
-from imagebatch.tasks.manifest import (
-    STATUSES,
-    build_rows,
-    carried_names,
-    to_frame,
-    write_manifest,
-)
+from imagebatch.tasks.manifest import STATUSES, Manifest, build_rows, carried_names, write_manifest
 from imagebatch.tasks.outdir import FolderLock, check_shaping, read_run_json, write_run_json
 from imagebatch.tasks.owned import Files
 from imagebatch.tasks.plan import PlannedJob, RequestUnit, plan_jobs, units_for
-from imagebatch.tasks.read_jobs import Job, read_jobs
+from imagebatch.tasks.read_jobs import Job, is_frame, read_jobs
 from imagebatch.tasks.redact import mask_url
 from imagebatch.tasks.report import publish_after_run
 from imagebatch.tasks.rundirs import dated_folder, mark_latest
 from imagebatch.tasks.store import ImageStore
 from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec
 from imagebatch.tasks.validate import Checked, Problem, Validator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("imagebatch")
 
@@ -148,9 +145,12 @@ class LogReporter:
 
 @dataclass
 class RunReport:
+    """What a run did. `rows` is the manifest as plain rows; `manifest` the same as a
+    DataFrame, made (and pandas imported) only when asked for."""
+
     out_dir: Path
     counts: dict[str, int]
-    manifest: pd.DataFrame
+    rows: Manifest
     problems: list[Problem]
     used_simulator: bool
     stopped: str | None = None  # why the run stopped early: a fatal API error, Ctrl-C, a disk error
@@ -158,14 +158,20 @@ class RunReport:
     stats: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)  # spend, estimate, cap (run.json "cost")
 
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        return self.rows.to_frame()
+
     @property
     def exit_code(self) -> int:
         if self.stopped:
             return 2
-        done = self.manifest["status"] == "succeeded"
         # Submitted with --no-wait: images waiting in a batch are not failures.
-        waiting = self.manifest["error_code"] == "batch_pending"
-        return 0 if bool((done | waiting).all()) else 1
+        ok = all(
+            r.get("status") == "succeeded" or r.get("error_code") == "batch_pending"
+            for r in self.rows.rows
+        )
+        return 0 if ok else 1
 
 
 def _shaping(settings: Settings) -> dict[str, Any]:
@@ -361,9 +367,7 @@ async def _run_flow(params: _Params, out_root: str | None) -> Any:
         finally:
             await progress.finish()
     elapsed = time.time() - started
-    await publish_summary(
-        report.manifest, elapsed, report.stopped, report.skipped, str(report.out_dir)
-    )
+    await publish_summary(report.rows, elapsed, report.stopped, report.skipped, str(report.out_dir))
     if out_root:
         mark_latest(report.out_dir)
     return final_state(report, settings.flow.fail_on_image_errors)
@@ -396,6 +400,8 @@ def _handoff_for(params: _Params, out_root: str | None) -> tuple[_Params, _Hando
     if not isinstance(jobs, str):
         if not isinstance(jobs, list) or not all(isinstance(r, dict) for r in jobs):
             raise InputError("jobs must be a path to a CSV/Parquet file or a list of row objects")
+        import pandas as pd
+
         frame = pd.DataFrame.from_records(jobs)
         jobs = f"rows:{len(frame)}"
     out = str(_run_folder(out_root)) if out_root else params.out
@@ -417,7 +423,7 @@ def _run_folder(out_root: str) -> Path:
 def state_message(report: RunReport) -> str:
     """`12 images: 10 succeeded, 1 failed, 1 invalid` (+ why the run stopped, if it did)."""
     parts = [f"{n} {status}" for status, n in report.counts.items() if n]
-    message = f"{len(report.manifest)} images: {', '.join(parts) or 'none'}"
+    message = f"{len(report.rows)} images: {', '.join(parts) or 'none'}"
     if report.skipped:
         message += f" ({report.skipped} already done before)"
     if report.stopped:
@@ -683,12 +689,13 @@ async def _dispatch(
 def _report(
     run: _Run,
     dispatcher: Dispatcher,
-    manifest: pd.DataFrame,
+    manifest: Manifest,
     problems: list[Problem],
     simulator: Any,
     skipped: int,
 ) -> RunReport:
-    counts = {s: int((manifest["status"] == s).sum()) for s in STATUSES}
+    statuses = manifest.column("status")
+    counts = {s: statuses.count(s) for s in STATUSES}
     stopped = None
     if dispatcher.fatal is not None:
         stopped = str(dispatcher.fatal) or type(dispatcher.fatal).__name__
@@ -778,7 +785,7 @@ def _write_manifest(
     files: Files,
     settings: Settings,
     reporter: Reporter,
-) -> pd.DataFrame:
+) -> Manifest:
     """Rebuild the manifest from the journal's records; the tool's files that no row names
     move from images/ to superseded/ (files it did not write are never touched)."""
     rows = build_rows(jobs, {p.job.job.row: p for p in planned}, invalid, files.records)
@@ -789,8 +796,8 @@ def _write_manifest(
             "carried-through column(s) named like manifest columns are kept as "
             + ", ".join(f"{k!r} -> {v!r}" for k, v in renamed.items())
         )
-    manifest = to_frame(rows, extra, getattr(jobs, "extra_dtypes", None))
-    referenced = set(manifest.loc[manifest["status"] == "succeeded", "file"].dropna())
+    manifest = Manifest.build(rows, extra, getattr(jobs, "extra_dtypes", None))
+    referenced = {r["file"] for r in manifest.with_status("succeeded") if r.get("file")}
     moved, error = files.set_aside(referenced)
     if moved:
         reporter.notice(
@@ -822,8 +829,8 @@ def run_jobs(
     max_cost, max_cost_total, prices (cost).
     """
     sections = route_overrides(overrides)
-    is_frame = isinstance(jobs, pd.DataFrame)
-    ref = f"dataframe:{uuid.uuid4().hex}" if is_frame else str(jobs)
+    frame = is_frame(jobs)
+    ref = f"dataframe:{uuid.uuid4().hex}" if frame else str(jobs)
     settings = load_settings(config)
     _preflight(settings, sections)
     read_jobs(jobs)  # a jobs table that cannot be read stops here: one line, no output folder
@@ -834,7 +841,7 @@ def run_jobs(
             reporter = prefect_api.Announcing(reporter, api)
         elif (message := api.message()) is not None:
             log.info(message)
-        handoff = _Handoff(ref, jobs if is_frame else None, reporter, settings)
+        handoff = _Handoff(ref, jobs if frame else None, reporter, settings)
         token = _handoff.set(handoff)
         try:
             coro = imagebatch_flow(

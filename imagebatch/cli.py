@@ -580,19 +580,19 @@ def jobs_from_folder_cmd(
     except ImagebatchError as exc:
         _fail(str(exc))
     console = _console()
-    if found.frame.empty:
+    if not found.rows:
         _fail(f"no images in {folder}", 1)
     for mask in found.unpaired_masks:
         console.print(
             f"[yellow]warning[/] {escape(mask.name)} is a mask with no image of that name"
         )
-    write_atomic(output, found.frame.to_csv(index=False).encode("utf-8"))
-    paired = int((found.frame["mask"] != "").sum())
+    write_atomic(output, found.csv_bytes())
+    paired = sum(1 for row in found.rows if row["mask"])
     console.print(
-        f"{escape(str(output))}: {len(found.frame)} {operation} row(s)"
+        f"{escape(str(output))}: {len(found.rows)} {operation} row(s)"
         + (f", {paired} with a mask" if operation == "edit" else "")
     )
-    if any(str(p).startswith("../") for p in found.frame["image"]):
+    if any(row["image"].startswith("../") for row in found.rows):
         console.print(
             "[yellow]The images are outside the jobs file's folder: runs refuse them unless "
             "[inputs] allow_outside_sources or sources_root says so.[/]"
@@ -644,13 +644,11 @@ def _print_summary(summary: Any, written: list[Path]) -> None:
     console.print(Text(f"imagebatch run folder {summary.out_dir}", style="bold"))
     table = Table(show_header=True, title="images by status and model")
     table.add_column("model")
-    for status in summary.by_model.columns:
+    for status in summary.statuses:
         table.add_column(status, justify="right")
-    for model, counts in summary.by_model.iterrows():
-        table.add_row(Text(str(model)), *(str(int(v)) for v in counts))
-    table.add_row(
-        Text("all", style="bold"), *(str(summary.counts[s]) for s in summary.by_model.columns)
-    )
+    for model, counts in summary.by_model.items():
+        table.add_row(Text(str(model)), *(str(counts[s]) for s in summary.statuses))
+    table.add_row(Text("all", style="bold"), *(str(summary.counts[s]) for s in summary.statuses))
     console.print(table)
     if summary.failures:
         failures = Table(show_header=True, title="not succeeded, by reason")

@@ -19,13 +19,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from imagebatch.configs.settings import route_overrides
 from imagebatch.runner import call_blocking
 from imagebatch.tasks.errors import ConfigError, OutputError
+from imagebatch.tasks.read_jobs import is_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_DEPLOYMENT = "imagebatch/catalog"
 MAX_ROWS = 5_000
@@ -86,9 +88,7 @@ def submit(
             "the API key is never sent with a run (it would be stored in Prefect's database): "
             "set it on the workers, or pass key_secret= with the name of a Prefect Secret block"
         )
-    params: dict[str, Any] = {
-        "jobs": rows_parameter(jobs) if isinstance(jobs, pd.DataFrame) else str(jobs)
-    }
+    params: dict[str, Any] = {"jobs": rows_parameter(jobs) if is_frame(jobs) else str(jobs)}
     if settings:
         params["overrides"] = route_overrides(settings)
     if out_root is not None:
@@ -126,6 +126,8 @@ def wait(run: Submitted | str, *, timeout: float = 6 * 3600, poll: float = 2.0) 
     state, message, out_dir = call_blocking(lambda: asyncio.run(_wait(run_id, timeout, poll)))
     if out_dir is None:
         raise OutputError(f"run {run_id} ended {state} without a manifest: {message}")
+    import pandas as pd
+
     folder = Path(out_dir)
     for name, read in (("manifest.parquet", pd.read_parquet), ("manifest.csv", pd.read_csv)):
         if (folder / name).is_file():

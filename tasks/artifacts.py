@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
+from collections import Counter
 from typing import Any
 
-import pandas as pd
+from imagebatch.tasks.manifest import Manifest
 
 log = logging.getLogger("imagebatch")
 
@@ -109,21 +111,19 @@ class ProgressArtifact:
 
 
 def summary_rows(
-    manifest: pd.DataFrame, elapsed: float, stopped: str | None, skipped: int, out_dir: str
+    manifest: Manifest, elapsed: float, stopped: str | None, skipped: int, out_dir: str
 ) -> list[dict[str, Any]]:
     """The summary table: one row per (model, status), then the run's totals."""
     rows: list[dict[str, Any]] = []
-    if len(manifest):
-        models = manifest["model"].fillna("(none)").astype(str)
-        counts = manifest.groupby([models, manifest["status"]]).size()
-        for (model, status), n in counts.items():
-            rows.append({"what": f"{status}", "model": _cell(model), "value": int(n)})
-    succeeded = int((manifest["status"] == "succeeded").sum()) if len(manifest) else 0
-    ambiguous = (
-        int(pd.to_numeric(manifest["ambiguous_retries"], errors="coerce").fillna(0).sum())
-        if len(manifest)
-        else 0
+    counts = Counter(
+        (str(r.get("model") or "(none)"), str(r["status"]))
+        for r in manifest.rows
+        if r.get("status") is not None
     )
+    for (model, status), n in sorted(counts.items()):
+        rows.append({"what": status, "model": _cell(model), "value": n})
+    succeeded = len(manifest.with_status("succeeded"))
+    ambiguous = sum(_count(v) for v in manifest.column("ambiguous_retries"))
     per_minute = round(succeeded / (elapsed / 60.0), 1) if elapsed > 0 else 0.0
     rows += [
         {"what": "images requested", "model": "all", "value": len(manifest)},
@@ -140,9 +140,17 @@ def summary_rows(
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>&~])")
 
 
+def _count(value: Any) -> int:
+    """A count cell; a missing or unreadable one counts 0."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def escape_markdown(text: Any, limit: int = 300) -> str:
     """Text from a CSV or a server as literal markdown: no links, no HTML, no table breaks."""
-    s = "" if text is None or (isinstance(text, float) and pd.isna(text)) else str(text)
+    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
     s = " ".join(s.split())  # newlines would end the list item
     if len(s) > limit:
         s = s[: limit - 1] + "…"
@@ -153,18 +161,20 @@ def _cell(text: Any) -> str:
     return " ".join(str(text).split())[:200]
 
 
-def failures_markdown(manifest: pd.DataFrame, stopped: str | None) -> str:
+def failures_markdown(manifest: Manifest, stopped: str | None) -> str:
     """Every image that did not succeed, with its reason, as escaped markdown."""
-    bad = manifest[manifest["status"] != "succeeded"] if len(manifest) else manifest
+    bad = manifest.with_status("succeeded", keep=False)
     lines = [f"# imagebatch: {len(bad)} of {len(manifest)} image(s) did not succeed", ""]
     if stopped:
         lines += [f"**The run stopped early:** {escape_markdown(stopped)}", ""]
-    for rec in bad.head(MAX_FAILURES_LISTED).itertuples(index=False):
-        reason = escape_markdown(getattr(rec, "error_message", None)) or "(no message)"
-        job = f", job {escape_markdown(rec.job_id, 80)}" if isinstance(rec.job_id, str) else ""
+    for rec in bad[:MAX_FAILURES_LISTED]:
+        reason = escape_markdown(rec.get("error_message")) or "(no message)"
+        job_id = rec.get("job_id")
+        job = f", job {escape_markdown(job_id, 80)}" if isinstance(job_id, str) else ""
         lines.append(
-            f"- row {rec.row}{job}, image {rec.image_index}: **{escape_markdown(rec.status)}** "
-            f"{escape_markdown(rec.error_code, 80)}: {reason}"
+            f"- row {escape_markdown(rec.get('row'))}{job}, image "
+            f"{escape_markdown(rec.get('image_index'))}: **{escape_markdown(rec.get('status'))}** "
+            f"{escape_markdown(rec.get('error_code'), 80)}: {reason}"
         )
     if len(bad) > MAX_FAILURES_LISTED:
         lines.append(f"- … and {len(bad) - MAX_FAILURES_LISTED} more: see the manifest")
@@ -174,7 +184,7 @@ def failures_markdown(manifest: pd.DataFrame, stopped: str | None) -> str:
 
 
 async def publish_summary(
-    manifest: pd.DataFrame, elapsed: float, stopped: str | None, skipped: int, out_dir: str
+    manifest: Manifest, elapsed: float, stopped: str | None, skipped: int, out_dir: str
 ) -> None:
     """The end-of-run table and failures artifacts; failures to publish are only logged."""
     if not _in_flow_run():

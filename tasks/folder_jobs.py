@@ -7,11 +7,11 @@ run resolves them. Nothing is decoded here: `imagebatch validate` does that.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
 
 from imagebatch.tasks.errors import InputError
 
@@ -20,8 +20,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".g
 
 @dataclass
 class FolderJobs:
-    frame: pd.DataFrame
+    columns: list[str]
+    rows: list[dict[str, str]]  # every cell text ("" when empty)
     unpaired_masks: list[Path] = field(default_factory=list)  # masks with no image of that name
+
+    def csv_bytes(self) -> bytes:
+        """The jobs CSV (quoted only where needed, as `read_jobs` reads it back)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows([row[c] for c in self.columns] for row in self.rows)
+        return buf.getvalue().encode("utf-8")
 
 
 def _images(folder: Path, recursive: bool) -> list[Path]:
@@ -76,4 +85,4 @@ def jobs_from_folder(
     used = {m for p in images if (m := masks.get(p.with_suffix(""))) is not None}
     unpaired = sorted(mask_files - used) if operation == "edit" else []
     columns = ["id", "operation", "model", "prompt", "image", "mask", *(extra or {})]
-    return FolderJobs(pd.DataFrame(rows, columns=columns), unpaired)
+    return FolderJobs(columns, rows, unpaired)

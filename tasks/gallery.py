@@ -14,13 +14,13 @@ import hashlib
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from imagebatch.tasks.files import write_atomic
 from imagebatch.tasks.gallery_assets import CSS, JS
+from imagebatch.tasks.manifest import Manifest
 
 PAGE_NAME = "index.html"
 # Columns the cards show, in this order; carried-through columns follow.
@@ -71,7 +71,8 @@ def json_cell(value: Any) -> Any:
 
     An empty text is missing too: the CSV manifest cannot tell them apart, so the page and
     metadata come out the same whichever manifest they are built from."""
-    if value is None or value is pd.NA or value == "":
+    pd = sys.modules.get("pandas")  # only a manifest read with pandas has its NA
+    if value is None or (pd is not None and value is pd.NA) or value == "":
         return None
     if isinstance(value, float):
         return None if math.isnan(value) else (int(value) if value.is_integer() else value)
@@ -91,15 +92,15 @@ def safe_relative(path: Any, folder: str) -> str | None:
 
 
 def page_data(
-    manifest: pd.DataFrame, extra: list[str], thumbs: dict[str, str], title: str, summary: str
+    manifest: Manifest, extra: list[str], thumbs: dict[str, str], title: str, summary: str
 ) -> dict[str, Any]:
     """The JSON the page embeds: column names once, then one array per manifest row."""
     columns = [c for c in CARD_COLUMNS if c in manifest.columns] + [
         c for c in extra if c in manifest.columns and c not in CARD_COLUMNS
     ]
     rows = []
-    for values in manifest[columns].itertuples(index=False, name=None):
-        row = [json_cell(v) for v in values]
+    for record in manifest.rows:
+        row = [json_cell(record.get(c)) for c in columns]
         file = safe_relative(row[columns.index("file")], "images")
         row[columns.index("file")] = file
         row.append(safe_relative(thumbs.get(file or ""), "thumbs"))
@@ -150,7 +151,7 @@ def render_page(data: dict[str, Any]) -> str:
 
 def write_page(
     out_dir: Path,
-    manifest: pd.DataFrame,
+    manifest: Manifest,
     extra: list[str],
     thumbs: dict[str, str],
     summary: str,

@@ -17,10 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from imagebatch.tasks.files import write_atomic
 from imagebatch.tasks.gallery import json_cell, safe_relative
+from imagebatch.tasks.manifest import Manifest
 
 METADATA_NAME = "metadata.jsonl"
 TEXT_COLUMNS = [
@@ -65,12 +64,11 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def metadata_lines(manifest: pd.DataFrame, extra: list[str]) -> list[str]:
+def metadata_lines(manifest: Manifest, extra: list[str]) -> list[str]:
     """The JSONL lines for the succeeded rows that name a file under images/."""
     names = column_names([c for c in extra if c in manifest.columns])
-    done = manifest[manifest["status"] == "succeeded"]
     lines = []
-    for record in done.to_dict("records"):
+    for record in manifest.with_status("succeeded"):
         file = safe_relative(json_cell(record.get("file")), "images")
         if file is None:
             continue
@@ -84,7 +82,7 @@ def metadata_lines(manifest: pd.DataFrame, extra: list[str]) -> list[str]:
     return lines
 
 
-def write_metadata(out_dir: Path, manifest: pd.DataFrame, extra: list[str]) -> Path:
+def write_metadata(out_dir: Path, manifest: Manifest, extra: list[str]) -> Path:
     """Write `metadata.jsonl` atomically; returns its path."""
     lines = metadata_lines(manifest, extra)
     path = out_dir / METADATA_NAME

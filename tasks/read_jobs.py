@@ -82,6 +82,12 @@ def _missing(value: Any) -> bool:
     return pd is not None and (value is pd.NA or value is pd.NaT)
 
 
+def is_frame(value: Any) -> bool:
+    """A pandas DataFrame, told without importing pandas (if it is not imported, it is not one)."""
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(value, pd.DataFrame)
+
+
 def _extra(value: Any) -> Any:
     """Carried-through cells keep their value; missing ones become None so CSV and Parquet agree."""
     if value is None or _missing(value) or (isinstance(value, float) and math.isnan(value)):

@@ -4,17 +4,20 @@
 a manifest; the flow calls it at the end of every run and `imagebatch report DIR` calls it
 on a finished folder. `summarize` reads a folder (manifest, run.json, journal) and never
 writes. Both see only what the manifest says, so they agree with it by construction.
+Manifests are plain rows here: manifest.parquet is read with pyarrow, manifest.csv with
+the csv module; neither needs pandas.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import logging
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from imagebatch.configs.settings import GallerySettings
 from imagebatch.tasks.contact_sheet import write_contact_sheet
@@ -22,7 +25,7 @@ from imagebatch.tasks.errors import ImagebatchError, InputError
 from imagebatch.tasks.gallery import json_cell, write_page
 from imagebatch.tasks.hf_metadata import write_metadata
 from imagebatch.tasks.journal import JOURNAL_NAME, Journal
-from imagebatch.tasks.manifest import COLUMNS, INT_COLUMNS, SERVER_TEXT, STATUSES
+from imagebatch.tasks.manifest import INT_COLUMNS, SERVER_TEXT, STATUSES, Manifest
 from imagebatch.tasks.outdir import RUN_JSON, read_run_json
 from imagebatch.tasks.thumbs import ThumbSpec, sync_thumbnails
 
@@ -32,13 +35,13 @@ log = logging.getLogger("imagebatch")
 @dataclass
 class RunFolder:
     out_dir: Path
-    manifest: pd.DataFrame
+    manifest: Manifest
     run: dict[str, Any]
 
     @property
     def extra(self) -> list[str]:
         """The carried-through columns: whatever the manifest has beyond the fixed ones."""
-        return [c for c in self.manifest.columns if c not in COLUMNS]
+        return self.manifest.extra
 
 
 def open_run_folder(path: Path) -> RunFolder:
@@ -56,32 +59,57 @@ def open_run_folder(path: Path) -> RunFolder:
     return RunFolder(out_dir.resolve(), manifest, run)
 
 
-def _read_manifest(out_dir: Path) -> pd.DataFrame | None:
+def _read_manifest(out_dir: Path) -> Manifest | None:
     """Parquet keeps the types; CSV is read as text (a prompt "NA" stays "NA")."""
+    path = out_dir / "manifest.parquet"
+    if path.is_file():
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            return Manifest(list(table.column_names), table.to_pylist())
+        except (OSError, ValueError, ImportError):
+            pass
     try:
-        return pd.read_parquet(out_dir / "manifest.parquet")
-    except (OSError, ValueError, ImportError):
-        pass
-    try:
-        frame = pd.read_csv(
-            out_dir / "manifest.csv", dtype=str, keep_default_na=False, na_values=[""]
-        )
-    except (OSError, ValueError, pd.errors.ParserError):
+        return _read_csv_manifest(out_dir / "manifest.csv")
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
         return None
-    for col in INT_COLUMNS:
-        if col in frame.columns:
-            frame[col] = pd.array(pd.to_numeric(frame[col], errors="coerce"), dtype="Int64")
-    # manifest.csv quotes server text that would start a formula; undo that (a text that
-    # really began with an apostrophe and a formula sign reads back without the apostrophe).
-    for col in SERVER_TEXT:
-        if col in frame.columns:
-            frame[col] = frame[col].str.replace(r"^'(?=[=+\-@\t\r])", "", regex=True)
-    return frame
 
 
-def summary_line(manifest: pd.DataFrame, run: dict[str, Any]) -> str:
+_QUOTED_FORMULA = re.compile(r"^'(?=[=+\-@\t\r])")
+
+
+def _read_csv_manifest(path: Path) -> Manifest | None:
+    """manifest.csv as rows of text, empty cells missing, the counted columns integers."""
+    with path.open(encoding="utf-8", newline="") as f:
+        records = list(csv.reader(f, strict=True))
+    if not records:
+        return None
+    columns, rows = records[0], []
+    for record in records[1:]:
+        row: dict[str, Any] = {c: (v if v != "" else None) for c, v in zip(columns, record)}
+        for col in INT_COLUMNS:
+            if col in row:
+                row[col] = _int(row[col])
+        # manifest.csv quotes server text that would start a formula; undo that (a text that
+        # really began with an apostrophe and a formula sign reads back without the apostrophe).
+        for col in SERVER_TEXT:
+            if isinstance(row.get(col), str):
+                row[col] = _QUOTED_FORMULA.sub("", row[col])
+        rows.append(row)
+    return Manifest(columns, rows)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def summary_line(manifest: Manifest, run: dict[str, Any]) -> str:
     """One line for the page's header: counts, when, where the images came from."""
-    counts = manifest["status"].value_counts()
+    counts = Counter(manifest.column("status"))
     parts = [f"{counts.get(s, 0)} {s}" for s in STATUSES if counts.get(s, 0)]
     text = f"{len(manifest)} requested images: " + ", ".join(parts or ["none"])
     if run.get("finished_at"):
@@ -94,15 +122,13 @@ def summary_line(manifest: pd.DataFrame, run: dict[str, Any]) -> str:
 
 
 def publish(
-    out_dir: Path, manifest: pd.DataFrame, run: dict[str, Any], settings: GallerySettings
+    out_dir: Path, manifest: Manifest, run: dict[str, Any], settings: GallerySettings
 ) -> list[Path]:
     """Thumbnails, index.html and metadata.jsonl (and the contact sheet); the paths written."""
-    extra = [c for c in manifest.columns if c not in COLUMNS]
-    done = manifest[manifest["status"] == "succeeded"]
+    extra = manifest.extra
+    done = manifest.with_status("succeeded")
     images = [
-        (str(f), json_cell(sha))
-        for f, sha in zip(done["file"], done.get("sha256", [None] * len(done)))
-        if isinstance(f, str)
+        (r["file"], json_cell(r.get("sha256"))) for r in done if isinstance(r.get("file"), str)
     ]
     spec = ThumbSpec(size=settings.thumb_size, format=settings.thumb_format)
     thumbs = sync_thumbnails(out_dir, images, spec)
@@ -112,9 +138,9 @@ def publish(
     ]
     if settings.contact_sheet > 0:
         cells = [
-            (thumbs[f], f"{json_cell(job)} #{json_cell(index)}")
-            for f, job, index in zip(done["file"], done["job_id"], done["image_index"])
-            if f in thumbs
+            (thumbs[r["file"]], f"{json_cell(r.get('job_id'))} #{json_cell(r.get('image_index'))}")
+            for r in done
+            if r.get("file") in thumbs
         ][: settings.contact_sheet]
         sheet = write_contact_sheet(out_dir, cells, cell=settings.thumb_size)
         if sheet is not None:
@@ -127,7 +153,8 @@ class Summary:
     out_dir: Path
     total: int
     counts: dict[str, int]
-    by_model: pd.DataFrame  # rows: model, columns: statuses present
+    by_model: dict[str, dict[str, int]]  # model -> images by status (every status shown)
+    statuses: list[str]  # the statuses present, in STATUSES order
     failures: list[tuple[str, str, int, str]]  # (status, code, images, an example message)
     seconds: float | None
     dispatch_seconds: float | None
@@ -147,20 +174,25 @@ class Summary:
 def summarize(folder: RunFolder) -> Summary:
     """Counts by status and model, failures grouped by reason, and the last run's pace."""
     m, run = folder.manifest, folder.run
-    counts = {s: int((m["status"] == s).sum()) for s in STATUSES}
-    model = m["model"].fillna("(none)") if "model" in m.columns else pd.Series("(none)", m.index)
-    by_model = pd.crosstab(model.rename("model"), m["status"])
-    by_model = by_model[[s for s in STATUSES if s in by_model.columns]]
-    bad = m[m["status"] != "succeeded"]
-    failures = []
-    if len(bad):
-        code = bad.get("error_code", pd.Series(None, bad.index)).fillna("")
-        message = bad.get("error_message", pd.Series(None, bad.index)).fillna("")
-        grouped = pd.DataFrame({"status": bad["status"], "code": code, "message": message})
-        for (status, err), group in grouped.groupby(["status", "code"], sort=False):
-            example = next((x for x in group["message"] if x), "")
-            failures.append((str(status), str(err), len(group), str(example)))
-        failures.sort(key=lambda f: -f[2])
+    statuses = m.column("status")
+    counts = {s: statuses.count(s) for s in STATUSES}
+    present = [s for s in STATUSES if counts[s]]
+    by_model: dict[str, dict[str, int]] = {}
+    for row in m.rows:
+        if row.get("status") in present:
+            model = str(row.get("model") or "(none)")
+            cell = by_model.setdefault(model, dict.fromkeys(present, 0))
+            cell[row["status"]] += 1
+    by_model = dict(sorted(by_model.items()))
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in m.with_status("succeeded", keep=False):
+        key = (str(row.get("status")), str(row.get("error_code") or ""))
+        groups.setdefault(key, []).append(str(row.get("error_message") or ""))
+    failures = [
+        (status, code, len(messages), next((x for x in messages if x), ""))
+        for (status, code), messages in groups.items()
+    ]
+    failures.sort(key=lambda f: -f[2])
     notes = []
     if run.get("in_progress"):
         notes.append("the last run did not finish (killed?): the manifest is from the run before")
@@ -173,6 +205,7 @@ def summarize(folder: RunFolder) -> Summary:
         len(m),
         counts,
         by_model,
+        present,
         failures,
         _number(run.get("seconds")),
         _number(run.get("dispatch_seconds")),
@@ -203,7 +236,7 @@ def format_seconds(seconds: float) -> str:
 
 
 def publish_after_run(
-    out_dir: Path, manifest: pd.DataFrame, run: dict[str, Any], settings: GallerySettings
+    out_dir: Path, manifest: Manifest, run: dict[str, Any], settings: GallerySettings
 ) -> str | None:
     """`publish` for the end of a run: a failure here is reported, never fatal, because the
     images, journal and manifest are already safe. Returns a notice, or None."""

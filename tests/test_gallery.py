@@ -35,6 +35,7 @@ from PIL import Image
 from imagebatch.cli import main
 from imagebatch.configs.settings import GallerySettings
 from imagebatch.simulator import SimConfig, SimulatorServer
+from imagebatch.tasks.manifest import Manifest
 from imagebatch.tasks.report import publish
 from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec, sync_thumbnails
 
@@ -333,8 +334,8 @@ def test_ten_thousand_rows_render_one_page_at_a_time(tmp_path, browser):
         }
         for i in range(10_000)
     ]
-    frame = pd.DataFrame(rows)
-    publish(tmp_path, frame, {"finished_at": "2026-01-01T00:00:00"}, GallerySettings())
+    manifest = Manifest([*rows[0]], rows)
+    publish(tmp_path, manifest, {"finished_at": "2026-01-01T00:00:00"}, GallerySettings())
     browser.open((tmp_path / "index.html").as_uri(), READY)
     assert browser.errors() == []
     assert browser.eval("document.querySelectorAll('.card').length") == 60

@@ -180,7 +180,7 @@ def test_file_stems_are_unique_per_job_even_when_ids_clean_alike():
 
 
 def test_manifest_csv_neutralises_server_text_and_parquet_keeps_it(tmp_path):
-    from imagebatch.tasks.manifest import to_frame, write_manifest
+    from imagebatch.tasks.manifest import Manifest, write_manifest
 
     raw = '=HYPERLINK("http://x")\x07\x1b[31m'
     rows = [
@@ -196,8 +196,7 @@ def test_manifest_csv_neutralises_server_text_and_parquet_keeps_it(tmp_path):
             "prompt": "=1+1",
         },
     ]
-    frame = to_frame(rows, [])
-    write_manifest(frame, tmp_path)
+    write_manifest(Manifest.build(rows, []), tmp_path)
     csv = pd.read_csv(tmp_path / "manifest.csv")
     assert csv.revised_prompt[0] == '\'=HYPERLINK("http://x")[31m'
     assert csv.error_message[0] == "'@SUM(1)" and csv.error_code[0] == "'-1+1"

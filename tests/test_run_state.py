@@ -16,6 +16,7 @@ from imagebatch.remote import MAX_ROWS, rows_parameter, submit
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.artifacts import escape_markdown, failures_markdown
 from imagebatch.tasks.errors import ConfigError, OutputError
+from imagebatch.tasks.manifest import Manifest
 from imagebatch.tasks.rundirs import current_latest, dated_folder, mark_latest
 
 KEY = "sk-test-state"
@@ -114,15 +115,19 @@ def test_latest_never_moves_back_and_folders_are_never_reused(tmp_path):
 
 
 def test_failure_report_escapes_text_from_csv_and_server():
-    manifest = pd.DataFrame(
-        {
-            "row": [1, 2],
-            "job_id": ["a](http://evil)", None],
-            "image_index": [0, 0],
-            "status": ["failed", "succeeded"],
-            "error_code": ["bad_request", None],
-            "error_message": ["<script>alert(1)</script>\n# not a heading | x", None],
-        }
+    manifest = Manifest.build(
+        [
+            {
+                "row": 1,
+                "job_id": "a](http://evil)",
+                "image_index": 0,
+                "status": "failed",
+                "error_code": "bad_request",
+                "error_message": "<script>alert(1)</script>\n# not a heading | x",
+            },
+            {"row": 2, "job_id": None, "image_index": 0, "status": "succeeded"},
+        ],
+        [],
     )
     text = failures_markdown(manifest, "401 invalid_api_key: *nope*")
     assert "<script>" not in text and "\\<script\\>" in text

@@ -8,6 +8,7 @@ the heavy packages that command imported."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,59 @@ def test_the_probe_sees_what_a_run_imports(tmp_path):
     assert "prefect" in loaded_by(
         tmp_path, "run", str(tmp_path / "missing.csv"), "--simulate", code=2
     )
+
+
+RUN_PROBE = """
+import json, sys
+from pathlib import Path
+
+report, out = sys.argv[1], Path(sys.argv[2])
+seen = {}
+
+
+class Watch:
+    # Notes, when pyarrow is first imported, how many images the run had written by then.
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyarrow" and "pyarrow" not in seen:
+            images = out / "images"
+            seen["pyarrow"] = len(list(images.iterdir())) if images.is_dir() else 0
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from imagebatch.cli import main
+
+code = 0
+try:
+    main(["run", "data/catalog.csv", "--out", str(out), "--simulate"], prog_name="imagebatch")
+except SystemExit as stop:
+    code = stop.code if isinstance(stop.code, int) else 1
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "pyarrow"})
+with open(report, "w") as f:
+    json.dump({"loaded": loaded, "code": code, "images_before_pyarrow": seen.get("pyarrow")}, f)
+"""
+
+
+def test_a_run_of_a_csv_never_imports_pandas_and_pyarrow_only_after_the_last_image(
+    tmp_path, prefect_api
+):
+    """The run works on plain rows: pandas (about 100 MB) is never imported, and pyarrow
+    only to write manifest.parquet, when every image is on disk (not while the run holds
+    image payloads in memory)."""
+    report, out = tmp_path / "loaded.json", tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_PROBE, str(report), str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.exists(), proc.stderr
+    result = json.loads(report.read_text())
+    assert result["code"] == 1, proc.stdout + proc.stderr  # the example has one invalid row
+    succeeded = sum(1 for line in (out / "manifest.csv").open() if ",succeeded," in line)
+    assert succeeded > 0 and len(list((out / "images").iterdir())) == succeeded
+    assert (out / "manifest.parquet").is_file()
+    assert result["loaded"] == ["pyarrow"]
+    assert result["images_before_pyarrow"] == succeeded
