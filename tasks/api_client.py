@@ -29,6 +29,7 @@ from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
     malformed_response_error,
+    redact,
 )
 
 ENDPOINTS = {
@@ -155,7 +156,7 @@ class ImagesClient:
             if response.status_code >= 400:  # cut, not refused: its first part says what went wrong
                 cap, refuse = min(cap, ERROR_BODY_CAP), None
             else:
-                refuse = functools.partial(_too_large, response, cap)
+                refuse = functools.partial(_too_large, response, cap, self._secrets)
             try:
                 body = await _read_capped(response, cap, refuse)
             finally:
@@ -207,26 +208,14 @@ class ImagesClient:
             files.append(("mask", (inputs.mask.name, inputs.mask.data, inputs.mask.mime)))
         return self._http.build_request("POST", path, params=query, data=fields, files=files)
 
-    async def send(self, unit: RequestUnit, inputs: PreparedInputs | None = None) -> ApiResult:
-        """One request; whatever the server echoes, the key never leaves in the result or
-        an error (it is removed by value from every text the server sent)."""
-        try:
-            result = await self._send_unit(unit, inputs)
-        except ApiError as error:
-            for name in ("message", "code", "param", "request_id", "type"):
-                setattr(error, name, scrub(getattr(error, name), self._secrets))
-            error.args = (error.message,)
-            raise
-        result.request_id = scrub(result.request_id, self._secrets)
-        for image in result.images:
-            image.revised_prompt = scrub(image.revised_prompt, self._secrets)
-        return result
-
     def response_cap(self, n: int) -> int:
         """The most bytes a 2xx answer for `n` images may have."""
         return n * self.api.max_response_bytes_per_image + JSON_SLACK
 
-    async def _send_unit(self, unit: RequestUnit, inputs: PreparedInputs | None) -> ApiResult:
+    async def send(self, unit: RequestUnit, inputs: PreparedInputs | None = None) -> ApiResult:
+        """One request. Whatever the server echoes, the key never leaves in the result or an
+        error: every text the server sent is masked (by value) where it is read or an error
+        is built from it."""
         if inputs is None and unit.planned.job.operation != "generate":
             # Decoding and encoding photos takes CPU time: never on the event loop.
             inputs = await asyncio.to_thread(prepare_job, unit.planned.job)
@@ -243,17 +232,20 @@ class ImagesClient:
                 code="request_deadline",
             ) from None
         except httpx.TransportError as exc:
-            raise error_from_transport(exc) from None
+            raise error_from_transport(exc, self._secrets) from None
         except httpx.DecodingError:  # a 2xx whose body does not decode (broken gzip)
             raise malformed_response_error("the response body does not decode", 200, None) from None
         except httpx.HTTPError as exc:  # too many redirects, an invalid URL: not transient
             raise RequestError(
-                f"the request failed: {type(exc).__name__}: {exc}", code="http_error"
+                redact(f"the request failed: {type(exc).__name__}: {exc}", self._secrets),
+                code="http_error",
             ) from None
         latency = time.monotonic() - started
-        request_id = response.headers.get("x-request-id")
+        request_id = scrub(response.headers.get("x-request-id"), self._secrets)
         if response.status_code >= 400:
-            error = error_from_response(response.status_code, response.headers, bytes(body))
+            error = error_from_response(
+                response.status_code, response.headers, bytes(body), self._secrets
+            )
             error.headers = response.headers
             raise error
         parsed = _json_once(body, response.status_code, request_id)
@@ -264,7 +256,7 @@ class ImagesClient:
         ):
             if isinstance(parsed, dict) and "error" in parsed:
                 error_body = json.dumps(parsed).encode()
-                raise error_from_response(500, response.headers, error_body)
+                raise error_from_response(500, response.headers, error_body, self._secrets)
             raise malformed_response_error(
                 "the response has no image data", response.status_code, request_id
             )
@@ -281,7 +273,9 @@ class ImagesClient:
         if not isinstance(item, dict):
             raise malformed_response_error("an image entry is not an object", 200, request_id)
         revised = (
-            item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+            scrub(item["revised_prompt"], self._secrets)
+            if isinstance(item.get("revised_prompt"), str)
+            else None
         )
         if isinstance(item.get("b64_json"), str):
             # Taken out of the parsed body, so the text is freed as soon as it is decoded;
@@ -312,7 +306,7 @@ class ImagesClient:
                     return await self._download_once(url, request_id)
             except TimeoutError:
                 error = TransientError(
-                    f"downloading the image URL {shown_url(url)} took longer than the request "
+                    f"downloading the image URL {self._shown(url)} took longer than the request "
                     f"deadline of {deadline:g} s ([api] request_deadline)",
                     code="request_deadline",
                     request_id=request_id,
@@ -330,9 +324,13 @@ class ImagesClient:
             )
         raise AssertionError("unreachable")
 
+    def _shown(self, url: str) -> str:
+        """An image URL for a message: no query, and no secret a hostile server put in it."""
+        return scrub(shown_url(url), self._secrets)
+
     async def _check_url(self, url: httpx.URL, request_id: str | None) -> None:
         """Only http(s) URLs, and internal addresses only when the base URL is internal too."""
-        shown = shown_url(str(url))
+        shown = self._shown(str(url))
         if url.scheme not in ("http", "https") or not url.host:
             raise RequestError(
                 f"the image URL {shown} cannot be fetched (only absolute http and https URLs)",
@@ -361,21 +359,24 @@ class ImagesClient:
                         continue
                     return await self._read_image(response, str(target), request_id)
             except httpx.TransportError as exc:
-                error = error_from_transport(exc)
+                error = error_from_transport(exc, self._secrets)
                 # Whatever the class for an API call, a lost download is worth another try.
                 raise TransientError(
-                    f"downloading the image URL {shown_url(str(target))} failed: {error.message}",
+                    f"downloading the image URL {self._shown(str(target))} failed: {error.message}",
                     code=error.code,
                     request_id=request_id,
                 ) from None
             except httpx.HTTPError as exc:  # an invalid URL, a broken stream: never fetchable
                 raise RequestError(
-                    f"the image URL {shown_url(str(target))} cannot be fetched: {exc}",
+                    redact(
+                        f"the image URL {self._shown(str(target))} cannot be fetched: {exc}",
+                        self._secrets,
+                    ),
                     code="image_url_unfetchable",
                     request_id=request_id,
                 ) from None
         raise RequestError(
-            f"the image URL {shown_url(url)} redirects more than {hops} times",
+            f"the image URL {self._shown(url)} redirects more than {hops} times",
             code="image_url_unfetchable",
             request_id=request_id,
         )
@@ -384,7 +385,7 @@ class ImagesClient:
         self, response: httpx.Response, url: str, request_id: str | None
     ) -> bytearray:
         cap = self.api.max_download_bytes
-        shown = shown_url(url)
+        shown = self._shown(url)
         if response.status_code >= 400:
             error_class = (
                 TransientError
@@ -440,7 +441,9 @@ def _declared_length(response: httpx.Response) -> int:
     return int(declared) if declared.isdigit() and encoded in ("", "identity") else 0
 
 
-def _too_large(response: httpx.Response, cap: int, what: str) -> RequestError:
+def _too_large(
+    response: httpx.Response, cap: int, secrets: tuple[str, ...], what: str
+) -> RequestError:
     """Not retried (the same request would bring the same answer, and bill it again); the
     answer was a 2xx, so the dispatcher counts it as possibly paid."""
     return RequestError(
@@ -449,7 +452,7 @@ def _too_large(response: httpx.Response, cap: int, what: str) -> RequestError:
         "without reading the rest",
         status=response.status_code,
         code="response_too_large",
-        request_id=response.headers.get("x-request-id"),
+        request_id=scrub(response.headers.get("x-request-id"), secrets),
     )
 
 

@@ -79,6 +79,7 @@ class BatchRun:
             self._recorded,
             self._price,
             self._expected,
+            self.api.secrets,
         )
 
     def _count(self, name: str, n: int = 1) -> None:

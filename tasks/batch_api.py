@@ -21,6 +21,7 @@ import httpx
 from imagebatch.configs.settings import ApiSettings, RetrySettings
 from imagebatch.tasks.api_client import auth_headers
 from imagebatch.tasks.files import fsync_dir
+from imagebatch.tasks.redact import scrub, secrets_of
 from imagebatch.tasks.retry import (
     error_from_response,
     error_from_transport,
@@ -37,6 +38,7 @@ LIST_SLACK_SECONDS = 3600
 class BatchApi:
     def __init__(self, api: ApiSettings, retry: RetrySettings) -> None:
         self.retry = retry
+        self.secrets = secrets_of(api.api_key, api.base_url)  # masked in every error
         self._http = httpx.AsyncClient(
             base_url=api.base_url.rstrip("/") + "/",
             headers=auth_headers(api),
@@ -68,9 +70,11 @@ class BatchApi:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise error_from_transport(exc) from None
+            raise error_from_transport(exc, self.secrets) from None
         if response.status_code >= 400:
-            error = error_from_response(response.status_code, response.headers, response.content)
+            error = error_from_response(
+                response.status_code, response.headers, response.content, self.secrets
+            )
             error.headers = response.headers
             raise error
         try:
@@ -81,7 +85,7 @@ class BatchApi:
             raise malformed_response_error(
                 f"{method} {path}: the answer is not a JSON object",
                 response.status_code,
-                response.headers.get("x-request-id"),
+                scrub(response.headers.get("x-request-id"), self.secrets),
             )
         return body
 
@@ -119,7 +123,7 @@ class BatchApi:
                 if response.status_code >= 400:
                     await response.aread()
                     raise error_from_response(
-                        response.status_code, response.headers, response.content
+                        response.status_code, response.headers, response.content, self.secrets
                     )
                 with tmp.open("wb") as out:
                     async for chunk in response.aiter_bytes(1 << 20):
@@ -129,7 +133,7 @@ class BatchApi:
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
         except httpx.TransportError as exc:
-            raise error_from_transport(exc) from None
+            raise error_from_transport(exc, self.secrets) from None
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -23,7 +23,8 @@ from typing import Any
 from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.errors import ApiError, RejectedError, TransientError
 from imagebatch.tasks.journal import ImageRecord, Journal
-from imagebatch.tasks.retry import error_from_response
+from imagebatch.tasks.redact import scrub
+from imagebatch.tasks.retry import error_from_response, redact
 from imagebatch.tasks.store import (
     CorruptImage,
     Expected,
@@ -65,6 +66,7 @@ class Collector:
     pricer: Callable[[str, int, dict[str, Any] | None], dict[str, Any]] | None = None
     # image key -> the format and size its request asked for (None: anything goes)
     expect: Callable[[str], Expected | None] | None = None
+    secrets: tuple[str, ...] = ()  # masked in every text the server sent (see redact.py)
 
     async def collect(
         self,
@@ -150,13 +152,18 @@ class Collector:
         response = line.get("response") if isinstance(line.get("response"), dict) else None
         error = line.get("error") if isinstance(line.get("error"), dict) else None
         if response is None:
-            code = str((error or {}).get("code") or "batch_incomplete")
-            message = str((error or {}).get("message") or "the batch did not run this request")
+            code = scrub(str((error or {}).get("code") or "batch_incomplete"), self.secrets)
+            message = redact(
+                str((error or {}).get("message") or "the batch did not run this request"),
+                self.secrets,
+            )
             self._not_run(result, batch, todo, code, message)
             return
         status = response.get("status_code")
         request_id = (
-            response.get("request_id") if isinstance(response.get("request_id"), str) else None
+            scrub(response["request_id"], self.secrets)
+            if isinstance(response.get("request_id"), str)
+            else None
         )
         body = response.get("body")
         if isinstance(status, int) and 200 <= status < 300 and isinstance(body, dict):
@@ -166,6 +173,7 @@ class Collector:
             status if isinstance(status, int) else 500,
             {"x-request-id": request_id} if request_id else {},
             json.dumps(body).encode("utf-8"),
+            self.secrets,
         )
         await self._failed(cid, todo, failure, batch, last_round, result)
 
@@ -276,7 +284,9 @@ class Collector:
         if not isinstance(item, dict):
             return None, None
         revised = (
-            item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+            scrub(item["revised_prompt"], self.secrets)
+            if isinstance(item.get("revised_prompt"), str)
+            else None
         )
         if isinstance(item.get("b64_json"), str):
             try:

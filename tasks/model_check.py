@@ -17,6 +17,7 @@ from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import ApiSettings
 from imagebatch.tasks.api_client import auth_headers, azure_root
 from imagebatch.tasks.errors import ApiError
+from imagebatch.tasks.redact import secrets_of
 from imagebatch.tasks.retry import error_from_response, error_from_transport
 
 # Model ids that look like image models (the list endpoint does not say what a model does).
@@ -56,7 +57,7 @@ def fetch_model_ids(api: ApiSettings, transport: httpx.BaseTransport | None = No
         with httpx.Client(headers=auth_headers(api), timeout=timeout, transport=transport) as http:
             response = http.get(url, params=query)
     except httpx.TransportError as exc:
-        raise error_from_transport(exc) from None
+        raise error_from_transport(exc, secrets_of(api.api_key, api.base_url)) from None
     if response.status_code in (404, 405, 501):
         raise NoModelList(
             f"{url} answered HTTP {response.status_code}: this server has no GET /models "
@@ -64,7 +65,12 @@ def fetch_model_ids(api: ApiSettings, transport: httpx.BaseTransport | None = No
             status=response.status_code,
         )
     if response.status_code >= 400:
-        raise error_from_response(response.status_code, response.headers, response.content)
+        raise error_from_response(
+            response.status_code,
+            response.headers,
+            response.content,
+            secrets_of(api.api_key, api.base_url),
+        )
     try:
         data = response.json().get("data")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

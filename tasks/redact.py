@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import overload
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 MASK = "[redacted]"
@@ -27,6 +28,10 @@ def secrets_of(api_key: str | None, base_url: str) -> tuple[str, ...]:
     return tuple(sorted({s for s in found if len(s) >= 6}, key=len, reverse=True))
 
 
+@overload
+def scrub(text: str, secrets: tuple[str, ...]) -> str: ...
+@overload
+def scrub(text: str | None, secrets: tuple[str, ...]) -> str | None: ...
 def scrub(text: str | None, secrets: tuple[str, ...]) -> str | None:
     """`text` with every secret replaced by a mask."""
     if not text or not secrets:

@@ -25,6 +25,7 @@ from imagebatch.tasks.errors import (
     TransientError,
 )
 from imagebatch.tasks.headers import lower_headers, parse_duration, parse_reset, parse_retry_after
+from imagebatch.tasks.redact import scrub
 
 MESSAGE_LIMIT = 500
 REJECTION_CODES = frozenset(
@@ -92,9 +93,10 @@ def _should_retry_header(headers: Mapping[str, str]) -> bool | None:
     return None
 
 
-def redact(text: str) -> str:
-    """Mask anything shaped like an OpenAI key."""
-    return _KEY_LIKE.sub("sk-***", text)
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Mask anything shaped like an OpenAI key, then each of `secrets` (the run's key in any
+    shape, a password in the base URL) by value: every error is built through here."""
+    return scrub(_KEY_LIKE.sub("sk-***", text), secrets)
 
 
 def _truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -214,8 +216,14 @@ def _classify(
     return RequestError
 
 
-def error_from_response(status: int, headers: Mapping[str, str] | None, body: bytes) -> ApiError:
-    """The ApiError for a non-2xx response (see the module docstring for the table)."""
+def error_from_response(
+    status: int,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    secrets: tuple[str, ...] = (),
+) -> ApiError:
+    """The ApiError for a non-2xx response (see the module docstring for the table); every
+    text the server sent has `secrets` masked."""
     h = lower_headers(headers)
     message, err, inner_code = _parse_body(body)
     err = err or {}
@@ -238,12 +246,12 @@ def error_from_response(status: int, headers: Mapping[str, str] | None, body: by
             retry_after = _reset_hint(h)
 
     return cls(
-        redact(_truncate(message)),
+        redact(_truncate(message), secrets),
         status=status,
-        code=code,
-        type=etype,
-        param=param,
-        request_id=h.get("x-request-id"),
+        code=scrub(code, secrets),
+        type=scrub(etype, secrets),
+        param=scrub(param, secrets),
+        request_id=scrub(h.get("x-request-id"), secrets),
         retry_after=retry_after,
         should_retry=should_retry,
     )
@@ -327,7 +335,7 @@ _TRANSPORT: tuple[tuple[type[BaseException], type[ApiError], str, str], ...] = (
 )
 
 
-def error_from_transport(exc: BaseException) -> ApiError:
+def error_from_transport(exc: BaseException, secrets: tuple[str, ...] = ()) -> ApiError:
     """The ApiError for an exception raised while sending a request or reading its answer.
 
     Not sent (connect, pool, proxy, incomplete body write) is transient; sent and then lost
@@ -336,7 +344,7 @@ def error_from_transport(exc: BaseException) -> ApiError:
     """
     if isinstance(exc, ApiError):
         return exc
-    detail = redact(_truncate(str(exc), 200)) or type(exc).__name__
+    detail = redact(_truncate(str(exc), 200), secrets) or type(exc).__name__
     for exc_cls, cls, code, what in _TRANSPORT:
         if isinstance(exc, exc_cls):
             return cls(f"{what}: {detail}", code=code)

@@ -22,7 +22,11 @@ from PIL import Image
 from imagebatch.cli import main
 from imagebatch.configs.settings import ApiSettings
 from imagebatch.tasks.api_client import ImagesClient
+from imagebatch.tasks.batch_collect import Collector
+from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.errors import RequestError
+from imagebatch.tasks.journal import Journal
+from imagebatch.tasks.store import ImageStore
 
 AZURE_STYLE_KEY = "0123456789abcdef0123456789abcdef"  # no sk- prefix
 
@@ -55,6 +59,8 @@ class Hostile(BaseHTTPRequestHandler):
         self.counts[path] += 1
         if path == "/loop":
             self._send(302, b"", {"location": "/loop"})
+        elif path.startswith("/gone/"):
+            self._send(404, b"", {})
         elif path == "/flaky.png" and self.counts[path] <= 2:
             self._send(503, b"busy", {})
         else:
@@ -78,6 +84,8 @@ class Hostile(BaseHTTPRequestHandler):
             item["url"] = "file:///etc/passwd"
         elif prompt == "redirect loop":
             item["url"] = f"http://127.0.0.1:{port}/loop"
+        elif prompt == "key in url":  # a URL that fails, naming the key in its path
+            item["url"] = f"http://127.0.0.1:{port}/gone/{key}.png"
         elif prompt == "flaky download":
             item["url"] = f"http://127.0.0.1:{port}/flaky.png?sig=SIGNED-TOKEN"
         else:
@@ -112,6 +120,7 @@ def test_the_key_never_reaches_disk_or_terminal_and_server_text_is_data(
         {"id": "file", "prompt": "file url", "model": "dall-e-2"},
         {"id": "loop", "prompt": "redirect loop", "model": "dall-e-2"},
         {"id": "flaky", "prompt": "flaky download", "model": "dall-e-2"},
+        {"id": "keyurl", "prompt": "key in url", "model": "dall-e-2"},
     ]
     jobs = tmp_path / "jobs.csv"
     pd.DataFrame(rows).to_csv(jobs, index=False)
@@ -144,6 +153,8 @@ def test_the_key_never_reaches_disk_or_terminal_and_server_text_is_data(
     assert m.loc["loop", "error_code"] == "image_url_unfetchable"
     assert "/loop" in m.loc["loop", "error_message"]
     assert m.loc["flaky", "status"] == "succeeded"
+    assert m.loc["keyurl", "error_code"] == "download_failed"
+    assert "/gone/[redacted].png" in m.loc["keyurl", "error_message"]
     assert Hostile.counts["file url"] == 1 and Hostile.counts["redirect loop"] == 1
     assert Hostile.counts["flaky download"] == 1 and Hostile.counts["/flaky.png"] == 3
 
@@ -190,3 +201,47 @@ def test_image_urls_at_internal_addresses_are_refused_for_a_public_base_url(url)
     with pytest.raises(RequestError) as info:
         asyncio.run(fetch())
     assert info.value.code == "image_url_refused"
+
+
+def test_batch_results_echoing_the_key_are_masked(tmp_path):
+    """A batch output file is server text too: the key it echoes in a request id, a revised
+    prompt, an error body or a line's error never reaches the journal."""
+    key = AZURE_STYLE_KEY
+    image = {"b64_json": base64.b64encode(PNG).decode(), "revised_prompt": f"a {key} cat"}
+    bodies = {
+        "ib-ok": {"status_code": 200, "request_id": f"req-{key}", "body": {"data": [image]}},
+        "ib-bad": {
+            "status_code": 400,
+            "request_id": f"req-{key}",
+            "body": {"error": {"message": f"bad key {key}", "code": key, "param": key}},
+        },
+        "ib-lost": None,
+    }
+    source = tmp_path / "output.jsonl"
+    with source.open("w") as f:
+        for cid, response in bodies.items():
+            error = None if response else {"code": key, "message": f"expired {key}"}
+            f.write(json.dumps({"custom_id": cid, "response": response, "error": error}) + "\n")
+    units = {cid: [[f"key-{cid}", cid, cid, 0]] for cid in bodies}
+    part = Part("p", "/v1/images/generations", "batch/p.jsonl", 3, 0, "", units)
+    out = tmp_path / "out"
+    out.mkdir()
+    store = ImageStore(out)
+    store.prepare()
+    journal = Journal(out, sync_first=(store.images_dir,))
+    journal.open()
+
+    async def no_download(url: str) -> bytes:
+        raise AssertionError(url)
+
+    async def collect():
+        collector = Collector(store, journal, "run", no_download, {}, secrets=(key,))
+        return await collector.collect(part, {"id": "b", "status": "completed"}, [source], True)
+
+    got = asyncio.run(collect())
+    journal.close()
+    records = got.records + got.not_run
+    assert sorted(r.job_id for r in records) == ["ib-bad", "ib-lost", "ib-ok"]
+    assert key not in repr(records)
+    assert key not in everything_written(out)
+    assert next(r for r in records if r.job_id == "ib-ok").revised_prompt == "a [redacted] cat"
