@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prefect import flow
+from prefect import Flow
 
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
@@ -307,7 +307,27 @@ def _interrupts(dispatcher: Dispatcher, reporter: Reporter, main_task: asyncio.T
             loop.remove_signal_handler(signal.SIGTERM)
 
 
-@flow(name="imagebatch", persist_result=False, validate_parameters=False, log_prints=False)
+class _KeyMaskingFlow(Flow):
+    """Prefect stores a flow run's parameters before the flow's body can refuse a key among
+    them: the copy sent to Prefect's database has it masked; the body then refuses the run."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        stored = super().serialize_parameters(parameters)
+        overrides = stored.get("overrides")
+        if isinstance(overrides, dict) and isinstance(overrides.get("api"), dict):
+            if "api_key" in overrides["api"]:
+                api = {**overrides["api"], "api_key": "********"}
+                stored["overrides"] = {**overrides, "api": api}
+        return stored
+
+
+def _flow(fn: Any) -> Any:
+    return _KeyMaskingFlow(
+        fn, name="imagebatch", persist_result=False, validate_parameters=False, log_prints=False
+    )
+
+
+@_flow
 async def imagebatch_flow(
     jobs: str | list[dict[str, Any]],
     out: str | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -72,6 +73,13 @@ def test_a_run_stopped_by_a_bad_key_is_failed_whatever_the_setting(
     assert "sk-wrong" not in state.message
 
 
+async def stored_parameters(flow_run_id) -> dict:
+    from prefect import get_client
+
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).parameters
+
+
 def test_the_key_is_refused_as_a_parameter(prefect_api, sim, tmp_path):
     state = flow_state(
         jobs_file(tmp_path / "jobs.csv", False), tmp_path / "out", api={"api_key": KEY}
@@ -79,6 +87,10 @@ def test_the_key_is_refused_as_a_parameter(prefect_api, sim, tmp_path):
     assert state.is_failed()
     assert "never a run parameter" in state.message
     assert not (tmp_path / "out" / "manifest.csv").exists()
+    # Prefect stored the run's parameters before the flow refused them: without the key
+    stored = asyncio.run(stored_parameters(state.state_details.flow_run_id))
+    assert stored["overrides"]["api"] == {"api_key": "********"}
+    assert KEY not in json.dumps(stored)
     with pytest.raises(ConfigError, match="never sent"):
         submit("jobs.csv", api_key=KEY)
     with pytest.raises(ConfigError, match="unknown setting"):
