@@ -158,13 +158,26 @@ class RegistrySettings:
 
 @dataclass(frozen=True)
 class FlowSettings:
-    # "job": one Prefect task per job, so the UI shows each job's state (default).
-    # "chunk": one task per `chunk_jobs` jobs, for runs where Prefect's per-task cost
-    # (about 20-40 ms of CPU with its server) would be the bottleneck.
-    task_per: str = "job"
-    chunk_jobs: int = 200
+    # "job": one Prefect task per job, so the UI shows each job's state.
+    # "chunk": one task per `chunk_jobs` jobs: Prefect's per-task cost (30-50 ms of CPU,
+    # client and server together, more than an image costs a plain SDK loop) paid per chunk.
+    # "auto" (default): per job for runs of up to `auto_chunk_above` jobs, chunks above.
+    task_per: str = "auto"
+    chunk_jobs: int = 100
+    auto_chunk_above: int = 100
     # A run where some images did not succeed ends Failed (true) or Completed (false).
     fail_on_image_errors: bool = True
+
+    def uses_chunks(self, jobs: int) -> bool:
+        """Whether a fan-out of `jobs` jobs runs as chunk tasks (else one task per job)."""
+        if self.task_per not in TASK_PER:
+            raise ConfigError(f"[flow] task_per must be one of {', '.join(TASK_PER)}")
+        if self.task_per == "auto":
+            return jobs > self.auto_chunk_above
+        return self.task_per == "chunk"
+
+
+TASK_PER = ("auto", "job", "chunk")
 
 
 @dataclass(frozen=True)
@@ -325,8 +338,12 @@ def _check(settings: Settings) -> None:
         raise ConfigError("[retry] on_ambiguous must be 'retry' or 'fail'")
     if settings.cost.max_cost < 0 or settings.cost.max_cost_total < 0:
         raise ConfigError("[cost] max_cost and max_cost_total must be 0 (no cap) or more")
-    if settings.flow.task_per not in ("job", "chunk") or settings.flow.chunk_jobs < 1:
-        raise ConfigError("[flow] task_per must be 'job' or 'chunk', and chunk_jobs at least 1")
+    flow = settings.flow
+    if flow.task_per not in TASK_PER or flow.chunk_jobs < 1 or flow.auto_chunk_above < 0:
+        raise ConfigError(
+            f"[flow] task_per must be one of {', '.join(TASK_PER)}, chunk_jobs at least 1 "
+            "and auto_chunk_above 0 or more"
+        )
     if settings.api.max_response_bytes_per_image < 1024 or settings.api.request_deadline < 0:
         raise ConfigError(
             "[api] max_response_bytes_per_image must be at least 1024, request_deadline 0 "

@@ -30,6 +30,7 @@ from prefect import Flow
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import (
+    FlowSettings,
     LimitSettings,
     Settings,
     check_target,
@@ -198,38 +199,40 @@ def _versions() -> dict[str, str]:
 
 
 class _FanOut:
-    """Starts job tasks (or chunk tasks) while the limiter has room for more requests.
+    """Starts job tasks, or chunk tasks (`[flow] task_per`), as the dispatcher's admission
+    lets jobs in.
 
-    Awaiting tasks directly in the flow's loop is Prefect's fastest shape here; keeping the
-    number of started jobs near the limiter's in-flight cap means a job shows as Running in
-    Prefect only once its requests can go out, and a stop leaves the rest unstarted.
+    Awaiting tasks directly in the flow's loop is Prefect's fastest shape here. Jobs start
+    only while the open ones fit the limiter's in-flight cap (plus slack), so a job shows as
+    Running in Prefect only once its requests can go out, and a stop leaves the rest
+    unstarted (not_run, no task run). A chunk admits its jobs one by one; the next chunk
+    starts once they all started and there is room, so in-flight never sags at a chunk's end.
     """
 
-    def __init__(
-        self, dispatcher: Dispatcher, task_per: str = "job", chunk_jobs: int = 200
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, settings: FlowSettings) -> None:
         self.dispatcher = dispatcher
-        self.task_per = task_per
-        self.chunk_jobs = chunk_jobs
-        self.running: dict[asyncio.Task, int] = {}  # task -> jobs it carries
-        self.finished = asyncio.Event()
+        self.settings = settings
+        self.running: set[asyncio.Task] = set()
+        self.handed = 0  # jobs given to chunk tasks so far
+        self.last_chunk: asyncio.Task | None = None
 
     async def run(self, work: list[tuple[PlannedJob, list[int]]]) -> None:
+        chunked = self.settings.uses_chunks(len(work))
+        size = self.settings.chunk_jobs if chunked else 1
         try:
-            if self.task_per == "chunk":
-                for start in range(0, len(work), self.chunk_jobs):
-                    chunk = work[start : start + self.chunk_jobs]
-                    units = [u for plan, indices in chunk for u in units_for(plan, indices)]
-                    name = f"jobs {start + 1}-{start + len(chunk)}"
-                    await self._start(
-                        process_chunk(name, units, return_state=True), units, len(chunk)
+            for start in range(0, len(work), size):
+                part = work[start : start + size]
+                units = [u for plan, indices in part for u in units_for(plan, indices)]
+                if chunked:
+                    name = f"jobs {start + 1}-{start + len(part)}"
+                    await self._start_chunk(process_chunk(name, units, return_state=True), units)
+                    self.handed += len(part)
+                else:
+                    await self._start_job(
+                        process_job(part[0][0].job_id, units, return_state=True), units
                     )
-            else:
-                for plan, indices in work:
-                    units = list(units_for(plan, indices))
-                    await self._start(process_job(plan.job_id, units, return_state=True), units, 1)
             while self.running:
-                await self._wait_one()
+                await asyncio.wait(set(self.running))
         except asyncio.CancelledError:
             # A second Ctrl-C: abandon requests in flight, but leave no task writing behind us.
             for task in list(self.running):
@@ -237,37 +240,48 @@ class _FanOut:
             await asyncio.gather(*self.running, return_exceptions=True)
             raise
 
-    async def _start(self, call: Any, units: list[RequestUnit], jobs: int) -> None:
-        d = self.dispatcher
-        while not d.stop.is_set() and self.running:
-            cap = d.limiter.in_flight_cap
-            if sum(self.running.values()) + jobs <= cap + max(2, cap // 4):
-                break
-            await self._wait_one()
-        if d.stop.is_set():
-            call.close()  # never awaited: no task run is created
-            for unit in units:
-                for index in unit.indices:
-                    d.not_run(unit, index)
+    async def _start_job(self, call: Any, units: list[RequestUnit]) -> None:
+        admission = self.dispatcher.admission
+        if not await admission.enter():
+            self._not_started(call, units)
             return
+        self._launch(call).add_done_callback(lambda _: admission.leave())
+
+    async def _start_chunk(self, call: Any, units: list[RequestUnit]) -> None:
+        admission = self.dispatcher.admission
+        last = self.last_chunk
+
+        def ready() -> bool:  # the chunk before started all its jobs (or ended), and room
+            started = last is None or last.done() or admission.admitted >= self.handed
+            return started and admission.has_room()
+
+        if not await admission.wait(ready):
+            self._not_started(call, units)
+            return
+        self.last_chunk = self._launch(call)
+        self.last_chunk.add_done_callback(lambda _: admission.wake())
+
+    def _not_started(self, call: Any, units: list[RequestUnit]) -> None:
+        call.close()  # never awaited: no task run is created
+        for unit in units:
+            for index in unit.indices:
+                self.dispatcher.not_run(unit, index)
+
+    def _launch(self, call: Any) -> asyncio.Task:
         task = asyncio.create_task(self._guard(call))
-        self.running[task] = jobs
-        task.add_done_callback(self._done)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
 
     async def _guard(self, call: Any) -> None:
         try:
-            await call
+            state = await call
+            error = await state.aresult(raise_on_failure=False)
         except Exception as exc:  # a bug or a storage failure must not strand the other jobs
-            log.error("task failed: %s", exc)
-            self.dispatcher.halt(exc)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.running.pop(task, None)
-        self.finished.set()
-
-    async def _wait_one(self) -> None:
-        self.finished.clear()
-        await self.finished.wait()
+            error = exc
+        if isinstance(error, Exception):  # raised in the task (our Failed states carry data)
+            log.error("task failed: %s", error)
+            self.dispatcher.halt(error)
 
 
 @contextlib.contextmanager
@@ -676,7 +690,7 @@ async def _dispatch(
     started = time.time()
 
     def live(part: list[tuple[PlannedJob, list[int]]]) -> Any:
-        return _FanOut(dispatcher, flow_settings.task_per, flow_settings.chunk_jobs).run(part)
+        return _FanOut(dispatcher, flow_settings).run(part)
 
     try:
         with (

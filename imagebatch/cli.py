@@ -308,8 +308,9 @@ def main() -> None:
 )
 @click.option(
     "--task-per",
-    type=click.Choice(["job", "chunk"]),
-    help="One Prefect task per job (default), or per chunk of jobs for very large runs.",
+    type=click.Choice(["auto", "job", "chunk"]),
+    help="Prefect tasks: one per job, one per chunk of [flow] chunk_jobs jobs, or auto "
+    "(default): per job up to [flow] auto_chunk_above jobs to run, chunks above.",
 )
 @click.option(
     "--retry-failed",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from prefect.states import Failed
 
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.settings import RetrySettings
+from imagebatch.tasks.admission import Admission
 from imagebatch.tasks.api_client import ApiResult, ImagesClient
 from imagebatch.tasks.budget import Budget, CapReached, Reservation
 from imagebatch.tasks.cost import Estimate, cost_fields, estimate_unit, price_call
@@ -94,12 +96,19 @@ class Dispatcher:
     prices: PriceBook = field(default_factory=PriceBook.load)
     # Why units not sent become not_run (error_code, message), when the reason is ours to give.
     not_run_reason: tuple[str, str] | None = None
+    # Jobs started and not finished, gated by the limiter's cap (the flow's fan-out and
+    # chunk tasks start jobs through it).
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(lambda: self.limiter.in_flight_cap, self.stop)
 
     def halt(self, reason: BaseException) -> None:
         """Stop dispatching new units; the first reason is the one reported."""
         if self.fatal is None:
             self.fatal = reason
         self.stop.set()
+        self.admission.wake()
 
     def stop_at_cap(self, reason: str) -> None:
         """The cost cap was reached: stop dispatching; requests in flight finish. Not fatal:
@@ -107,6 +116,7 @@ class Dispatcher:
         if not self.stop.is_set():
             self.not_run_reason = ("cost_cap", reason)
         self.stop.set()
+        self.admission.wake()
 
     async def _record(self, record: ImageRecord) -> ImageRecord:
         await self.journal.record(record)
@@ -464,25 +474,31 @@ async def process_job(job_id: str, units: list[RequestUnit]) -> Any:
 
     Returns small per-image outcome dicts, never image bytes, so memory does not grow with
     the number of images. A job with any image not succeeded ends in a Failed state whose
-    message says why, so the Prefect UI shows each job's outcome.
+    message says why, so the Prefect UI shows each job's outcome. The caller admitted the
+    job (`Dispatcher.admission`) before starting the task.
     """
-    return await _run_units(units, "images")
+    return await _run_units(units, "images", admit=False)
 
 
 @task(name="generate-images-chunk", task_run_name="{name}", **_TASK_OPTIONS)
 async def process_chunk(name: str, units: list[RequestUnit]) -> Any:
-    """One Prefect task for many jobs (`[flow] task_per = "chunk"`): the same work as
-    process_job, with Prefect's per-task cost paid once per chunk."""
-    return await _run_units(units, "images in this chunk")
+    """One Prefect task for many jobs (`[flow] task_per`): the same work as process_job,
+    with Prefect's per-task cost paid once per chunk. Its jobs start one by one as
+    `Dispatcher.admission` has room and each reports its end there, so the next chunk can
+    start while this one's last jobs are still in flight; after a stop, the jobs not yet
+    started end not_run without a request."""
+    return await _run_units(units, "images in this chunk", admit=True)
 
 
-async def _run_units(units: list[RequestUnit], what: str) -> Any:
+async def _run_units(units: list[RequestUnit], what: str, admit: bool) -> Any:
     dispatcher = current_dispatcher.get()
     # Structured: if one unit fails unexpectedly its siblings are cancelled, never orphaned.
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(dispatcher.run_unit(u)) for u in units]
-    results = [t.result() for t in tasks]
-    records = [r for rs in results for r in rs]
+        tasks = []
+        for _, job in itertools.groupby(units, key=lambda u: id(u.planned)):
+            admitted = admit and await dispatcher.admission.enter()
+            tasks.append(group.create_task(_run_job(dispatcher, list(job), admitted)))
+    records = [r for t in tasks for r in t.result()]
     outcomes = [
         {"job_id": r.job_id, "index": r.index, "status": r.status, "attempts": r.attempts}
         for r in records
@@ -493,6 +509,21 @@ async def _run_units(units: list[RequestUnit], what: str) -> Any:
     first = bad[0]
     reason = f"{first.error_code}: {first.error_message}" if first.error_code else first.status
     return Failed(message=f"{len(bad)} of {len(records)} {what} not made ({reason})", data=outcomes)
+
+
+async def _run_job(
+    dispatcher: Dispatcher, units: list[RequestUnit], admitted: bool
+) -> list[ImageRecord]:
+    """One job's units in parallel; its end frees its place in the admission."""
+    try:
+        if len(units) == 1:
+            return await dispatcher.run_unit(units[0])
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(dispatcher.run_unit(u)) for u in units]
+        return [r for t in tasks for r in t.result()]
+    finally:
+        if admitted:
+            dispatcher.admission.leave()
 
 
 class _QuietExpectedFailures(logging.Filter):

@@ -550,9 +550,13 @@ def _flow_run_count() -> int:
 
 
 # --------------------------------------------------------------------------- 6. Ctrl-C
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig, chunks",
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-chunks"],
+)
 def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(
-    prefect_api, make_sim, procs, tmp_path, sig
+    prefect_api, make_sim, procs, tmp_path, sig, chunks
 ):
     sim = make_sim(latency=1.0)
     rows = [
@@ -563,7 +567,12 @@ def test_interrupt_finishes_in_flight_writes_manifest_and_resumes(
     jobs = write_jobs(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
     log = tmp_path / "cli.log"
-    p = start_cli(procs, jobs, out, ["--max-in-flight", "3"], sim, prefect_api, log)
+    args = ["--max-in-flight", "3"]
+    if chunks:  # 8 chunk tasks of 5 jobs: a stop leaves the later chunks unstarted
+        config = tmp_path / "imagebatch.toml"
+        config.write_text('[flow]\ntask_per = "chunk"\nchunk_jobs = 5\n', encoding="utf-8")
+        args += ["--config", str(config)]
+    p = start_cli(procs, jobs, out, args, sim, prefect_api, log)
     wait_for(lambda: len(journal_lines(out)) >= 3, 60, "3 journal lines", p, log)
     wait_for(lambda: sim.stats()["in_flight"] >= 1, 10, "a request in flight", p, log)
     p.send_signal(sig)
