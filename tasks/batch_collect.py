@@ -12,13 +12,14 @@ their images `not_run` with that reason, in memory only, so the next run submits
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pybase64
 
 from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.errors import ApiError, RejectedError, TransientError
@@ -290,7 +291,7 @@ class Collector:
         )
         if isinstance(item.get("b64_json"), str):
             try:
-                return base64.b64decode(item["b64_json"], validate=True), revised
+                return pybase64.b64decode(item["b64_json"], validate=True), revised
             except (binascii.Error, ValueError):
                 return None, revised
         if isinstance(item.get("url"), str):

@@ -267,3 +267,46 @@ def test_the_deadline_follows_the_timeouts_unless_set():
     assert ApiSettings().deadline == 10 + 120 + 360 + 120
     assert ApiSettings(read_timeout=900).deadline > 900  # a slower server is never cut short
     assert ApiSettings(request_deadline=5).deadline == 5
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda b64: b64[:100] + " " + b64[100:],  # whitespace inside
+        lambda b64: b64[:100] + "\n" + b64[100:],  # a line break, as MIME base64 has
+        lambda b64: b64 + "=",  # excess padding
+        lambda b64: b64 + "QUJD",  # data after the padding
+        lambda b64: b64[:100] + "*" + b64[101:],  # outside the alphabet
+        lambda b64: b64.rstrip("=")[:-1],  # cut short
+    ],
+)
+def test_b64_json_is_decoded_strictly(tamper):
+    """An image's base64 is taken only when it is exactly base64: anything a lenient
+    decoder would skip over makes the answer malformed (retried), never other bytes."""
+    image = _image((64, 64), "PNG")
+    image += b"\0" * ((1 - len(image)) % 3)  # so its base64 ends in "=="
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        b64 = tamper(base64.b64encode(image).decode())
+        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": b64}]})
+
+    error = _send_to(handler)
+    assert getattr(error, "code", None) == "malformed_response", error
+    assert "not valid base64" in str(error)
+
+
+def test_b64_json_is_decoded_to_the_image_bytes():
+    image = _image((64, 64), "PNG")
+    got: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        b64 = base64.b64encode(image).decode()
+        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": b64}]})
+
+    async def go() -> None:
+        api = ApiSettings(base_url="https://api.example/v1", api_key=KEY)
+        async with ImagesClient(api, transport=httpx.MockTransport(handler)) as client:
+            got.extend(i.data for i in (await client.send(_unit())).images)
+
+    asyncio.run(go())
+    assert got == [image]
