@@ -27,7 +27,7 @@ from imagebatch.tasks.batch_collect import Collector, Download
 from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
 from imagebatch.tasks.batch_lines import custom_id, publish, refusal, write_input_files
 from imagebatch.tasks.budget import Budget, CapReached, Reservation
-from imagebatch.tasks.cost import cost_fields, estimate_unit, price_call
+from imagebatch.tasks.cost import Estimate, cost_fields, estimate_unit, price_call
 from imagebatch.tasks.errors import ApiError, ConfigError, FatalError, OutputError
 from imagebatch.tasks.files import file_sha256
 from imagebatch.tasks.journal import ImageRecord, Journal
@@ -68,7 +68,8 @@ class BatchRun:
         self.by_key = {key: (p, i) for p in self.planned for i, key in enumerate(p.keys)}
         self._rounds = 0
         self._shown: dict[str, tuple[Any, ...]] = {}
-        self._reserved: dict[str, Reservation] = {}  # custom_id -> its booked worst case
+        # custom_id -> its booked worst case and the estimate it was booked at
+        self._reserved: dict[str, tuple[Reservation, Estimate]] = {}
         self._capped: str | None = None
         self.collector = Collector(
             self.store,
@@ -153,7 +154,8 @@ class BatchRun:
             return False
         est = estimate_unit(self.prices, unit.planned.job, unit.n, batch=True)
         try:
-            self._reserved[custom_id(unit)] = self.budget.reserve(est.worst_usd, _what(unit))
+            reservation = self.budget.reserve(est.worst_usd, _what(unit))
+            self._reserved[custom_id(unit)] = (reservation, est)
         except CapReached as cap:
             if cap.stops:
                 self._capped = cap.reason
@@ -161,23 +163,23 @@ class BatchRun:
             return False
         return True
 
-    def _price(self, cid: str, images: int, usage: dict[str, Any] | None) -> dict[str, Any]:
-        """Cost fields of each image of an answered line: its usage at the model's batch
-        discount. The line's booking is settled with that cost; a line booked by an earlier
-        run (collected now) adds its cost to this run's spend."""
-        line = next((imgs for p in self.ledger.parts.values() if (imgs := p.units.get(cid))), [])
+    def _price(
+        self, cid: str, line: list[list[Any]], images: int, usage: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Cost fields of each image of an answered line (`line`: the images it asked for;
+        `images`: how many came back): its usage at the model's batch discount. The line's
+        booking is settled with that cost; a line booked by an earlier run (collected now)
+        has no booking here, and the budget adds its cost to this run's spend."""
         found = self.by_key.get(line[0][0]) if line else None
         if self.prices is None or found is None:
             return {}
         job = found[0].job
         call = price_call(self.prices, job, images, usage, batch=True)
-        reservation = self._reserved.pop(cid, None)
+        reservation, est = self._reserved.pop(cid, (None, None))
         if self.budget is not None:
-            if reservation is not None:
-                self.budget.settle(reservation, call.usd)
-            elif call.usd is not None:
-                self.budget.spent += call.usd
-        est = estimate_unit(self.prices, job, len(line), batch=True)
+            self.budget.settle(reservation, call.usd)
+        if est is None:
+            est = estimate_unit(self.prices, job, len(line), batch=True)
         return cost_fields(call, est, len(line))
 
     def _expected(self, key: str) -> Expected | None:
@@ -190,9 +192,9 @@ class BatchRun:
         if self.budget is None:
             return
         for cid in part.units:
-            reservation = self._reserved.pop(cid, None)
-            if reservation is not None:
-                self.budget.settle(reservation)
+            booked = self._reserved.pop(cid, None)
+            if booked is not None:
+                self.budget.settle(booked[0])
 
     def _mark(
         self, key: str, job_id: str, index: int, code: str, message: str, batch_id: str | None

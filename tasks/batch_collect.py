@@ -63,8 +63,10 @@ class Collector:
     download: Download  # fetches a `url` image (DALL·E) at once, without our credentials
     done: dict[str, ImageRecord]  # the journal's records: images already succeeded are skipped
     on_record: Callable[[ImageRecord], None] | None = None
-    # (custom_id, images the line returned, usage) -> each image's cost fields for the journal
-    pricer: Callable[[str, int, dict[str, Any] | None], dict[str, Any]] | None = None
+    # (custom_id, the line's images, how many it returned, usage) -> each image's cost fields
+    pricer: Callable[[str, list[list[Any]], int, dict[str, Any] | None], dict[str, Any]] | None = (
+        None
+    )
     # image key -> the format and size its request asked for (None: anything goes)
     expect: Callable[[str], Expected | None] | None = None
     secrets: tuple[str, ...] = ()  # masked in every text the server sent (see redact.py)
@@ -168,7 +170,7 @@ class Collector:
         )
         body = response.get("body")
         if isinstance(status, int) and 200 <= status < 300 and isinstance(body, dict):
-            await self._images(cid, todo, body, request_id, batch, last_round, result)
+            await self._images(cid, images, todo, body, request_id, batch, last_round, result)
             return
         failure = error_from_response(
             status if isinstance(status, int) else 500,
@@ -189,7 +191,8 @@ class Collector:
     async def _images(
         self,
         cid: str,
-        images: list[list[Any]],
+        line: list[list[Any]],  # every image the line asked for (it is priced whole)
+        images: list[list[Any]],  # those not yet collected from this batch
         body: dict[str, Any],
         request_id: str | None,
         batch: dict[str, Any],
@@ -200,7 +203,7 @@ class Collector:
         data: list[Any] = raw_data if isinstance(raw_data, list) else []
         usage = raw_usage if isinstance(raw_usage, dict) else None
         per_in, per_out = _tokens_per_image(usage, len(images))
-        costs = self.pricer(cid, len(data), usage) if self.pricer is not None else {}
+        costs = self.pricer(cid, line, len(data), usage) if self.pricer is not None else {}
         missing: list[list[Any]] = []
         # Images of one line map to its image keys in order, as a live call's `data` does.
         for image, item in zip(images, data + [None] * (len(images) - len(data))):

@@ -107,11 +107,19 @@ class Budget:
         return Reservation(worst or ZERO)
 
     def settle(
-        self, reservation: Reservation, actual: Decimal | None = ZERO, *, lost: bool = False
+        self,
+        reservation: Reservation | None,
+        actual: Decimal | None = ZERO,
+        *,
+        lost: bool = False,
     ) -> None:
         """Swap the reservation for what the call cost: `actual` (None: answered but unpriced,
         counted at its worst), or its worst case as possibly paid when the answer was `lost`.
-        An error answer costs nothing: settle with the default."""
+        An error answer costs nothing: settle with the default. With no reservation (a Batch
+        API line booked by an earlier run, collected by this one) only a priced cost counts."""
+        if reservation is None:
+            self.spent += actual or ZERO
+            return
         if not reservation.open:
             return
         reservation.open = False

@@ -164,3 +164,13 @@ def test_estimate_leaves_out_what_the_folder_has_and_counts_its_spend(tmp_path):
     assert (again.plan.images, again.skipped) == (1, 1)
     assert again.folder_spent == D("0.58") and again.plan.usd == D("0.08")
     assert again.max_cost_total == D("0.6")
+
+
+def test_a_call_booked_by_an_earlier_run_adds_only_its_priced_cost():
+    """A Batch API line booked before a restart has no reservation in this run: its cost
+    still counts, nothing is in flight, and an unpriced one adds nothing it could not know."""
+    budget = Budget(max_cost=D("1"))
+    budget.settle(None, D("0.25"))
+    budget.settle(None, None)
+    assert budget.spent == D("0.25") and budget.in_flight == 0 and budget.requests_in_flight == 0
+    assert budget.unpriced_calls == 0
