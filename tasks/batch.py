@@ -154,7 +154,7 @@ class BatchRun:
             return False
         est = estimate_unit(self.prices, unit.planned.job, unit.n, batch=True)
         try:
-            reservation = self.budget.reserve(est.worst_usd, _what(unit))
+            reservation = self.budget.reserve(est.worst_usd, unit.label)
             self._reserved[custom_id(unit)] = (reservation, est)
         except CapReached as cap:
             if cap.stops:
@@ -481,11 +481,6 @@ def check_batch_target(api: ApiSettings) -> None:
             "--batch is not supported against Azure OpenAI: its Batch API uses global-batch "
             "deployments and other paths; run live, or target api.openai.com"
         )
-
-
-def _what(unit: RequestUnit) -> str:
-    job = unit.planned.job
-    return f"{job.model.name} {job.operation} ({unit.n} image(s), batch)"
 
 
 def _as_work(units: Any) -> Work:

@@ -42,6 +42,7 @@ NOT_RUN_REASONS = {
     "failed": ("batch_failed", "the batch failed validation"),
 }
 
+_ANY = object()  # `_succeeded`: made by any call, live or batch
 Download = Callable[[str], Awaitable[bytes | bytearray]]
 
 
@@ -149,7 +150,7 @@ class Collector:
         # Already journaled from this very batch (a run stopped before the ledger said it was
         # collected): never stored twice. An image made earlier by another call (`--force`)
         # is stored again: this batch made and billed it anew.
-        todo = [img for img in images if not self._from_batch(img[0], batch.get("id"))]
+        todo = [img for img in images if not self._succeeded(img[0], batch.get("id"))]
         if not todo:
             return
         response = line.get("response") if isinstance(line.get("response"), dict) else None
@@ -180,13 +181,12 @@ class Collector:
         )
         await self._failed(cid, todo, failure, batch, last_round, result)
 
-    def _from_batch(self, key: str, batch_id: Any) -> bool:
+    def _succeeded(self, key: str, batch_id: Any = _ANY) -> bool:
+        """Whether the journal has `key` succeeded (by batch `batch_id`, when one is named)."""
         rec = self.done.get(key)
-        return rec is not None and rec.status == "succeeded" and rec.batch_id == batch_id
-
-    def _succeeded(self, key: str) -> bool:
-        rec = self.done.get(key)
-        return rec is not None and rec.status == "succeeded"
+        if rec is None or rec.status != "succeeded":
+            return False
+        return batch_id is _ANY or rec.batch_id == batch_id
 
     async def _images(
         self,

@@ -231,7 +231,7 @@ class Dispatcher:
             raise Stopped()
         self._raise_if_unavailable(sub)  # learnt while this unit waited for its slot
         est = estimate_unit(self.prices, sub.planned.job, sub.n)
-        reservation = self.budget.reserve(est.worst_usd, _describe(sub))
+        reservation = self.budget.reserve(est.worst_usd, sub.label)
         progress.attempts += 1
         try:
             result = await self.client.send(sub, progress.inputs)
@@ -443,13 +443,6 @@ def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | Non
         return usage["input_tokens"] / n, usage["output_tokens"] / n  # type: ignore[index]
     except (KeyError, TypeError, ZeroDivisionError):
         return None, None
-
-
-def _describe(sub: RequestUnit) -> str:
-    """The request as a cap message names it: model, quality, size."""
-    params = sub.planned.job.params
-    parts = (sub.planned.job.model.name, params.get("quality"), params.get("size"))
-    return " ".join(str(p) for p in parts if p)
 
 
 # The flow sets this before fanning out; tasks awaited in the flow's event loop see it.

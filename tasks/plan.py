@@ -102,6 +102,13 @@ class RequestUnit:
     def key(self) -> str:
         return _hash(list(self.keys))[:32]
 
+    @property
+    def label(self) -> str:
+        """The call as a message names it (a cost cap's reason): model, quality, size."""
+        params = self.planned.job.params
+        parts = (self.planned.job.model.name, params.get("quality"), params.get("size"))
+        return " ".join(str(p) for p in parts if p)
+
 
 def plan_jobs(valid: Iterable[ValidJob]) -> list[PlannedJob]:
     """Give every job its id and image keys. Identical id-less rows are told apart by occurrence."""
