@@ -240,7 +240,7 @@ class Dispatcher:
             permit.record(error.headers, None)
             if isinstance(error, RateLimited):
                 self.stats["rate_limited"] += 1
-                self.limiter.rate_limited(error.retry_after, error.headers)
+                self.limiter.rate_limited(error.retry_after, error.headers, error.message)
             if isinstance(error, ModelUnavailable):
                 self._mark_unavailable(sub, error)
             raise

@@ -1,4 +1,5 @@
-"""Reading rate-limit and retry headers: Go-style durations, resets, `retry-after`.
+"""Reading rate-limit and retry headers: Go-style durations, resets, `retry-after`; and the
+limit a 429's message states.
 
 Used by the limiter (to learn limits) and by error classification (to read wait hints).
 """
@@ -119,3 +120,24 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
         when = when.replace(tzinfo=UTC)
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
+
+
+# "Rate limit reached for gpt-image-2 in organization org-x on images per min (IPM): Limit 5,
+# Used 5, Requested 1. ..." (also "requests per min (RPM)", and "Request too large ... Limit").
+_MESSAGE_LIMIT = re.compile(
+    r"\bon (requests|images|input-images|tokens) per min(?:ute)?\b[^:]{0,16}: Limit (\d{1,9})\b",
+    re.IGNORECASE,
+)
+
+
+def limit_in_message(message: str | None) -> tuple[str, float] | None:
+    """The per-minute limit an OpenAI 429 message states, as ("requests" | "images", limit).
+
+    The fallback when a server sends no `x-ratelimit-limit-*` headers. Buckets the limiter
+    does not pace (tokens, input images of edits) give None, as does any other wording.
+    """
+    match = _MESSAGE_LIMIT.search((message or "")[:2000])
+    if match is None or match.group(1).lower() not in ("requests", "images"):
+        return None
+    limit = float(match.group(2))
+    return (match.group(1).lower(), limit) if limit > 0 else None

@@ -6,7 +6,7 @@
         response = await send(...)
         permit.record(response.headers, latency, [len(image) for image in images])
         ... store the images: their bytes stay booked until the slot is left ...
-    if it was a 429: limiter.rate_limited(error.retry_after, response.headers)
+    if it was a 429: limiter.rate_limited(error.retry_after, response.headers, message)
 
 How it decides when to grant a slot is in docs/design.md ("The limiter").
 """
@@ -23,7 +23,12 @@ from typing import Any
 
 from imagebatch.configs.registry import parse_size
 from imagebatch.configs.settings import LimitSettings
-from imagebatch.tasks.headers import lower_headers, parse_reset, parse_retry_after
+from imagebatch.tasks.headers import (
+    limit_in_message,
+    lower_headers,
+    parse_reset,
+    parse_retry_after,
+)
 
 _INFLIGHT = -1.0  # `_blocked` result: wait for a slot to be released
 _EPS = 1e-9
@@ -429,9 +434,13 @@ class Limiter:
         return self._sizes.estimate(model, size, n, output_format, compression)
 
     def rate_limited(
-        self, retry_after: float | None, headers: Mapping[str, str] | None = None
+        self,
+        retry_after: float | None,
+        headers: Mapping[str, str] | None = None,
+        message: str | None = None,
     ) -> None:
-        """A request got a 429 rate limit: pause every grant, slow down if the limit is unknown."""
+        """A request got a 429 rate limit: pause every grant, slow down if the limit is unknown.
+        A limit stated in the message ("...: Limit 300") counts as a limit header."""
         now = self._clock()
         self._rate_limited += 1
         self._last_429 = now
@@ -440,6 +449,11 @@ class Limiter:
             self._learn(headers, now)
             if retry_after is None:
                 retry_after = parse_retry_after(headers)
+        stated = limit_in_message(message)
+        if stated is not None:
+            self._adopt_limit(
+                self._requests if stated[0] == "requests" else self._images, stated[1]
+            )
         pause = (
             self.DEFAULT_PAUSE
             if retry_after is None
@@ -764,15 +778,21 @@ class Limiter:
         while self._rejects and self._rejects[0] + span <= now:
             self._rejects.popleft()
 
+    def _adopt_limit(self, bucket: _Bucket, limit: float) -> bool:
+        """The server stated this bucket's limit: it replaces any estimate."""
+        if limit == bucket.header_limit:
+            return False
+        bucket.header_limit = limit
+        bucket.estimate = None
+        self._wake.set()
+        return True
+
     def _learn(self, headers: Mapping[str, str], now: float) -> None:
         h = lower_headers(headers)
-        changed = False
         for bucket in self._buckets:
             limit = _number(h.get(f"x-ratelimit-limit-{bucket.name}"))
-            if limit is not None and limit > 0 and limit != bucket.header_limit:
-                bucket.header_limit = limit
-                bucket.estimate = None
-                changed = True
+            if limit is not None and limit > 0:
+                self._adopt_limit(bucket, limit)
             remaining = _number(h.get(f"x-ratelimit-remaining-{bucket.name}"))
             if remaining is None:
                 continue
@@ -785,8 +805,6 @@ class Limiter:
                 unit = 60.0 / rate if rate else 1.0
                 hold = unit if reset is None else min(reset, unit)
                 bucket.hold_until = max(bucket.hold_until, now + hold)
-        if changed:
-            self._wake.set()
 
     def _record(self, headers: Mapping[str, str] | None, latency: float | None) -> None:
         h = lower_headers(headers)

@@ -9,6 +9,7 @@ from collections import deque
 import pytest
 
 from imagebatch.configs.settings import LimitSettings
+from imagebatch.tasks.headers import limit_in_message
 from imagebatch.tasks.limiter import BodySizes, Limiter
 
 
@@ -880,3 +881,51 @@ def test_no_probing_while_the_window_drains_the_burst_before_a_429(clock):
     clock.run(_take(limiter))
     assert clock.time() - start == pytest.approx(60.5)  # the whole burst left the window
     assert limiter.snapshot()["ipm_estimate"] == pytest.approx(estimate)
+
+
+# -- the limit a 429's message states ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "stated"),
+    [
+        (
+            "Rate limit reached for gpt-image-2 in organization org-x on images per min (IPM): "
+            "Limit 5, Used 5, Requested 1. Please try again in 12s.",
+            ("images", 5.0),
+        ),
+        (
+            "Rate limit reached for dall-e-3 in organization org-x on requests per min (RPM): "
+            "Limit 7, Used 7, Requested 1.",
+            ("requests", 7.0),
+        ),
+        (
+            "Request too large for gpt-image-1 in organization org-x on images per min (IPM): "
+            "Limit 4, Requested 10. Reduce n to run successfully.",
+            ("images", 4.0),
+        ),
+        # buckets the limiter does not pace, other wordings, nonsense
+        ("... on input-images per min: Limit 250, Used 250, Requested 1.", None),
+        ("... on tokens per min (TPM): Limit 40000, Used 39000, Requested 2000.", None),
+        ("Requests have exceeded the call rate limit of your tier. Retry after 10 s.", None),
+        ("on images per min (IPM): Limit 0, Used 0", None),
+        ("on images per min (IPM): Limit -5", None),
+        ("Limit " * 20_000, None),
+        (None, None),
+    ],
+)
+def test_limit_in_message(message, stated):
+    assert limit_in_message(message) == stated
+
+
+def test_a_limit_stated_in_a_429_message_is_adopted_and_held(clock):
+    """No limit headers: the 429's "Limit 30" replaces the estimate its burst would give."""
+    limiter = make(clock)
+    grant_times(clock, limiter, [1] * 9)
+    limiter.rate_limited(
+        0.5, None, "Rate limit reached for m in organization o on images per min (IPM): Limit 30"
+    )
+    snap = limiter.snapshot()
+    assert (snap["ipm_limit"], snap["ipm_estimate"], snap["rpm_limit"]) == (30, None, None)
+    granted = grant_times(clock, limiter, [1] * 60)
+    assert max_in_window(granted) <= 30
