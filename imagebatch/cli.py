@@ -220,6 +220,38 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+class ByteCount(click.ParamType):
+    """A byte count: 256000000, 256MB, 256MiB, 1GB (decimal and binary units)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit not in _BYTE_UNITS or not amount >= 0 or amount * _BYTE_UNITS[unit] >= 2**63:
+            self.fail(f"{value!r} is not a byte count such as 256MB, 1GB or 0", param, ctx)
+        return int(amount * _BYTE_UNITS[unit])
+
+
 def config_option(what: str = "") -> Callable[[F], F]:
     """`--config`, the same on every command; `what` says which settings matter there."""
     return click.option(
@@ -289,6 +321,11 @@ def main() -> None:
     type=int,
     help="Requests in flight at most (0: derive from the limit and latency).",
 )
+@click.option(
+    "--max-bytes-in-flight",
+    type=ByteCount(),
+    help="Memory budget: answers in memory at once, e.g. 128MB or 1GB (default 256MB; 0: none).",
+)
 @click.option("--tier", help="Rate-limit preset from the config, e.g. openai-tier-3.")
 @click.option(
     "--base-url", help="API base URL (default: $OPENAI_BASE_URL or https://api.openai.com/v1)."
@@ -300,6 +337,12 @@ def main() -> None:
     type=float,
     help="Seconds of silence allowed while an answer comes (default 360); the whole request "
     "is bounded by [api] request_deadline (default: the timeouts + 120 s).",
+)
+@click.option(
+    "--request-deadline",
+    type=click.FloatRange(min=0),
+    help="Seconds a request may take in all before its answer counts as lost "
+    "(default 0: the timeouts + 120 s).",
 )
 @click.option(
     "--on-ambiguous",

@@ -25,13 +25,15 @@ def sim():
         yield server
 
 
-def _run(tmp_path: Path, sim: SimulatorServer, budget: int | None) -> tuple[dict, dict]:
+def _run(
+    tmp_path: Path, sim: SimulatorServer, budget: int | None, flags: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
     jobs = tmp_path / "jobs.csv"
     rows = [
         {"id": f"j{i}", "prompt": f"a lighthouse {i}", "model": "gpt-image-2"} for i in range(6)
     ]
     pd.DataFrame(rows).to_csv(jobs, index=False)
-    args = ["run", str(jobs), "--out", str(tmp_path / "out"), "-q"]
+    args = ["run", str(jobs), "--out", str(tmp_path / "out"), "-q", *flags]
     if budget is not None:
         config = tmp_path / "budget.toml"
         config.write_text(f"[limits]\nmax_bytes_in_flight = {budget}\n")
@@ -60,3 +62,19 @@ def test_the_default_budget_lets_requests_overlap(prefect_api, sim, tmp_path):
     assert stats["peak_in_flight"] > 1
     assert limiter["max_bytes_in_flight"] == 256_000_000
     assert limiter["peak_bytes_in_flight"] > 0 and limiter["bytes_in_flight"] == 0
+
+
+def test_the_budget_and_the_deadline_can_be_given_as_flags(prefect_api, sim, tmp_path):
+    flags = ("--max-bytes-in-flight", "1.5MiB", "--request-deadline", "90")
+    limiter, stats = _run(tmp_path, sim, budget=None, flags=flags)
+    assert stats["images_billed"] == 6
+    assert limiter["max_bytes_in_flight"] == 1_572_864
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["settings"]["api"]["request_deadline"] == 90
+
+
+@pytest.mark.parametrize("value", ["lots", "-1MB", "12 parsecs", "nanMB"])
+def test_a_budget_that_is_not_a_byte_count_is_refused_by_name(value, tmp_path):
+    result = CliRunner().invoke(main, ["run", "jobs.csv", "--max-bytes-in-flight", value])
+    assert result.exit_code == 2
+    assert "--max-bytes-in-flight" in result.output and "not a byte count" in result.output
