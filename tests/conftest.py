@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Before Prefect is imported anywhere: quiet and offline.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+from imagebatch.cli import PREFECT_DEFAULTS
+
+# Before Prefect is imported anywhere: quiet and offline, as the command line sets it.
+for _name, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 # A session's own Prefect home: a server someone started with `prefect server start
 # --background` in ~/.prefect is never what a test's run talks to (runs look for one there).
 if "PREFECT_HOME" not in os.environ:
@@ -152,13 +153,28 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def procs():
-    """Subprocesses a test starts (it appends them); any still alive at teardown are killed."""
+    """Subprocesses a test starts (it appends them), stopped at teardown if still alive: one
+    started in its own session (a worker, `serve`) is asked to stop with its whole process
+    group (SIGTERM, then SIGKILL after 30 s); any other is killed at once."""
     started: list[subprocess.Popen] = []
     yield started
     for p in started:
-        if p.poll() is None:
+        if p.poll() is not None:
+            continue
+        try:
+            own_group = os.getpgid(p.pid) == p.pid
+        except ProcessLookupError:
+            continue
+        if not own_group:
             p.kill()
             p.wait(10)
+            continue
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
 
 
 @pytest.fixture(scope="module")

@@ -37,21 +37,6 @@ def sim():
     server.stop()
 
 
-@pytest.fixture
-def procs():
-    """Long-running subprocesses (worker, serve), each in its own session; stopped at teardown."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(30)
-
-
 def jobs_csv(path: Path) -> Path:
     """Three images that succeed and one the moderation refuses, with a CSV-borne note."""
     rows = [
