@@ -68,13 +68,27 @@ def test_the_parser_follows_folders():
     ]
 
 
-def imports(path: Path) -> list[tuple[str, bool]]:
-    """(module imported, whether at module level) for every import in a file."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def package_of(path: Path) -> list[str]:
+    """The installed package a file is in: tasks/, flows/ and configs/ install under imagebatch."""
+    parts = list(path.relative_to(ROOT).parent.parts)
+    return parts if parts[:1] == ["imagebatch"] else ["imagebatch", *parts]
+
+
+def imports(path: Path, source: str | None = None) -> list[tuple[str, bool]]:
+    """(module imported, whether at module level) for every import in a file; relative
+    imports (`from ..tasks import x`, `from . import y`) as the absolute names they mean."""
+    tree = ast.parse(source if source is not None else path.read_text(encoding="utf-8"))
     top = set(map(id, tree.body))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            package = package_of(path)
+            base = ".".join(package[: len(package) - node.level + 1])
+            if node.module:
+                found.append((f"{base}.{node.module}", id(node) in top))
+            else:
+                found.extend((f"{base}.{alias.name}", id(node) in top) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found.append((node.module, id(node) in top))
         elif isinstance(node, ast.Import):
             found.extend((alias.name, id(node) in top) for alias in node.names)
@@ -113,3 +127,16 @@ def test_the_pipeline_imports_the_simulator_only_where_it_starts_it():
         if module.startswith("imagebatch.simulator") and top
     ]
     assert at_module_level == []
+
+
+def test_relative_imports_are_seen_as_what_they_import():
+    sim = ROOT / "imagebatch/simulator/x.py"
+    source = "from .config import SimConfig\nfrom ..tasks import store\nfrom . import rules\n"
+    assert [m for m, _ in imports(sim, source)] == [
+        "imagebatch.simulator.config",
+        "imagebatch.tasks",
+        "imagebatch.simulator.rules",
+    ]
+    assert [m for m, _ in imports(ROOT / "tasks/x.py", "from ..flows import run_jobs")] == [
+        "imagebatch.flows"
+    ]
