@@ -14,16 +14,9 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from imagebatch.cli import main
-from imagebatch.simulator import SimConfig, SimulatorServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with SimulatorServer(SimConfig(latency=0.01)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -34,7 +34,6 @@ from PIL import Image
 
 from imagebatch.cli import main
 from imagebatch.configs.settings import GallerySettings
-from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.manifest import Manifest
 from imagebatch.tasks.report import publish
 from imagebatch.tasks.thumbs import Thumbnailer, ThumbSpec, sync_thumbnails
@@ -60,12 +59,6 @@ JOBS = [
 
 def invoke(args: list[str], env: dict[str, str] | None = None):
     return CliRunner().invoke(main, args, env=env or {}, catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with SimulatorServer(SimConfig(latency=0.01)) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
