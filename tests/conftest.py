@@ -32,15 +32,14 @@ for _key in (
     os.environ.pop(_key, None)
 
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
+from helpers import free_port, healthy, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,18 +87,12 @@ class PrefectServer:
         return reply.json()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """A real Prefect server (SQLite, loopback) in a temporary PREFECT_HOME, for schedules,
     deployments and workers, which the test harness's API cannot serve."""
     home = tmp_path_factory.mktemp("prefect-home")
-    server = PrefectServer(home, _free_port())
+    server = PrefectServer(home, free_port())
     env = server.env(
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{server.database}",
@@ -126,20 +119,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.proc.poll() is not None:
-                raise RuntimeError(
-                    f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not become healthy within 180 s")
-            time.sleep(0.5)
+        wait_for(
+            lambda: healthy(server.url),
+            180,
+            "the prefect server to be healthy",
+            server.proc,
+            home / "server.log",
+            every=0.5,
+        )
         yield server
     finally:
         os.killpg(server.proc.pid, signal.SIGTERM)

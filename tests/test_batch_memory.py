@@ -17,6 +17,7 @@ import random
 import tracemalloc
 from pathlib import Path
 
+from helpers import no_download, open_store
 from openai import OpenAI
 from PIL import Image
 
@@ -26,7 +27,7 @@ from imagebatch.tasks.batch_api import BatchApi
 from imagebatch.tasks.batch_collect import Collector
 from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.journal import Journal
-from imagebatch.tasks.store import Expected, ImageStore
+from imagebatch.tasks.store import Expected
 
 LINES = 120
 
@@ -69,11 +70,7 @@ def test_large_output_file_is_streamed_and_collected_in_flat_memory(tmp_path):
     size = source.stat().st_size
     assert size > 100_000_000
     out = tmp_path / "out"
-    out.mkdir()
-    store = ImageStore(out)
-    store.prepare()
-    journal = Journal(out, sync_first=(store.images_dir,))
-    journal.open()
+    store, journal = open_store(out)
 
     with SimulatorServer(SimConfig()) as sim:
         client = OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
@@ -87,7 +84,7 @@ def test_large_output_file_is_streamed_and_collected_in_flat_memory(tmp_path):
                 dest = out / "p.output.jsonl"
                 await api.download(file_id, dest)
                 records: dict = {}
-                collector = Collector(store, journal, "run", _no_download, records)
+                collector = Collector(store, journal, "run", no_download, records)
                 got = await collector.collect(
                     part, {"id": "batch_x", "status": "completed"}, [dest], True
                 )
@@ -111,10 +108,6 @@ def test_large_output_file_is_streamed_and_collected_in_flat_memory(tmp_path):
     assert peak < 20 * line_size, (peak, line_size, size)
 
 
-async def _no_download(url: str) -> bytes:
-    raise AssertionError("no url results in this file")
-
-
 def _line(cid: str, image: bytes) -> str:
     body = {"created": 1, "data": [{"b64_json": base64.b64encode(image).decode("ascii")}]}
     response = {"status_code": 200, "request_id": f"req_{cid}", "body": body}
@@ -136,15 +129,11 @@ def test_batch_images_not_in_the_asked_format_or_size_fail_at_once(tmp_path):
     units = {cid: [[f"key-{cid}", cid, cid, 0]] for cid in images}
     part = Part("p", "/v1/images/generations", "batch/p.jsonl", 3, 0, "", units)
     out = tmp_path / "out"
-    out.mkdir()
-    store = ImageStore(out)
-    store.prepare()
-    journal = Journal(out, sync_first=(store.images_dir,))
-    journal.open()
+    store, journal = open_store(out)
     asked = Expected.of({"size": "64x64", "output_format": "png"})
 
     async def collect():
-        collector = Collector(store, journal, "run", _no_download, {}, expect=lambda key: asked)
+        collector = Collector(store, journal, "run", no_download, {}, expect=lambda key: asked)
         return await collector.collect(part, {"id": "b", "status": "completed"}, [source], True)
 
     got = asyncio.run(collect())

@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import kill_at_commit, wait_for, write_jobs
 
 from imagebatch.cli import main
 from imagebatch.simulator import SimConfig, SimulatorServer
@@ -47,11 +46,6 @@ def config(tmp_path: Path, **batch: Any) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path = tmp_path / "batch.toml"
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_jobs(path: Path, rows: list[dict]) -> Path:
-    pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
 
@@ -385,19 +379,6 @@ def _start(procs, jobs, out, cfg, sim, prefect_api, log) -> subprocess.Popen:
     return p
 
 
-def _wait(pred: Callable[[], Any], what: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120  # a safety net against a hang, not a timing assertion
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"exited {proc.returncode} before {what}:\n{log.read_text()[-3000:]}"
-            )
-        time.sleep(0.02)
-    raise AssertionError(f"never saw {what}")
-
-
 STAGES = {
     # stage: (simulator knobs while the first run lives, what to wait for before SIGKILL)
     "upload": (
@@ -436,7 +417,7 @@ def test_sigkill_at_each_stage_then_rerun_completes_without_a_second_batch(
     cfg = config(tmp_path)
     sim.configure(knobs)
     p = _start(procs, jobs, out, cfg, sim, prefect_api, log)
-    _wait(lambda: ready(sim, out), f"the {stage} stage", p, log)
+    wait_for(lambda: ready(sim, out), 120, f"the {stage} stage", p, log)
     p.send_signal(signal.SIGKILL)
     assert p.wait(10) == -signal.SIGKILL
     sim.configure({k: (False if v is True else 0) for k, v in knobs.items()})
@@ -456,28 +437,6 @@ def test_sigkill_at_each_stage_then_rerun_completes_without_a_second_batch(
     assert not any((out / "batch").iterdir())
 
 
-# A run whose process dies at its KILL_AT-th rename into images/: just before it (KILL_WHEN
-# before) or just after it (after). A real SIGKILL at a known point, not a simulated one.
-KILL_AROUND_COMMIT = """
-import os, signal, sys
-import imagebatch.tasks.store as store
-renames = 0
-real = store.ImageStore.commit
-def commit(self, stored):
-    global renames
-    renames += 1
-    at, when = int(os.environ["KILL_AT"]), os.environ["KILL_WHEN"]
-    if renames == at and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(self, stored)
-    if renames == at and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-store.ImageStore.commit = commit
-from imagebatch.cli import main
-sys.exit(main())
-"""
-
-
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_sigkill_around_a_collected_images_rename_is_finished_without_paying_again(
     when, sim, prefect_api, tmp_path
@@ -492,9 +451,9 @@ def test_sigkill_around_a_collected_images_rename_is_finished_without_paying_aga
     cfg = config(tmp_path)
     args = ["run", str(jobs), "--out", str(out), "--batch", "--config", str(cfg), "-q"]
     child_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api}
-    child_env.update(KILL_AT="3", KILL_WHEN=when)
+    child_env.update(KILL_AT="3")
     p = subprocess.run(
-        [sys.executable, "-c", KILL_AROUND_COMMIT, *args],
+        [sys.executable, "-c", kill_at_commit(when), *args],
         env=child_env,
         cwd=ROOT,
         timeout=180,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from click.testing import CliRunner
+from helpers import write_jobs
 
 from imagebatch.cli import main
 from imagebatch.tasks.manifest import COLUMNS
@@ -23,11 +24,6 @@ def invoke(args: list[str], env: dict[str, str] | None = None):
 
 def api_env(sim, key: str = SECRET) -> dict[str, str]:
     return {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": key}
-
-
-def write_jobs(path: Path, rows: list[dict]) -> Path:
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def all_text(folder: Path) -> str:

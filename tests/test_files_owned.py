@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import kill_at_commit, write_jobs
 
 from imagebatch.cli import main
 from imagebatch.simulator import SimConfig, SimulatorServer
@@ -36,11 +37,6 @@ def run(sim, jobs: Path, out: Path, *flags: str):
     return CliRunner().invoke(
         main, ["run", str(jobs), "--out", str(out), "-q", *flags], env=env(sim)
     )
-
-
-def write_jobs(path: Path, rows: list[dict]) -> Path:
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -183,33 +179,24 @@ def test_ids_that_clean_to_the_same_name_never_share_a_file(prefect_api, sim, tm
     assert sim.stats()["images_billed"] == 2
 
 
-KILL_IN_COMMIT = """
-import os, signal, sys
-import imagebatch.tasks.store as store
-commits = 0
-real = store.ImageStore.commit
-def commit(self, stored):
-    global commits
-    commits += 1
-    if commits == int(os.environ["KILL_AT"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # journaled, not yet renamed
-    return real(self, stored)
-store.ImageStore.commit = commit
-from imagebatch.cli import main
-sys.exit(main())
-"""
+def killed_run(
+    probe: str, kill_at: int, sim: SimulatorServer, prefect_api: str, tmp_path: Path
+) -> tuple[Path, Path]:
+    """Six one-image jobs run one at a time by `probe`, which SIGKILLs the run at its
+    `kill_at`-th step; (jobs file, output folder)."""
+    jobs = write_jobs(
+        tmp_path / "jobs.csv", [{"id": f"k{i}", "prompt": f"kite {i}"} for i in range(6)]
+    )
+    out = tmp_path / "out"
+    proc_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api, "KILL_AT": str(kill_at)}
+    args = ["run", str(jobs), "--out", str(out), "-q", "--max-in-flight", "1"]
+    p = subprocess.run([sys.executable, "-c", probe, *args], env=proc_env, cwd=ROOT, timeout=120)
+    assert p.returncode == -9
+    return jobs, out
 
 
 def test_sigkill_between_journal_line_and_rename_pays_nothing_again(prefect_api, sim, tmp_path):
-    rows = [{"id": f"k{i}", "prompt": f"kite {i}"} for i in range(6)]
-    jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    out = tmp_path / "out"
-    proc_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api, "KILL_AT": "3"}
-    args = ["run", str(jobs), "--out", str(out), "-q", "--max-in-flight", "1"]
-    p = subprocess.run(
-        [sys.executable, "-c", KILL_IN_COMMIT, *args], env=proc_env, cwd=ROOT, timeout=120
-    )
-    assert p.returncode == -9
+    jobs, out = killed_run(kill_at_commit("before"), 3, sim, prefect_api, tmp_path)
     lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and not (out / lines[-1]["file"]).exists()  # the window, for real
     # billed but not durably received when the process died (requests in flight, answers
@@ -249,15 +236,7 @@ def test_a_staged_file_cut_short_by_a_crash_is_never_taken_for_a_whole_one(
     """Images are written straight to their staged name (no temporary name): a crash mid-write
     leaves a file under that name, which no journal line names, so the next run clears it and
     asks for that image again instead of moving the half file into images/."""
-    rows = [{"id": f"s{i}", "prompt": f"sail {i}"} for i in range(6)]
-    jobs = write_jobs(tmp_path / "jobs.csv", rows)
-    out = tmp_path / "out"
-    proc_env = {**os.environ, **env(sim), "PREFECT_API_URL": prefect_api, "KILL_AT": "4"}
-    args = ["run", str(jobs), "--out", str(out), "-q", "--max-in-flight", "1"]
-    p = subprocess.run(
-        [sys.executable, "-c", KILL_MID_STAGE, *args], env=proc_env, cwd=ROOT, timeout=120
-    )
-    assert p.returncode == -9
+    jobs, out = killed_run(KILL_MID_STAGE, 4, sim, prefect_api, tmp_path)
     lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
     (half,) = (out / ".imagebatch-tmp").iterdir()  # the window, for real
     assert len(lines) == 3

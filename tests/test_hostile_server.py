@@ -17,6 +17,7 @@ import httpx
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import no_download, open_store
 from PIL import Image
 
 from imagebatch.cli import main
@@ -25,8 +26,6 @@ from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.batch_collect import Collector
 from imagebatch.tasks.batch_ledger import Part
 from imagebatch.tasks.errors import RequestError
-from imagebatch.tasks.journal import Journal
-from imagebatch.tasks.store import ImageStore
 
 AZURE_STYLE_KEY = "0123456789abcdef0123456789abcdef"  # no sk- prefix
 
@@ -225,14 +224,7 @@ def test_batch_results_echoing_the_key_are_masked(tmp_path):
     units = {cid: [[f"key-{cid}", cid, cid, 0]] for cid in bodies}
     part = Part("p", "/v1/images/generations", "batch/p.jsonl", 3, 0, "", units)
     out = tmp_path / "out"
-    out.mkdir()
-    store = ImageStore(out)
-    store.prepare()
-    journal = Journal(out, sync_first=(store.images_dir,))
-    journal.open()
-
-    async def no_download(url: str) -> bytes:
-        raise AssertionError(url)
+    store, journal = open_store(out)
 
     async def collect():
         collector = Collector(store, journal, "run", no_download, {}, secrets=(key,))

@@ -6,7 +6,6 @@ else the temporary API with a hint."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, healthy, wait_for
 
 from imagebatch.flows.prefect_api import background_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HINT = "`prefect server start --background` makes later runs start in about 2 s"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_env(home: Path, **extra: str) -> dict[str, str]:
@@ -75,15 +69,7 @@ def background(tmp_path: Path):
     pid = int((home / "server.pid").read_text())
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the background server never became healthy"
-            time.sleep(0.5)
+        wait_for(lambda: healthy(url), 180, "the background server to be healthy", every=0.5)
         yield home, url
     finally:
         prefect(home, "server", "stop")

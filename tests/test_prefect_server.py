@@ -14,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import wait_for
 
 from imagebatch.simulator import SimConfig, SimulatorServer
 
@@ -57,25 +56,12 @@ def run_cli(server: Any, args: list[str], env: dict[str, str], cwd: Path = ROOT)
     return done.stdout
 
 
-def wait_until(what: str, check: Callable[[], Any], seconds: float, proc=None) -> Any:
-    """Poll `check` until it returns something truthy; fail (not hang) after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {proc.returncode}")
-        time.sleep(1)
-    pytest.fail(f"{what}: not within {seconds:.0f} s")
-
-
 def final_flow_run(server: Any, flow_run_id: str, seconds: float = 300) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         run = server.get(f"/flow_runs/{flow_run_id}")
         return run if run["state"] and run["state"]["type"] in FINAL else None
 
-    return wait_until(f"flow run {flow_run_id} to finish", check, seconds)
+    return wait_for(check, seconds, f"flow run {flow_run_id} to finish", every=1)
 
 
 def artifacts_of(server: Any, flow_run_id: str) -> dict[str, dict[str, Any]]:
@@ -270,7 +256,7 @@ def test_serve_fires_an_every_minute_cron_by_itself(prefect_server, sim, procs, 
         return name if name and (out_root / name / "manifest.csv").exists() else None
 
     # The next minute boundary, plus the runner's poll and a run: generous, bounded.
-    name = wait_until("a scheduled run's manifest", finished_run, 240, proc=serve)
+    name = wait_for(finished_run, 240, "a scheduled run's manifest", serve, every=1)
     manifest = assert_run_folder(out_root, name)
     assert set(manifest["sku"]) == {"A1", "A2", "A3", "A4"}
     deployment = prefect_server.get("/deployments/name/imagebatch/every-minute")
@@ -284,7 +270,7 @@ def test_serve_fires_an_every_minute_cron_by_itself(prefect_server, sim, procs, 
         return [r for r in runs if r["state"]["type"] in FINAL]
 
     # The folder is marked LATEST just before the run reports its final state: wait for it.
-    done = wait_until("the scheduled run's final state", finished_runs, 120, proc=serve)
+    done = wait_for(finished_runs, 120, "the scheduled run's final state", serve, every=1)
     assert done and all(r["auto_scheduled"] for r in done)
     run = done[0]
     assert run["state"]["type"] == "FAILED"

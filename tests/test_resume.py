@@ -18,13 +18,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import wait_for, write_jobs
 
 from imagebatch.cli import main
 from imagebatch.simulator import SimConfig, SimulatorServer
@@ -47,11 +47,6 @@ def make_sim():
     yield make
     for server in started:
         server.stop()
-
-
-def write_jobs(path: Path, rows: list[dict]) -> Path:
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def api_env(sim: SimulatorServer) -> dict[str, str]:
@@ -83,27 +78,6 @@ def start_cli(
     f.close()
     procs.append(p)
     return p
-
-
-def wait_for(
-    pred: Callable[[], Any],
-    timeout: float,
-    what: str,
-    proc: subprocess.Popen | None = None,
-    log: Path | None = None,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise AssertionError(
-                f"process exited ({proc.returncode}) while waiting for {what}:\n{tail}"
-            )
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def journal_lines(out: Path) -> list[dict]:
