@@ -23,7 +23,7 @@ from typing import Any
 from imagebatch.configs.prices import PriceBook
 from imagebatch.configs.settings import ApiSettings, BatchSettings
 from imagebatch.tasks.batch_api import BatchApi, batch_error_summary, is_terminal
-from imagebatch.tasks.batch_collect import Collector, Download
+from imagebatch.tasks.batch_collect import Collector, Download, not_run
 from imagebatch.tasks.batch_ledger import BATCH_DIR, Ledger, Part
 from imagebatch.tasks.batch_lines import custom_id, publish, refusal, write_input_files
 from imagebatch.tasks.budget import Budget, CapReached, Reservation
@@ -199,21 +199,13 @@ class BatchRun:
     def _mark(
         self, key: str, job_id: str, index: int, code: str, message: str, batch_id: str | None
     ) -> None:
-        """An in-memory not_run outcome with its reason: the manifest shows it, the journal
-        does not keep it, so the next run takes the image up again."""
-        rec = self.records.get(key)
-        if rec is not None and rec.status == "succeeded":
-            return
-        self.records[key] = ImageRecord(
-            key=key,
-            job_id=job_id,
-            index=index,
-            status="not_run",
-            error_code=code,
-            error_message=message,
-            run_id=self.run_id,
-            batch_id=batch_id,
-        )
+        """An in-memory not_run outcome with its reason (see batch_collect.not_run)."""
+        self._keep_not_run(not_run(key, job_id, index, code, message, self.run_id, batch_id))
+
+    def _keep_not_run(self, record: ImageRecord) -> None:
+        held = self.records.get(record.key)
+        if held is None or held.status != "succeeded":
+            self.records[record.key] = record
 
     def _add_parts(self, units: list[RequestUnit], round_: int) -> None:
         if not units:
@@ -387,14 +379,7 @@ class BatchRun:
         last = part.round >= self.settings.max_rounds
         got = await self.collector.collect(part, batch, files, last, reason)
         for rec in got.not_run:
-            self._mark(
-                rec.key,
-                rec.job_id,
-                rec.index,
-                rec.error_code or "",
-                rec.error_message or "",
-                rec.batch_id,
-            )
+            self._keep_not_run(rec)
         self._release(part)
         self.ledger.record(
             {

@@ -353,20 +353,26 @@ class Collector:
         message: str,
     ) -> None:
         for key, job_id, _stem, index in images:
-            if self._succeeded(key):
-                continue
-            result.not_run.append(
-                ImageRecord(
-                    key=key,
-                    job_id=job_id,
-                    index=index,
-                    status="not_run",
-                    error_code=code,
-                    error_message=message,
-                    run_id=self.run_id,
-                    batch_id=batch.get("id"),
-                )
-            )
+            if not self._succeeded(key):
+                record = not_run(key, job_id, index, code, message, self.run_id, batch.get("id"))
+                result.not_run.append(record)
+
+
+def not_run(
+    key: str, job_id: str, index: int, code: str, message: str, run_id: str, batch_id: Any
+) -> ImageRecord:
+    """An image a batch did not make, with the reason: kept in memory only (the manifest
+    shows it; the journal does not, so the next run takes the image up again)."""
+    return ImageRecord(
+        key=key,
+        job_id=job_id,
+        index=index,
+        status="not_run",
+        error_code=code,
+        error_message=message,
+        run_id=run_id,
+        batch_id=batch_id,
+    )
 
 
 def _tokens_per_image(usage: dict[str, Any] | None, n: int) -> tuple[float | None, float | None]:
