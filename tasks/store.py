@@ -186,19 +186,6 @@ class ImageStore:
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise OutputError(f"{folder} is not a writable folder")
 
-    def save(
-        self,
-        data: bytes,
-        stem: str,
-        index: int,
-        key: str | None = None,
-        expected: Expected | None = None,
-    ) -> StoredImage:
-        """Check and write `images/<stem>_<index>.<ext>` at once (stage, then commit)."""
-        stored = self.stage(data, f"{stem}_{index}", key, expected)
-        self.commit(stored)
-        return stored
-
     def stage(
         self, data: bytes, stem: str, key: str | None = None, expected: Expected | None = None
     ) -> StoredImage:

@@ -20,6 +20,7 @@ from imagebatch.tasks.store import (
     CorruptImage,
     Expected,
     ImageStore,
+    StoredImage,
     UnexpectedImage,
     check_image,
 )
@@ -100,10 +101,17 @@ def _png_bytes(size=(32, 16), fmt="PNG") -> bytes:
     return buf.getvalue()
 
 
+def save(store: ImageStore, data: bytes, name: str) -> StoredImage:
+    """Check and write `images/<name>.<ext>` as a run does: staged, then committed."""
+    stored = store.stage(data, name)
+    store.commit(stored)
+    return stored
+
+
 def test_store_decodes_and_names_by_real_format(tmp_path):
     store = ImageStore(tmp_path)
     store.prepare()
-    stored = store.save(_png_bytes(fmt="JPEG"), "job", 3)
+    stored = save(store, _png_bytes(fmt="JPEG"), "job_3")
     assert stored.file == "images/job_3.jpg"
     assert (stored.width, stored.height) == (32, 16)
     assert store.verify(stored.file, stored.sha256)
@@ -116,7 +124,7 @@ def test_store_refuses_undecodable_bytes(tmp_path):
     store.prepare()
     truncated = _png_bytes((256, 256))[:200]
     with pytest.raises(CorruptImage):
-        store.save(truncated, "job", 0)
+        save(store, truncated, "job_0")
     with pytest.raises(CorruptImage):
         check_image(b"not an image")
     assert list((tmp_path / "images").iterdir()) == []
@@ -132,7 +140,7 @@ def test_write_is_atomic_and_disk_full_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OutputError, match="disk is full"):
-        store.save(_png_bytes(), "job", 0)
+        save(store, _png_bytes(), "job_0")
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert list((tmp_path / "images").iterdir()) == []
 
@@ -154,7 +162,7 @@ def test_vanished_folder_is_an_output_error(tmp_path):
     store.prepare()
     (tmp_path / "out" / "images").rmdir()
     with pytest.raises(OutputError, match="vanished"):
-        store.save(_png_bytes(), "job", 0)
+        save(store, _png_bytes(), "job_0")
 
 
 def test_file_stems_are_unique_per_job_even_when_ids_clean_alike():
@@ -222,7 +230,7 @@ def test_formats_the_api_never_returns_are_not_stored(tmp_path, fmt):
     store = ImageStore(tmp_path)
     store.prepare()
     with pytest.raises(UnexpectedImage) as info:
-        store.save(_png_bytes(fmt=fmt), "job", 0)
+        save(store, _png_bytes(fmt=fmt), "job_0")
     assert info.value.code == "unexpected_image_format"
     assert list((tmp_path / "images").iterdir()) == []
 
@@ -246,7 +254,7 @@ def test_the_hash_is_of_the_bytes_written(tmp_path):
     store = ImageStore(tmp_path)
     store.prepare()
     data = _png_bytes((700, 700))
-    stored = store.save(data, "job", 0)
+    stored = save(store, data, "job_0")
     assert stored.sha256 == file_sha256(tmp_path / stored.file)
     assert (tmp_path / stored.file).read_bytes() == data
 
