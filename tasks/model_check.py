@@ -17,7 +17,7 @@ from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import ApiSettings
 from imagebatch.tasks.api_client import auth_headers, azure_root
 from imagebatch.tasks.errors import ApiError
-from imagebatch.tasks.redact import secrets_of
+from imagebatch.tasks.redact import mask_url, secrets_of
 from imagebatch.tasks.retry import error_from_response, error_from_transport
 
 # Model ids that look like image models (the list endpoint does not say what a model does).
@@ -60,7 +60,7 @@ def fetch_model_ids(api: ApiSettings, transport: httpx.BaseTransport | None = No
         raise error_from_transport(exc, secrets_of(api.api_key, api.base_url)) from None
     if response.status_code in (404, 405, 501):
         raise NoModelList(
-            f"{url} answered HTTP {response.status_code}: this server has no GET /models "
+            f"{mask_url(url)} answered HTTP {response.status_code}: this server has no GET /models "
             "endpoint, so its models cannot be listed",
             status=response.status_code,
         )
@@ -77,7 +77,7 @@ def fetch_model_ids(api: ApiSettings, transport: httpx.BaseTransport | None = No
         data = None
     if not isinstance(data, list):
         raise NoModelList(
-            f'{url} answered, but not with a model list ({{"data": [...]}}); '
+            f'{mask_url(url)} answered, but not with a model list ({{"data": [...]}}); '
             "this server's models cannot be listed",
             status=response.status_code,
         )
@@ -108,4 +108,4 @@ def check_models(
     api: ApiSettings, registry: Registry, transport: httpx.BaseTransport | None = None
 ) -> ModelCheck:
     ids = fetch_model_ids(api, transport)
-    return compare(registry, ids, models_url(api)[0])
+    return compare(registry, ids, mask_url(models_url(api)[0]))

@@ -63,6 +63,11 @@ def test_check_says_clearly_when_the_server_has_no_model_list(other_server):
     result = invoke(["models", "--check", "--base-url", base], {"OPENAI_API_KEY": KEY})
     assert result.exit_code == 2
     assert "has no GET /models endpoint" in result.output
+    # the URL it names has its credentials masked
+    with_password = base.replace("http://", "http://proxyuser:pr0xy-pa55word@")
+    result = invoke(["models", "--check", "--base-url", with_password], {"OPENAI_API_KEY": KEY})
+    assert result.exit_code == 2 and "has no GET /models endpoint" in result.output
+    assert "pr0xy-pa55word" not in result.output and "[redacted]@" in result.output
 
 
 def test_check_reports_a_refused_key_and_never_prints_it(other_server):
