@@ -15,7 +15,6 @@ from PIL import Image
 
 from imagebatch.configs.registry import Registry
 from imagebatch.configs.settings import ApiSettings, JobDefaults
-from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.errors import (
     ApiError,
@@ -28,12 +27,6 @@ from imagebatch.tasks.read_jobs import read_jobs
 from imagebatch.tasks.validate import Validator
 
 KEY = "sk-client-test-KEY-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with SimulatorServer(SimConfig(latency=0.0)) as server:
-        yield server
 
 
 def units(rows: list[dict], base_dir: Path | None = None):
