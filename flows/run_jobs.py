@@ -42,6 +42,7 @@ from imagebatch.flows import prefect_api
 from imagebatch.flows.batch_phase import run_batch_phase
 from imagebatch.flows.control import current_switch
 from imagebatch.flows.runlog import UiReporter, quiet_console
+from imagebatch.tasks import memory
 from imagebatch.tasks.api_client import ImagesClient
 from imagebatch.tasks.artifacts import ProgressArtifact, publish_summary
 from imagebatch.tasks.batch import check_batch_target
@@ -688,6 +689,7 @@ async def _dispatch(
     flow_settings = run.settings.flow
     token = current_dispatcher.set(dispatcher)
     started = time.time()
+    memory.tune_for_run()
 
     def live(part: list[tuple[PlannedJob, list[int]]]) -> Any:
         return _FanOut(dispatcher, flow_settings).run(part)
@@ -717,6 +719,7 @@ async def _dispatch(
         run.reporter.finish()
         await dispatcher.client.aclose()
         dispatcher.journal.close()
+        memory.give_back()  # what the busiest moment left free, before manifest and gallery
     return time.time() - started
 
 

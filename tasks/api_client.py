@@ -41,6 +41,12 @@ ENDPOINTS = {
 POOL_SHARD = 32
 JSON_SLACK = 1_000_000  # room for the JSON around the images (usage, revised prompts)
 ERROR_BODY_CAP = 1_000_000  # an error body is read this far; the rest is never needed
+# Bodies read at once. Each holds its whole buffer from its first byte; read round-robin, the
+# answers that arrive together (64 in flight: up to 50 at once) all fill at the same time and
+# peak together, 4 MB each. Read a few at a time, the rest wait in the socket, unread, and
+# each is parsed, stored and freed before the next starts. Eight is far more than a loopback
+# read needs (a 4 MB body takes milliseconds) or the fastest rate limit fills over the internet.
+READERS = 8
 
 
 @dataclass
@@ -131,6 +137,7 @@ class ImagesClient:
             for _ in range(shards)
         ]
         self._busy = [0] * shards
+        self._reading = asyncio.Semaphore(READERS)
         self._http = self._pools[0]  # for building requests
         # URLs in responses may point at another host: fetch them without our credentials,
         # and follow redirects by hand so every hop is checked (see _check_url).
@@ -149,7 +156,8 @@ class ImagesClient:
     async def _exchange(self, request: httpx.Request, cap: int) -> tuple[httpx.Response, bytearray]:
         """Send on the least busy pool and read the answer as it streams, at most `cap`
         bytes of a 2xx body (ERROR_BODY_CAP of an error body): a body that declares or
-        grows past the cap is refused without being held whole."""
+        grows past the cap is refused without being held whole. At most READERS bodies are
+        read at once; the wait counts toward the request deadline, as the read does."""
         shard = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[shard] += 1
         try:
@@ -159,7 +167,8 @@ class ImagesClient:
             else:
                 refuse = functools.partial(_too_large, response, cap, self._secrets)
             try:
-                body = await _read_capped(response, cap, refuse)
+                async with self._reading:
+                    body = await _read_capped(response, cap, refuse)
             finally:
                 await response.aclose()
             return response, body

@@ -310,3 +310,35 @@ def test_b64_json_is_decoded_to_the_image_bytes():
 
     asyncio.run(go())
     assert got == [image]
+
+
+def test_answers_arriving_together_are_read_a_few_at_a_time():
+    """Each body being read holds a whole buffer, so answers that arrive together are read
+    at most READERS at a time; the others wait unread (in the socket) and all complete."""
+    from imagebatch.tasks.api_client import READERS
+
+    answer = _answer(_image((64, 64), "PNG"))
+    reading = peak = 0
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            nonlocal reading, peak
+            reading += 1
+            peak = max(peak, reading)
+            for start in range(0, len(answer), 100):
+                await asyncio.sleep(0)  # other bodies get their turn, as sockets would
+                yield answer[start : start + 100]
+            reading -= 1
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"content-length": str(len(answer)), "content-type": "application/json"}
+        return httpx.Response(200, stream=Body(), headers=headers)
+
+    async def go() -> list[int]:
+        api = ApiSettings(base_url="https://api.example/v1", api_key=KEY)
+        async with ImagesClient(api, transport=httpx.MockTransport(handler)) as client:
+            results = await asyncio.gather(*(client.send(_unit()) for _ in range(5 * READERS)))
+        return [len(r.images) for r in results]
+
+    assert asyncio.run(go()) == [1] * (5 * READERS)
+    assert peak == READERS
