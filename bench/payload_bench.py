@@ -5,9 +5,12 @@ bench/refserver.py (1024x1024 PNGs of about 3 MB, latency uniform:1,3, no limit)
 same jobs CSV and the same requests in flight (default 64):
 
 - `sdk`: bench/sdk_loop.py (official `openai` SDK, semaphore of 64, b64 decode, write file);
-- `ephemeral`: `imagebatch run --max-in-flight 64` with no PREFECT_API_URL, so Prefect starts
-  its temporary API server as a subprocess of the client (own PREFECT_HOME, warmed once by
-  an unmeasured 4-job run so database migrations are not billed to the run);
+- `ephemeral`: `imagebatch run --max-in-flight 64` with no PREFECT_API_URL and no server, so
+  the run serves Prefect's API from a thread of its own process (flows/prefect_inprocess.py;
+  before that change Prefect started its temporary API server as a subprocess of the client;
+  if the in-process start fails it still does, and the tree then counts it); own
+  PREFECT_HOME, warmed once by an unmeasured 4-job run so database migrations are not billed
+  to the run;
 - `server`: the same command against the invocation's `prefect server start` (client tree
   measured; the server's CPU and RSS reported beside it).
 
@@ -350,7 +353,7 @@ class PayloadBench:
 
     def report(self, n: int, res: dict[str, dict[str, Any]]) -> None:
         kinds = list(res)
-        names = {"sdk": "SDK loop", "ephemeral": "imagebatch, ephemeral API",
+        names = {"sdk": "SDK loop", "ephemeral": "imagebatch, no server (in-process API)",
                  "server": "imagebatch + prefect server"}  # fmt: skip
         sdk = res.get("sdk")
 
@@ -408,8 +411,8 @@ class PayloadBench:
             f"{res[kinds[0]]['ref_stats']['png_bytes'][0] / 1e6:.2f} MB, 4.2 MB as base64); {n} "
             f"single-image jobs, {self.in_flight} in flight; SDK loop: `bench/sdk_loop.py JOBS "
             f"--out DIR --concurrency {self.in_flight}`; imagebatch: `imagebatch run JOBS --out DIR "
-            f"-q --max-in-flight {self.in_flight}{' ' + self.args.payload_flags if self.args.payload_flags else ''}`, ephemeral: no PREFECT_API_URL (own "
-            "PREFECT_HOME, warmed by one unmeasured run), server: PREFECT_API_URL of the "
+            f"-q --max-in-flight {self.in_flight}{' ' + self.args.payload_flags if self.args.payload_flags else ''}`, no server: no PREFECT_API_URL, Prefect's "
+            "API served from the client's own process (own PREFECT_HOME, warmed by one unmeasured run), server: PREFECT_API_URL of the "
             "invocation's `prefect server start`. Peak RSS: largest psutil sum over the client "
             "and its descendants (0.2 s samples); CPU: os.wait4 with the driver as child "
             "subreaper (client + every descendant, exact)"

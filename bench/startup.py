@@ -5,8 +5,10 @@ with each Prefect API a run can use. Several runs each, median reported; nothing
     python bench/startup.py --runs 9 --record
 
 Modes of `imagebatch run data/catalog.csv --simulate`:
-  ephemeral-fresh  Prefect's temporary API, a new PREFECT_HOME each run (first use)
-  ephemeral-warm   Prefect's temporary API, one PREFECT_HOME already migrated
+  ephemeral-fresh  no server: the run serves Prefect's API from its own process (before
+                   flows/prefect_inprocess.py: Prefect's temporary server subprocess), a
+                   new PREFECT_HOME each run (first use)
+  ephemeral-warm   the same, one PREFECT_HOME already migrated
   background       a server from `prefect server start --background` in its own
                    PREFECT_HOME on a free port, found by the run (no PREFECT_API_URL)
 Every run writes into a new output folder, so each is a whole run, not a resume.
@@ -147,8 +149,12 @@ def main() -> None:
     background = work / "home-background"
     background.mkdir()
     modes = [
-        ("run, ephemeral API, fresh PREFECT_HOME", "fresh", lambda i: work / f"home-{i}"),
-        ("run, ephemeral API, warm PREFECT_HOME", "warm", lambda i: warm),
+        (
+            "run, no server (in-process API), fresh PREFECT_HOME",
+            "fresh",
+            lambda i: work / f"home-{i}",
+        ),
+        ("run, no server (in-process API), warm PREFECT_HOME", "warm", lambda i: warm),
         ("run, `prefect server start --background` up", "server", lambda i: background),
     ]
     try:
@@ -171,7 +177,7 @@ def main() -> None:
         f"`python bench/startup.py --runs {args.runs} --run-runs {args.run_runs}`; "
         f"load average at the end: {load:.1f} (2 cores)",
         "- seconds: wall time of the whole process, and its CPU time (user + system, with the "
-        "children it waited for: the ephemeral API's server); exit status 1 for the example "
+        "children it waited for: a temporary API server, if any); exit status 1 for the example "
         "is its one invalid row; *outside the run*: wall minus run.json's `seconds` (which "
         "start when the flow begins its work): imports, Prefect's API, the flow run's "
         "creation and the exit",

@@ -6,9 +6,14 @@
    that process's command line where the system shows it (Linux /proc), else taken from
    Prefect's server settings (127.0.0.1:4200 by default); it is used only if it answers
    GET /api/health at once.
-3. Else Prefect's ephemeral API: a temporary server started by the first run of the process
-   (a notebook kernel starts it once) that costs seconds per process. The hint to start a
-   background server is given once per process.
+3. Else Prefect's API served from this process (flows/prefect_inprocess.py): a thread runs
+   Prefect's API app under uvicorn on a loopback port, once per process (a notebook kernel
+   starts it once), with the database Prefect's ephemeral mode would use, and stops it at
+   exit after its services have recorded what the run sent. This replaces Prefect's own
+   ephemeral server, a uvicorn subprocess of about 200 MB.
+4. Else, when that cannot start (import error, bind error, not healthy in time), Prefect's
+   own ephemeral API: a temporary server subprocess per process, said in the same line.
+   The hint to start a background server is given once per process.
 
 Deployed and scheduled runs do not come here: their worker's settings decide.
 """
@@ -36,22 +41,30 @@ _hinted = threading.Event()
 
 @dataclass(frozen=True)
 class PrefectApi:
-    """The API chosen: `url` is None for the ephemeral API."""
+    """The API chosen: `url` is None for Prefect's own ephemeral API; `why` says why the
+    in-process API could not be used there."""
 
     url: str | None
-    source: str  # "configured", "background" or "ephemeral"
+    source: str  # "configured", "background", "in-process" or "ephemeral"
+    why: str = ""
 
     def message(self) -> str | None:
-        """The line to show the user, or None (the ephemeral hint is given once per process)."""
-        if self.url is not None:
+        """The line to show the user, or None (the no-server hint is given once per process)."""
+        if self.source in ("configured", "background"):
             how = f" (started by `{BACKGROUND_COMMAND}`)" if self.source == "background" else ""
-            return f"using the Prefect server at {mask_url(self.url)}{how}"
+            return f"using the Prefect server at {mask_url(self.url or '')}{how}"
         if _hinted.is_set():
             return None
         _hinted.set()
+        hint = f"`{BACKGROUND_COMMAND}` makes later runs start in about 2 s"
+        if self.source == "in-process":
+            return (
+                "no Prefect server found: serving Prefect's API from this process (once per "
+                f"process, runs kept in Prefect's database); {hint} and shows them in its UI"
+            )
         return (
-            "no Prefect server found: using Prefect's temporary API (seconds to start, once "
-            f"per process); `{BACKGROUND_COMMAND}` makes later runs start in about 2 s"
+            f"could not serve Prefect's API from this process ({self.why}): using Prefect's "
+            f"temporary API server (seconds to start, once per process); {hint}"
         )
 
 
@@ -103,13 +116,19 @@ def choose() -> PrefectApi:
     url = background_server(Path(settings.home), server.host, server.port)
     if url is not None:
         return PrefectApi(url, "background")
-    return PrefectApi(None, "ephemeral")
+    from imagebatch.flows import prefect_inprocess
+
+    try:
+        return PrefectApi(prefect_inprocess.serve(), "in-process")
+    except prefect_inprocess.NotServed as exc:
+        return PrefectApi(None, "ephemeral", str(exc))
 
 
 @contextlib.contextmanager
 def use(api: PrefectApi) -> Iterator[None]:
-    """Point Prefect at a background server for the duration of a run (in this context)."""
-    if api.source != "background":
+    """Point Prefect at a background or in-process server for the duration of a run (in this
+    context); a configured server is already Prefect's setting."""
+    if api.source not in ("background", "in-process"):
         yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings

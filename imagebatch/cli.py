@@ -18,7 +18,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 PREFECT_DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # The ephemeral API logs CancelledError tracebacks at exit (events it drops); not ours to show.
+    # Prefect's server, in this process or its temporary subprocess, logs CancelledError
+    # tracebacks at exit (events its own ephemeral server drops); not ours to show.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "",
 }
@@ -439,8 +440,8 @@ def run(
     2 usage error, or the run stopped early (bad key, quota, Ctrl-C, disk full).
 
     Prefect: the run uses the server in PREFECT_API_URL, else one started with
-    `prefect server start --background` (same PREFECT_HOME), else a temporary API that
-    takes several seconds to start; it says which.
+    `prefect server start --background` (same PREFECT_HOME), else it serves Prefect's API
+    from its own process (several seconds to start); it says which.
     """
     from imagebatch.tasks.errors import ImagebatchError
 

@@ -5,8 +5,8 @@ Jupyter, IPython and VS Code notebooks already run an event loop in the main thr
 the run happens in a worker thread with its own loop and a copy of the caller's context
 (Prefect settings, the kernel's output routing); the caller's loop is never touched. The
 folder lock is taken in that thread, the kernel's interrupt (KeyboardInterrupt in the caller)
-is passed on to the run as Ctrl-C, and Prefect's ephemeral API, started once per process,
-serves every later call.
+is passed on to the run as Ctrl-C, and the Prefect API a run serves from this process (no
+server configured), started once per process, serves every later call.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _in_worker(call: Callable[[], T]) -> T:
     """The worker thread's side: SIGINT blocked, then the call as a top-level flow run.
 
     Jupyter interrupts a kernel by signalling its whole process group, which includes
-    Prefect's temporary API server once a run has started it. Processes inherit the signal
+    Prefect's temporary API server where a run started one (when Prefect's API cannot be
+    served from this process: flows/prefect_inprocess.py). Processes inherit the signal
     mask of the thread that starts them, so blocking SIGINT here (the kernel's main thread
     still receives it and presses the run's stop switch) keeps that server alive through an
     interrupt. Prefect stops it at exit with SIGTERM, which is not blocked.

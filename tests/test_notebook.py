@@ -42,7 +42,7 @@ def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_home: Path) 
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    # Prefect's own ephemeral API, as a new user has it; its own home.
+    # No Prefect server, as a new user has it (the kernel serves Prefect's API); its own home.
     env.update(
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -108,7 +108,7 @@ KERNEL_CELLS = [
     "jobs = pd.DataFrame({'prompt': [f'mug {i}' for i in range(8)], 'sku': range(8)})\n"
     "m1 = imagebatch.run(jobs, out='a', simulate=True)\n"
     "print(m1.attrs['imagebatch']['counts']['succeeded'], len(m1))",
-    # 2: which Prefect API server processes does this kernel run?
+    # 2: which Prefect API server processes does this kernel run, which API does it serve?
     "def api_servers():\n"
     "    me = str(os.getpid()); found = []\n"
     "    for p in pathlib.Path('/proc').iterdir():\n"
@@ -120,10 +120,12 @@ KERNEL_CELLS = [
     "        if ppid == me and 'prefect' in cmd and 'server' in cmd:\n"
     "            found.append(p.name)\n"
     "    return sorted(found)\n"
-    "first = api_servers(); print(len(first))",
+    "from imagebatch.flows import prefect_inprocess\n"
+    "first = api_servers(); url = prefect_inprocess.served(); print(len(first), url is not None)",
     # 3: a second run reuses it
     "m2 = imagebatch.run(jobs.assign(prompt=jobs.prompt + ' again'), out='b', simulate=True)\n"
-    "print(m2.attrs['imagebatch']['counts']['succeeded'], api_servers() == first)",
+    "print(m2.attrs['imagebatch']['counts']['succeeded'], api_servers() == first,\n"
+    "      prefect_inprocess.served() == url)",
     # 4: async code, and two runs into one folder at once: the second is refused
     "r = await asyncio.gather(\n"
     "    imagebatch.arun(jobs, out='c', simulate=True, progress=False),\n"
@@ -142,8 +144,9 @@ def test_api_in_a_kernel_uses_its_own_loop_and_one_prefect_api(kernel):
     out = [outputs(c, "stream") + outputs(c, "text/plain") for c in nb.cells]
     assert "True" in out[0]
     assert out[1].split()[:2] == ["8", "8"]
-    assert out[2].strip() == "1"  # the ephemeral API was started once
-    assert out[3].split()[:2] == ["8", "True"]  # ... and served the second run too
+    # No Prefect server process: the kernel serves Prefect's API itself, started once ...
+    assert out[2].split() == ["0", "True"]
+    assert out[3].split()[:3] == ["8", "True", "True"]  # ... and it served the second run too
     # The hint to start a background server comes with the first run only.
     hint = "prefect server start --background` makes later runs start in about 2 s"
     assert hint in outputs(nb.cells[1], "text/html")
@@ -156,8 +159,9 @@ def test_api_in_a_kernel_uses_its_own_loop_and_one_prefect_api(kernel):
 def test_a_kernel_interrupt_stops_the_run_as_ctrl_c_does(kernel, api, request):
     """The kernel's interrupt (SIGINT, KeyboardInterrupt in the main thread) reaches the run
     in its worker thread: requests in flight finish, the rest are not run, the manifest is
-    written, and the cell returns normally. Jupyter signals the kernel's whole process
-    group, so Prefect's temporary API server (a child of the kernel) must survive it too."""
+    written, and the cell returns normally. The Prefect API the kernel serves from a thread
+    (no server configured) must survive the interrupt too, and so must a child server
+    process where there is one: Jupyter signals the kernel's whole process group."""
     from jupyter_client.manager import start_new_kernel
 
     env = dict(kernel["env"])
