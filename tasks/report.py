@@ -66,7 +66,9 @@ def _read_manifest(out_dir: Path) -> Manifest | None:
         try:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            # ParquetFile, not pq.read_table: that one imports pandas
+            with pq.ParquetFile(path) as f:
+                table = f.read()
             return Manifest(list(table.column_names), table.to_pylist())
         except (OSError, ValueError, ImportError):
             pass

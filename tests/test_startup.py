@@ -137,3 +137,23 @@ def test_a_run_of_a_csv_never_imports_pandas_and_pyarrow_only_after_the_last_ima
     assert (out / "manifest.parquet").is_file()
     assert result["loaded"] == ["pyarrow"]
     assert result["images_before_pyarrow"] == succeeded
+
+
+@pytest.mark.parametrize("formats", [("csv", "parquet"), ("csv",)], ids=["parquet", "csv"])
+def test_report_reads_a_run_folder_without_pandas(tmp_path, formats):
+    """`imagebatch report` works on the manifest's rows: manifest.parquet through pyarrow
+    (without pandas), or manifest.csv through the csv module (neither)."""
+    from imagebatch.tasks.manifest import Manifest, write_manifest
+    from imagebatch.tasks.outdir import write_run_json
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = [
+        {"job_id": "a", "row": 1, "image_index": 0, "model": "gpt-image-2", "status": "failed"},
+        {"job_id": "b", "row": 2, "image_index": 0, "model": "gpt-image-2", "status": "invalid"},
+    ]
+    write_manifest(Manifest.build(rows, []), folder, formats)
+    write_run_json(folder, {"run_id": "r1", "seconds": 1.0})
+    expected = ["pyarrow"] if "parquet" in formats else []
+    assert loaded_by(tmp_path, "report", str(folder)) == expected
+    assert (folder / "index.html").is_file()
