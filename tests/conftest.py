@@ -31,6 +31,7 @@ for _key in (
 ):
     os.environ.pop(_key, None)
 
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -39,7 +40,7 @@ from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from helpers import free_port, healthy, wait_for  # noqa: E402
+from helpers import healthy, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,12 +58,22 @@ def prefect_api() -> str:
 class PrefectServer:
     """A `prefect server start` subprocess: its URL, its home and its SQLite database."""
 
-    def __init__(self, home: Path, port: int) -> None:
+    def __init__(self, home: Path) -> None:
         self.home = home
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/api"
+        self.port = 0  # the server picks a free one and says which (see `reported_port`)
         self.database = home / "prefect.db"
+        self.log = home / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def reported_port(self) -> int | None:
+        """The port uvicorn bound, from its start-up line in the log (None until then)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text)
+        return int(found.group(1)) if found else None
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a client, worker or `serve` process talking to this server."""
@@ -92,17 +103,19 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """A real Prefect server (SQLite, loopback) in a temporary PREFECT_HOME, for schedules,
     deployments and workers, which the test harness's API cannot serve."""
     home = tmp_path_factory.mktemp("prefect-home")
-    server = PrefectServer(home, free_port())
+    server = PrefectServer(home)
     env = server.env(
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{server.database}",
-        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+        # INFO: uvicorn's "running on" line says which port `--port 0` bound. A port found
+        # free and closed before the server binds it could be taken in between.
+        PREFECT_SERVER_LOGGING_LEVEL="INFO",
         PREFECT_UI_ENABLED="false",
         # Record task runs in batches (see shared/reference/prefect-notes.md).
         PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE="500",
     )
     env.pop("PREFECT_API_URL")
-    log = (home / "server.log").open("wb")
+    log = server.log.open("wb")
     server.proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("prefect")),
@@ -111,7 +124,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
             "--host",
             "127.0.0.1",
             "--port",
-            str(server.port),
+            "0",
         ],
         env=env,
         stdout=log,
@@ -119,12 +132,15 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     try:
+        server.port = wait_for(
+            server.reported_port, 180, "the prefect server's port", server.proc, server.log
+        )
         wait_for(
             lambda: healthy(server.url),
             180,
             "the prefect server to be healthy",
             server.proc,
-            home / "server.log",
+            server.log,
             every=0.5,
         )
         yield server
