@@ -10,7 +10,9 @@ number) and the invocation's `prefect server start`; the runs go one after the o
 The limit binds only if the client outruns the bucket (more than 300 + 5 x t images by t
 seconds); a client slowed by a loaded machine never meets it, which the "first 429" row
 shows. `--ref-flags "--png-mb 0.3"` serves smaller PNGs, so the client's CPU is not what
-binds and discovery is exercised whatever the load.
+binds and discovery is exercised whatever the load. The client adopts a limit a 429's message
+states; `--ref-flags "--no-stated-limit"` leaves it out, so only the limiter's own discovery
+(slow start, the bounded first decrease, probing) is measured.
 
 "Reached 0.85 of the limit": the first moment, counted from the first request the server
 saw, when the images billed in the 60 s before it reach 0.85 x 300 (polled every second,

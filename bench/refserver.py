@@ -234,9 +234,10 @@ class RefServer:
         wait = self.bucket.take(n) if self.bucket else 0.0
         if wait > 0:
             st.rate_limited += 1
+            stated = "" if self.args.no_stated_limit else f"Limit {self.args.ipm}, "
             msg = (
                 f"Rate limit reached for {model} in organization org-bench on images per min "
-                f"(IPM): Limit {self.args.ipm}, Requested {n}. Please try again in {wait * 1000:.0f}ms."
+                f"(IPM): {stated}Requested {n}. Please try again in {wait * 1000:.0f}ms."
             )
             extra = (
                 {"retry-after": str(max(1, round(wait))), "retry-after-ms": str(round(wait * 1000))}
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         help="bucket size in seconds of --ipm (default 60: a full minute's images)",
     )
     ap.add_argument("--retry-after", action="store_true", help="send retry-after(-ms) on 429s")
+    ap.add_argument(
+        "--no-stated-limit",
+        action="store_true",
+        help="leave 'Limit N' out of 429 messages (the client must find the limit by itself)",
+    )
     ap.add_argument("--images", type=int, default=6, help="distinct PNGs served in turn")
     ap.add_argument("--png-mb", type=float, default=3.0, help="size of each PNG in MB")
     ap.add_argument("--seed", type=int, default=1)
