@@ -1,18 +1,16 @@
 """Memory: how the C allocator treats a run's large, short-lived buffers (glibc only).
 
 Every image passes through a few buffers of 3-4 MB (the body as read, its text, the base64
-string, the image bytes), each alive for milliseconds. glibc's defaults serve them badly:
+string, the image bytes), each alive for milliseconds. glibc's defaults serve them badly: the
+first ones are mmapped and unmapped when freed; glibc then raises its mmap threshold to their
+size, so later ones come from the heap, which it trims whenever its free top passes twice that
+size (and the next answers fault the pages in again), while holes between live objects are
+never trimmed at all: after a burst of answers, up to 240 MB stayed free but held until the
+process ended (mallinfo2 inside the payload bench's client, docs/design.md "The allocator").
 
-- A buffer of 128 KB or more starts out mmapped and is unmapped when freed, so the next one
-  is page-faulted in again, a fault per 4 KB page: about 9 ms of kernel time per image
-  (bench/alloc_bench.py), where the heap would reuse the same memory at no cost.
-- glibc then raises its mmap threshold to the size of that freed buffer, so from then on
-  they come from the heap anyway, but the heap is trimmed whenever its free top passes twice
-  that size, and the pages are faulted in again after each trim.
-
-`tune_for_run` fixes both thresholds (mallopt), so big buffers are reused from the heap
-instead of faulted in; `give_back` (malloc_trim) returns what a burst left free, at the end
-of dispatch, before the manifest and gallery are made. Elsewhere (musl, macOS) both do nothing.
+`tune_for_run` fixes both thresholds (mallopt), so image-sized buffers are reused from the
+heap; `give_back` (malloc_trim) returns the free pages when dispatch ends, before the
+manifest and gallery are made. Elsewhere (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations
