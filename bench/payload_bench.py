@@ -273,6 +273,9 @@ class PayloadBench:
     def prefect_env(self, ref: RefServer, prefect: PrefectServer | None) -> dict[str, str]:
         env = self.base_env(ref)
         env.update(PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        # Prefect's API (in-process or its temporary server) can take long to start on a busy
+        # machine; the default 20 s made the run fail instead of being measured.
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
         if prefect is None:
             env["PREFECT_HOME"] = str(self.ephemeral_home)
         else:
