@@ -155,7 +155,7 @@ def test_api_in_a_kernel_uses_its_own_loop_and_one_prefect_api(kernel):
     assert "loop ok" in out[5]
 
 
-@pytest.mark.parametrize("api", ["temporary", "server"])
+@pytest.mark.parametrize("api", ["in-process", "server"])
 def test_a_kernel_interrupt_stops_the_run_as_ctrl_c_does(kernel, api, request):
     """The kernel's interrupt (SIGINT, KeyboardInterrupt in the main thread) reaches the run
     in its worker thread: requests in flight finish, the rest are not run, the manifest is
