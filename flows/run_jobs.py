@@ -916,6 +916,7 @@ def _preflight(settings: Settings, sections: dict[str, dict[str, Any]]) -> None:
     for section, values in sections.items():
         settings = settings.with_overrides(section, **values)
     check_target(settings.api)
+    settings.flow.uses_chunks(0)  # task_per="jobs" from Python: refused here, not mid-run
 
 
 def _out_dir(out: str | Path | None, settings: Settings) -> Path:

@@ -150,3 +150,13 @@ def test_a_cap_stop_in_chunks_leaves_later_jobs_not_run_and_resumes_across_modes
     assert fresh_sim.stats()["images_billed"] == 30
     spent = pd.read_csv(out / "manifest.csv").cost_usd.map(lambda v: Decimal(str(v))).sum()
     assert spent == Decimal("0.30")
+
+
+def test_an_unknown_task_per_from_python_is_refused_before_the_run(tmp_path):
+    from imagebatch.configs.errors import ConfigError
+    from imagebatch.flows.run_jobs import run_jobs
+
+    jobs, out = jobs_file(tmp_path, ["u0"]), tmp_path / "out"
+    with pytest.raises(ConfigError, match="task_per must be one of auto, job, chunk"):
+        run_jobs(jobs, out, task_per="jobs", simulate=True)
+    assert not out.exists()
