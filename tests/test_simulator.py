@@ -21,7 +21,8 @@ from PIL import Image
 
 from imagebatch.simulator import SimConfig, SimulatorServer
 from imagebatch.simulator.config import parse_latency
-from imagebatch.simulator.limits import RateLimits, SlidingWindow, go_duration
+from imagebatch.simulator.failures import rate_limit_failure
+from imagebatch.simulator.limits import RateLimits, Rejection, SlidingWindow, go_duration
 from imagebatch.simulator.render import RenderCache, render_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -525,7 +526,7 @@ def test_ipm_limit_429_and_headers(client, sim):
     e = err.value
     assert e.code == "rate_limit_exceeded" and e.type == "images"
     assert re.match(
-        r"Rate limit reached for gpt-image-2 in organization org-sim on images per min \(IPM\): "
+        r"Rate limit reached for gpt-image-2 in organization org-sim on images per 0\.5 s: "
         r"Limit 3, Used 2, Requested 2\. Please try again in \d+ms\.",
         e.body["message"],
     )
@@ -553,7 +554,8 @@ def test_rpm_limit_and_rejections_do_not_count(client, sim):
     for _ in range(3):  # hammering while limited must not push the window forward
         with pytest.raises(openai.RateLimitError) as err:
             client.images.generate(model="gpt-image-2", prompt="b")
-        assert err.value.type == "requests" and "requests per min (RPM)" in err.value.message
+        # a short window is named as such: a client must not read "Limit 1" as per minute
+        assert err.value.type == "requests" and "requests per 0.6 s: Limit 1" in err.value.message
     time.sleep(max(0.0, first + 0.65 - time.monotonic()))
     assert client.images.generate(model="gpt-image-2", prompt="c").data
 
@@ -830,3 +832,16 @@ def test_render_cost_and_cache():
     assert cache.hits == 1 and again == render_image(
         "benchmark prompt 19", 0, "1024x1024", "png", cache=None
     )
+
+
+def test_a_minute_window_is_named_as_openai_names_it():
+    for bucket, label in (
+        ("images", "images per min (IPM)"),
+        ("requests", "requests per min (RPM)"),
+    ):
+        failure = rate_limit_failure("gpt-image-2", "org-x", Rejection(bucket, 5, 5, 1, 0.24))
+        assert failure.message == (
+            f"Rate limit reached for gpt-image-2 in organization org-x on {label}: Limit 5, "
+            "Used 5, Requested 1. Please try again in 240ms. "
+            "Visit https://platform.openai.com/account/rate-limits to learn more."
+        )

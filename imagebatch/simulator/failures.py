@@ -98,6 +98,8 @@ def rate_limit_failure(
     """A 429 in OpenAI's words; `omit_retry_after` leaves the headers out (the message's
     "try again in" remains)."""
     label = "requests per min (RPM)" if rej.bucket == "requests" else "images per min (IPM)"
+    if rej.window != 60.0:  # a test's short window: the message must not claim a minute
+        label = f"{rej.bucket} per {rej.window:g} s"
     if rej.wait is None:
         return ApiFailure(
             429,

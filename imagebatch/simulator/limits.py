@@ -70,6 +70,7 @@ class Rejection:
     used: int
     requested: int
     wait: float | None  # seconds until it would fit; None = never (requested > limit)
+    window: float = 60.0  # seconds the limit counts over
 
 
 class RateLimits:
@@ -87,11 +88,11 @@ class RateLimits:
         if rpm > 0:
             wait = self.requests.wait_for(1, rpm, now, window)
             if wait != 0.0:
-                return Rejection("requests", rpm, self.requests.used(now, window), 1, wait)
+                return Rejection("requests", rpm, self.requests.used(now, window), 1, wait, window)
         if ipm > 0:
             wait = self.images.wait_for(images, ipm, now, window)
             if wait != 0.0:
-                return Rejection("images", ipm, self.images.used(now, window), images, wait)
+                return Rejection("images", ipm, self.images.used(now, window), images, wait, window)
         # Traffic is counted even while no limit is set (so a limit set at runtime sees the last
         # window); expire as we go so the deques stay bounded by one window of traffic.
         self.requests.used(now, window)
