@@ -82,21 +82,25 @@ async def no_download(url: str) -> bytes:
 def kill_at_commit(when: str = "before") -> str:
     """Python source of `imagebatch` that SIGKILLs itself at its KILL_AT-th rename of an image
     into images/ (ImageStore.commit): just before it (`when` "before": journaled, not yet
-    renamed) or just after it. A real SIGKILL at a known point, not a simulated one."""
+    renamed) or just after it. A real SIGKILL at a known point, not a simulated one.
+    Commits run in the store's thread pool; the probe takes them one at a time, so "after
+    the KILL_AT-th rename" means the ones before it are done too."""
     return f"""
-import os, signal, sys
+import os, signal, sys, threading
 import imagebatch.tasks.store as store
 renames = 0
+one_at_a_time = threading.Lock()
 real = store.ImageStore.commit
 def commit(self, stored):
     global renames
-    renames += 1
-    at = renames == int(os.environ["KILL_AT"])
-    if at and {when == "before"}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(self, stored)
-    if at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    with one_at_a_time:
+        renames += 1
+        at = renames == int(os.environ["KILL_AT"])
+        if at and {when == "before"}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, stored)
+        if at:
+            os.kill(os.getpid(), signal.SIGKILL)
 store.ImageStore.commit = commit
 from imagebatch.cli import main
 sys.exit(main())
